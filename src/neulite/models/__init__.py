@@ -1,0 +1,1 @@
+"""Networks as blocks plus a head, and the scaffolding progressive training adds."""

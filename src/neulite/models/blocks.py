@@ -1,0 +1,122 @@
+"""The block abstraction: an ordered list of blocks plus a head.
+
+Progressive training needs nothing more from a network than this split. Every built-in model and
+every user model is a `BlockModel`; output modules, memory accounting and the algorithms all work
+from the blocks' output shapes, found once by a probe forward pass.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from neulite.errors import NeuliteError
+
+
+class ClassifierHead(nn.Module):
+    """Global average pooling (for feature maps) followed by a linear classifier."""
+
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(global_pool(x))
+
+
+def global_pool(x: torch.Tensor) -> torch.Tensor:
+    """Average over spatial positions of a (B, C, H, W) map; flat features pass through."""
+    return x.mean(dim=(2, 3)) if x.dim() == 4 else x.flatten(1)
+
+
+class BlockModel(nn.Module):
+    """A network as blocks θ_1..θ_T and a head; `forward` is head(θ_T(...θ_1(x)))."""
+
+    def __init__(
+        self,
+        blocks: Sequence[nn.Module],
+        head: nn.Module,
+        input_shape: Sequence[int],
+        num_classes: int,
+    ) -> None:
+        super().__init__()
+        if len(blocks) == 0 or not all(isinstance(b, nn.Module) for b in blocks):
+            raise NeuliteError("model cannot be split: `blocks` must be a non-empty list of nn.Module")
+        if not isinstance(head, nn.Module):
+            raise NeuliteError("model cannot be split: `head` must be an nn.Module")
+        self.blocks = nn.ModuleList(blocks)
+        self.head = head
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.num_classes = int(num_classes)
+        self.block_shapes = self._probe_shapes()
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+    def _probe_shapes(self) -> list[tuple[int, ...]]:
+        """Per-block output shape (without batch), from one forward pass on two zero samples."""
+        was_training = self.training
+        self.eval()
+        shapes: list[tuple[int, ...]] = []
+        x = torch.zeros(2, *self.input_shape)
+        try:
+            with torch.no_grad():
+                for i, block in enumerate(self.blocks):
+                    x = block(x)
+                    if not isinstance(x, torch.Tensor) or x.dim() not in (2, 4):
+                        raise NeuliteError(
+                            f"model cannot be split: block {i + 1} must return a (B, C, H, W) or (B, F) "
+                            f"tensor, got {type(x).__name__}{tuple(x.shape) if isinstance(x, torch.Tensor) else ''}"
+                        )
+                    shapes.append(tuple(x.shape[1:]))
+                logits = self.head(x)
+        except NeuliteError:
+            raise
+        except Exception as exc:  # a user's blocks that do not chain: name the problem, not torch's internals
+            raise NeuliteError(
+                f"model cannot be split: forward through blocks failed for input shape {self.input_shape}: {exc}"
+            ) from None
+        finally:
+            self.train(was_training)
+        if tuple(logits.shape) != (2, self.num_classes):
+            raise NeuliteError(
+                f"model cannot be split: head returns shape {tuple(logits.shape[1:])}, expected ({self.num_classes},)"
+            )
+        return shapes
+
+
+def reset_parameters(module: nn.Module) -> nn.Module:
+    """Re-initialise every submodule that knows how (used for fresh copies of the head)."""
+    for m in module.modules():
+        if m is not module and hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    if hasattr(module, "reset_parameters"):
+        module.reset_parameters()
+    return module
+
+
+def fresh_head(model: BlockModel) -> nn.Module:
+    """A newly initialised classifier with the real head's shape."""
+    return reset_parameters(copy.deepcopy(model.head))
+
+
+def tail_modules(block: nn.Module) -> list[str]:
+    """Names of a block's last parametrised layer(s): the last conv/linear and the norms after it.
+
+    The Harmonizer keeps these trainable at the next stage so that block t's gradient reaches
+    into block t-1.
+    """
+    leaves = [(n, m) for n, m in block.named_modules() if n and not list(m.children()) and any(True for _ in m.parameters(recurse=False))]
+    for i in range(len(leaves) - 1, -1, -1):
+        if isinstance(leaves[i][1], (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            return [n for n, _ in leaves[i:]]
+    raise NeuliteError("model cannot be split: a block has no conv or linear layer for the Harmonizer's tail")

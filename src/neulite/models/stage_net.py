@@ -1,0 +1,118 @@
+"""The global network plus its training scaffolding, and the forward pass of one stage model.
+
+Module names are the wire names: `model.blocks.{i}`, `model.head`, `outputs.{i}` (Op_{i+1},
+stages 1..T-1; stage T uses the real head) and `projections.{i}` (P_{i+1}). A `StagePlan` lists
+which of them a stage freezes and which it trains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from neulite.models.blocks import BlockModel, tail_modules
+from neulite.models.output_modules import OutputModule, ProjectionHead
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """What stage t of T trains. stage = 0 means the whole model (plain FedAvg)."""
+
+    stage: int
+    num_stages: int
+    harmonize: bool = False
+    mentor: bool = False
+
+    @property
+    def full(self) -> bool:
+        return self.stage == 0
+
+    def frozen_modules(self) -> tuple[str, ...]:
+        return () if self.full else tuple(f"model.blocks.{i}" for i in range(self.stage - 1))
+
+    def trainable_modules(self, net: StageNet) -> tuple[str, ...]:
+        if self.full:
+            return ("model",)
+        t = self.stage
+        names = [f"model.blocks.{t - 1}"]
+        if self.harmonize and t >= 2:
+            names += [f"model.blocks.{t - 2}.{n}" for n in tail_modules(net.model.blocks[t - 2])]
+        names.append("model.head" if t == self.num_stages else f"outputs.{t - 1}")
+        if self.mentor:
+            names.append(f"projections.{t - 1}")
+        return tuple(names)
+
+
+def _prefixed(names: tuple[str, ...], key: str) -> bool:
+    return any(key == n or key.startswith(n + ".") for n in names)
+
+
+class StageNet(nn.Module):
+    """A BlockModel with output modules Op_1..Op_{T-1} and projection heads P_1..P_T."""
+
+    def __init__(self, model: BlockModel, projection_hidden: int = 256) -> None:
+        super().__init__()
+        self.model = model
+        t = model.num_blocks
+        self.outputs = nn.ModuleList(OutputModule(model, s) for s in range(1, t))
+        self.projections = nn.ModuleList(
+            ProjectionHead(model.block_shapes[-1][0], projection_hidden) for _ in range(t)
+        )
+
+    @property
+    def num_stages(self) -> int:
+        return self.model.num_blocks
+
+    def plan(self, stage: int, harmonize: bool = False, mentor: bool = False) -> StagePlan:
+        return StagePlan(stage, self.num_stages, harmonize, mentor)
+
+    def state_names(self, modules: tuple[str, ...], exclude: tuple[str, ...] = ()) -> list[str]:
+        """State-dict keys (parameters and buffers) under the given modules."""
+        return [k for k in self.state_dict(keep_vars=True) if _prefixed(modules, k) and not _prefixed(exclude, k)]
+
+    def down_names(self, plan: StagePlan) -> list[str]:
+        """What a client needs for a stage: the frozen prefix and everything it trains."""
+        return self.state_names(plan.frozen_modules() + plan.trainable_modules(self))
+
+    def up_names(self, plan: StagePlan, bn_drift: bool = False) -> list[str]:
+        """What a client returns: the trained modules' state (plus frozen BN stats if they drift)."""
+        names = self.state_names(plan.trainable_modules(self))
+        if bn_drift:
+            trained = set(names)
+            names += [k for k in self.state_names(plan.frozen_modules()) if k not in trained and not isinstance(self.get_parameter_or_buffer(k), nn.Parameter)]
+        return names
+
+    def get_parameter_or_buffer(self, name: str) -> torch.Tensor:
+        module_name, _, attr = name.rpartition(".")
+        return getattr(self.get_submodule(module_name), attr)
+
+    def set_train_mode(self, plan: StagePlan, bn_drift: bool = False) -> None:
+        """Frozen blocks in eval mode (fixed BN statistics), trained modules in train mode."""
+        self.train(False)
+        for name in plan.trainable_modules(self) + (plan.frozen_modules() if bn_drift else ()):
+            self.get_submodule(name).train(True)
+
+    def stage_forward(self, x: torch.Tensor, plan: StagePlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """(feature map Z for the Mentor, logits) of stage model [θ_1..θ_t, Op_t].
+
+        Fully frozen blocks run without autograd, so none of their activations are kept. With the
+        Harmonizer, block t-1 runs with autograd on but only its tail requires grad: autograd then
+        saves just what the tail needs.
+        """
+        blocks = self.model.blocks
+        if plan.full:
+            for block in blocks:
+                x = block(x)
+            return x, self.model.head(x)
+        t = plan.stage
+        n_no_grad = t - 2 if plan.harmonize and t >= 2 else t - 1
+        with torch.no_grad():
+            for block in blocks[:n_no_grad]:
+                x = block(x)
+        for block in blocks[n_no_grad:t]:
+            x = block(x)
+        if t == plan.num_stages:
+            return x, self.model.head(x)
+        return self.outputs[t - 1](x)

@@ -1,0 +1,261 @@
+"""Built-in networks, each returned as a `BlockModel` with one block per resolution stage.
+
+`width` multiplies every hidden channel count (never the input channels nor the class count).
+Every structural decision (shortcuts, residual connections, expansion layers) is taken on the
+full-width channel counts, so a width-w model has exactly the parameter names of the full model
+and each of its tensors is a leading slice of the full model's tensor (HeteroFL-style sub-models).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from neulite.errors import NeuliteError
+from neulite.models.blocks import BlockModel, ClassifierHead
+
+MODEL_NAMES: tuple[str, ...] = ("small_cnn", "resnet18", "resnet34", "vgg11", "vgg16", "mobilenetv2")
+
+
+def _scaler(width: float) -> Callable[[int], int]:
+    def ch(c: int) -> int:
+        return max(1, int(round(c * width)))
+
+    return ch
+
+
+def _init_weights(model: nn.Module) -> None:
+    """Kaiming-normal (fan_out) convs with zero bias, BatchNorm weight 1 and bias 0.
+
+    Linear layers (the classifier head) keep torch's default init, the same one `fresh_head`
+    gives a re-initialised head.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def _conv_bn_act(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+    return nn.Sequential(
+        OrderedDict(
+            conv=nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False),
+            bn=nn.BatchNorm2d(cout),
+            act=act(inplace=False),
+        )
+    )
+
+
+# ----------------------------------------------------------------------------------------- ResNet
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: conv3x3-BN-ReLU-conv3x3-BN, plus (projection) shortcut, then ReLU.
+
+    The shortcut is registered first so that conv2/bn2 are the block's last parametrised layers.
+    """
+
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, projection: bool | None = None) -> None:
+        super().__init__()
+        if projection is None:
+            projection = stride != 1 or in_planes != planes
+        if projection:
+            self.shortcut: nn.Module = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes),
+            )
+        else:
+            self.shortcut = nn.Identity()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+def _resnet(
+    layers: Sequence[int],
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    width: float,
+    full_channels: Sequence[int] = (64, 128, 256, 512),
+) -> BlockModel:
+    """CIFAR-style ResNet: one block per resolution stage, the stem joined to the first."""
+    ch = _scaler(width)
+    blocks: list[nn.Module] = []
+    in_full = full_channels[0]
+    for stage, (n, planes_full) in enumerate(zip(layers, full_channels)):
+        units = []
+        for i in range(n):
+            s = 2 if i == 0 and stage > 0 else 1
+            # the projection decision uses full-width counts so every width has the same parameters
+            projection = s != 1 or in_full != planes_full
+            units.append(BasicBlock(ch(in_full), ch(planes_full), s, projection=projection))
+            in_full = planes_full
+        layer = nn.Sequential(*units)
+        if stage == 0:
+            stem = _conv_bn_act(input_shape[0], ch(full_channels[0]), 3)
+            blocks.append(nn.Sequential(OrderedDict(stem=stem, layer1=layer)))
+        else:
+            blocks.append(nn.Sequential(OrderedDict([(f"layer{stage + 1}", layer)])))
+    head = ClassifierHead(ch(full_channels[-1]), num_classes)
+    return _finish(blocks, head, input_shape, num_classes)
+
+
+# -------------------------------------------------------------------------------------------- VGG
+
+_VGG_CFG = {
+    "vgg11": ((64,), (128,), (256, 256), (512, 512), (512, 512)),  # config A
+    "vgg16": ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512)),  # config D
+}
+
+
+def _vgg(cfg: Sequence[Sequence[int]], input_shape: tuple[int, int, int], num_classes: int, width: float) -> BlockModel:
+    ch = _scaler(width)
+    blocks: list[nn.Module] = []
+    cin = input_shape[0]
+    for g, group in enumerate(cfg):
+        layers: list[tuple[str, nn.Module]] = []
+        for i, c in enumerate(group):
+            layers.append((f"conv{i + 1}", _conv_bn_act(cin, ch(c), 3)))
+            cin = ch(c)
+        if g < len(cfg) - 1:  # the last group has no pool: the head pools globally
+            layers.append(("pool", nn.MaxPool2d(2)))
+        blocks.append(nn.Sequential(OrderedDict(layers)))
+    head = ClassifierHead(ch(cfg[-1][-1]), num_classes)
+    return _finish(blocks, head, input_shape, num_classes)
+
+
+# ------------------------------------------------------------------------------------ MobileNetV2
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 unit: [1x1 expand-BN-ReLU6] - 3x3 depthwise-BN-ReLU6 - 1x1 project-BN.
+
+    Layers are registered in execution order, so the projection conv and its BN come last.
+    """
+
+    def __init__(self, inp: int, hidden: int, oup: int, stride: int, expand: bool, residual: bool) -> None:
+        super().__init__()
+        self.use_res_connect = residual
+        layers: list[tuple[str, nn.Module]] = []
+        if expand:
+            layers.append(("expand", _conv_bn_act(inp, hidden, 1, act=nn.ReLU6)))
+        layers.append(("depthwise", _conv_bn_act(hidden, hidden, 3, stride=stride, groups=hidden, act=nn.ReLU6)))
+        layers.append(("project", nn.Conv2d(hidden, oup, 1, bias=False)))
+        layers.append(("project_bn", nn.BatchNorm2d(oup)))
+        self.conv = nn.Sequential(OrderedDict(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv(x)
+        return x + out if self.use_res_connect else out
+
+
+# (t, c, n, s) for CIFAR: stride 1 in the stem and in the 24-channel stage
+_MBV2_SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+_MBV2_GROUPS = ((0, 1), (2,), (3, 4), (5, 6))  # settings indices per block, by resolution
+
+
+def _mobilenetv2(input_shape: tuple[int, int, int], num_classes: int, width: float) -> BlockModel:
+    ch = _scaler(width)
+    stages: list[tuple[str, nn.Module]] = []
+    in_full = 32
+    for t, c, n, s in _MBV2_SETTINGS:
+        units = []
+        for i in range(n):
+            stride = s if i == 0 else 1
+            hidden_full = in_full * t
+            units.append(
+                InvertedResidual(
+                    ch(in_full), ch(hidden_full), ch(c), stride,
+                    expand=t != 1, residual=stride == 1 and in_full == c,
+                )
+            )
+            in_full = c
+        stages.append((f"stage{len(stages) + 1}_{c}", nn.Sequential(*units)))
+    blocks: list[nn.Module] = []
+    for b, idx in enumerate(_MBV2_GROUPS):
+        parts: list[tuple[str, nn.Module]] = []
+        if b == 0:
+            parts.append(("stem", _conv_bn_act(input_shape[0], ch(32), 3, act=nn.ReLU6)))
+        parts.extend(stages[i] for i in idx)
+        if b == len(_MBV2_GROUPS) - 1:
+            parts.append(("last_conv", _conv_bn_act(ch(in_full), ch(1280), 1, act=nn.ReLU6)))
+        blocks.append(nn.Sequential(OrderedDict(parts)))
+    head = ClassifierHead(ch(1280), num_classes)
+    return _finish(blocks, head, input_shape, num_classes)
+
+
+# -------------------------------------------------------------------------------------- small CNN
+
+
+def _small_cnn(input_shape: tuple[int, int, int], num_classes: int, width: float) -> BlockModel:
+    """The fast default: a 3-stage residual CNN (2 basic blocks per stage, 16/32/64 channels).
+
+    Blocks of several layers, not single convs: with one conv per block the Harmonizer's tail
+    and the output module's light layers would be as large as the blocks they stand in for.
+    """
+    return _resnet((2, 2, 2), input_shape, num_classes, width, full_channels=(16, 32, 64))
+
+
+# ------------------------------------------------------------------------------------------ entry
+
+
+def _finish(blocks: list[nn.Module], head: nn.Module, input_shape: tuple[int, int, int], num_classes: int) -> BlockModel:
+    for b in blocks:
+        _init_weights(b)
+    return BlockModel(blocks, head, input_shape, num_classes)
+
+
+_BUILDERS: dict[str, Callable[[tuple[int, int, int], int, float], BlockModel]] = {
+    "small_cnn": _small_cnn,
+    "resnet18": lambda shape, k, w: _resnet((2, 2, 2, 2), shape, k, w),
+    "resnet34": lambda shape, k, w: _resnet((3, 4, 6, 3), shape, k, w),
+    "vgg11": lambda shape, k, w: _vgg(_VGG_CFG["vgg11"], shape, k, w),
+    "vgg16": lambda shape, k, w: _vgg(_VGG_CFG["vgg16"], shape, k, w),
+    "mobilenetv2": _mobilenetv2,
+}
+
+
+def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int, width: float = 1.0) -> BlockModel:
+    """Build the built-in network `name` for (C, H, W) inputs and `num_classes` classes.
+
+    `width` scales every hidden channel count to max(1, round(c * width)).
+    """
+    if not isinstance(name, str) or name not in _BUILDERS:
+        raise NeuliteError(f"unknown model {name!r}: valid names are {', '.join(MODEL_NAMES)}")
+    try:
+        width = float(width)
+    except (TypeError, ValueError):
+        raise NeuliteError(f"model width must be a positive number, got {width!r}") from None
+    if not (math.isfinite(width) and width > 0):
+        raise NeuliteError(f"model width must be a positive number, got {width!r}")
+    try:
+        shape = tuple(operator.index(s) for s in input_shape)
+        num_classes = operator.index(num_classes)
+    except TypeError:
+        raise NeuliteError(
+            f"input shape must be three positive integers (C, H, W) and the class count a positive integer, "
+            f"got {input_shape!r} and {num_classes!r}"
+        ) from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise NeuliteError(f"input shape must be three positive integers (C, H, W), got {input_shape!r}")
+    if num_classes < 1:
+        raise NeuliteError(f"number of classes must be a positive integer, got {num_classes!r}")
+    return _BUILDERS[name](shape, num_classes, width)  # type: ignore[arg-type]
