@@ -62,7 +62,7 @@ class ModelConfig:
 class TrainConfig:
     """Local training on a client, the same for every method."""
 
-    local_epochs: int = 1
+    local_epochs: int = 2
     batch_size: int = 32
     lr: float = 0.05
     momentum: float = 0.9
@@ -91,7 +91,7 @@ class MethodConfig:
     """
 
     name: str = "neulite"
-    rounds: int = 30
+    rounds: int = 45
     schedule: str = "sequential"
     stage_rounds: tuple[int, ...] = ()
     stage_split: str = "equal"

@@ -7,7 +7,6 @@ replies to the method. Flower's driver makes the same calls over the network.
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections.abc import Callable
@@ -18,12 +17,11 @@ import numpy as np
 import torch
 
 from neulite.algorithms.base import Method
-from neulite.algorithms.evaluate import evaluate
-from neulite.algorithms.local import local_update
 from neulite.algorithms.payload import ClientResult, nbytes
 from neulite.algorithms.registry import make_method
 from neulite.config import Config
 from neulite.errors import NeuliteError
+from neulite.memory import estimate
 from neulite.federation import MB, Client, augment_enabled, client_seed, load_splits, make_clients
 from neulite.models.stage_net import StageNet, StagePlan
 from neulite.models.zoo import build_model
@@ -61,19 +59,18 @@ class Simulation:
         model = build_model(cfg.model.name, self.splits.input_shape, self.splits.train.num_classes, cfg.model.width)
         self.net = StageNet(model)
         self.method: Method = make_method(self.net, cfg)
-        self.full_peak = self.method.memory(self.net.plan(0)).total
+        # the full model's peak is the yardstick for budgets, whatever network the method trains
+        self.full_peak = estimate(self.net, self.net.plan(0), cfg.train.batch_size).total
         self.clients = make_clients(cfg, self.splits, self.full_peak)
         self.augment = augment_enabled(cfg, self.splits)
-        self._client_net = copy.deepcopy(self.net).to("meta")
         self._rng = np.random.default_rng([cfg.seed, 2])
         self.participated: set[int] = set()
         self.check_feasible()
 
-    def eligible(self, plan: StagePlan) -> list[Client]:
-        if not self.method.respects_memory:
-            return list(self.clients)
-        peak = self.method.memory(plan).total
-        return [c for c in self.clients if c.budget >= peak]
+    def eligible(self, plan: StagePlan) -> list[tuple[Client, int]]:
+        """The clients that can take part in a stage, each with the capacity level it would train."""
+        levels = [(c, self.method.assign(plan, c.budget)) for c in self.clients]
+        return [(c, level) for c, level in levels if level is not None]
 
     def check_feasible(self) -> None:
         """Fail before training if some stage has no client that can hold it."""
@@ -95,14 +92,11 @@ class Simulation:
         chosen = [eligible[i] for i in sorted(self._rng.choice(len(eligible), size=k, replace=False))]
         results: list[ClientResult] = []
         down = up = 0
-        for client in chosen:
-            task = self.method.configure_train(rnd, plan, client_seed(self.cfg.seed, rnd, client.cid))
+        for client, level in chosen:
+            task = self.method.configure_train(rnd, plan, level, client_seed(self.cfg.seed, rnd, client.cid))
             down += nbytes(task.arrays)
             try:
-                result = local_update(
-                    self._client_net, plan, task, client.train, self.cfg.train,
-                    augment=self.augment, sigma=self.cfg.method.sigma, bn_drift=self.method.bn_drift,
-                )
+                result = self.method.client_update(task, client.train, augment=self.augment)
             except NeuliteError as exc:
                 log.warning("client %d left out of round %d: %s", client.cid, rnd, exc)
                 continue
@@ -117,7 +111,7 @@ class Simulation:
         self.method.aggregate_train(plan, results)
         acc = loss = float("nan")
         if rnd % self.cfg.eval.every == 0 or rnd == self.cfg.method.rounds:
-            acc, loss = evaluate(self.net, plan, self.splits.test)
+            acc, loss = self.method.evaluate(plan, self.splits.test)
         train_loss = float(np.average([r.metrics["train_loss"] for r in results], weights=[r.num_examples for r in results]))
         return RoundRecord(
             rnd, plan.stage, len(eligible), len(results), acc, loss, train_loss, down, up,
@@ -126,12 +120,12 @@ class Simulation:
 
     def final_accuracy(self) -> tuple[float, float]:
         """(accuracy, loss) of the deployable model on the global test set."""
-        return evaluate(self.net, self.method.final_plan(), self.splits.test)
+        return self.method.evaluate(self.method.final_plan(), self.splits.test)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"net": self.net.state_dict(), "rng": self._rng.bit_generator.state, "participated": sorted(self.participated)}
+        return {"net": self.method.net.state_dict(), "rng": self._rng.bit_generator.state, "participated": sorted(self.participated)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.net.load_state_dict(state["net"])
+        self.method.net.load_state_dict(state["net"])
         self._rng.bit_generator.state = state["rng"]
         self.participated = set(state["participated"])

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+import copy
+
 import torch
 
+from neulite.algorithms.evaluate import evaluate
+from neulite.algorithms.local import local_update
 from neulite.algorithms.payload import ClientResult, ClientTask, weighted_average
 from neulite.config import Config
+from neulite.data.datasets import TensorDataset
 from neulite.memory import MemoryBreakdown, estimate
 from neulite.models.blocks import BlockModel
 from neulite.models.stage_net import StageNet, StagePlan
@@ -35,6 +40,7 @@ class Method(ABC):
         self.net = net
         self.cfg = cfg
         self._memory: dict[StagePlan, MemoryBreakdown] = {}
+        self._client_nets: dict[int, StageNet] = {}
 
     @abstractmethod
     def plan(self, rnd: int) -> StagePlan:
@@ -57,11 +63,30 @@ class Method(ABC):
     def bn_drift(self) -> bool:
         return False
 
-    def configure_train(self, rnd: int, plan: StagePlan, seed: int) -> ClientTask:
+    def assign(self, plan: StagePlan, budget: int) -> int | None:
+        """The capacity level a client with `budget` bytes trains in this stage; None: it cannot take part."""
+        if not self.respects_memory or budget >= self.memory(plan).total:
+            return 0
+        return None
+
+    def configure_train(self, rnd: int, plan: StagePlan, level: int, seed: int) -> ClientTask:
         state = self.net.state_dict()
         arrays = {name: state[name] for name in self.net.down_names(plan)}
         lambda1, lambda2 = self.lambdas(plan)
-        return ClientTask(rnd, plan.stage, arrays, lambda1, lambda2, seed)
+        return ClientTask(rnd, plan, arrays, lambda1, lambda2, seed, level)
+
+    def client_net(self, level: int) -> StageNet:
+        """The client-side skeleton for a level: the network's structure on the meta device, no memory."""
+        if level not in self._client_nets:
+            self._client_nets[level] = copy.deepcopy(self.net).to("meta")
+        return self._client_nets[level]
+
+    def client_update(self, task: ClientTask, data: TensorDataset, *, augment: bool) -> ClientResult:
+        """The client half: train on local data what the task asks, return what was trained."""
+        return local_update(
+            self.client_net(task.level), task, data, self.cfg.train,
+            augment=augment, sigma=self.cfg.method.sigma, bn_drift=self.bn_drift,
+        )
 
     def aggregate_train(self, plan: StagePlan, results: list[ClientResult]) -> None:
         merged = weighted_average(results)
@@ -69,6 +94,10 @@ class Method(ABC):
             state = self.net.state_dict()
             for name, value in merged.items():
                 state[name].copy_(value)
+
+    def evaluate(self, plan: StagePlan, data: TensorDataset) -> tuple[float, float]:
+        """(accuracy, loss) of the model a round's stage trains; `final_plan()` for the deployable one."""
+        return evaluate(self.net, plan, data)
 
     def final_model(self) -> BlockModel:
         """The deployable network: the blocks and the real head, without scaffolding."""

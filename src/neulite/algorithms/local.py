@@ -47,7 +47,6 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
 
 def local_update(
     net: StageNet,
-    plan: StagePlan,
     task: ClientTask,
     data: TensorDataset,
     cfg: TrainConfig,
@@ -57,6 +56,7 @@ def local_update(
     bn_drift: bool = False,
 ) -> ClientResult:
     """Load the task's tensors, train the stage for `local_epochs`, return only what was trained."""
+    plan = task.plan
     assign_arrays(net, task.arrays)
     params = prepare(net, plan, bn_drift)
     optimizer = make_optimizer(params, cfg)

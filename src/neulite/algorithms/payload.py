@@ -12,20 +12,22 @@ import torch
 from torch import nn
 
 from neulite.errors import NeuliteError
+from neulite.models.stage_net import StagePlan
 
 Arrays = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
 class ClientTask:
-    """Everything a client needs for one round: the stage, its tensors, the Mentor's weights."""
+    """Everything a client needs for one round: what the stage trains, its tensors, the Mentor's weights."""
 
     round: int
-    stage: int
+    plan: StagePlan
     arrays: Arrays
     lambda1: float = 0.0
     lambda2: float = 0.0
     seed: int = 0
+    level: int = 0  # the client's capacity level for methods with sub-models (width or depth); 0 = full
 
 
 @dataclass(frozen=True)
