@@ -60,10 +60,10 @@ def _bytes(t: torch.Tensor) -> int:
 
 
 class _SavedTensorCounter:
-    """Counts each storage autograd saves once, leaving parameters out."""
+    """Counts each storage autograd saves once, leaving out parameters and the batch (counted apart)."""
 
-    def __init__(self, params: list[torch.Tensor]) -> None:
-        self.param_ptrs = {p.untyped_storage().data_ptr() for p in params}
+    def __init__(self, exclude: list[torch.Tensor]) -> None:
+        self.param_ptrs = {p.untyped_storage().data_ptr() for p in exclude}
         self.seen: dict[int, int] = {}
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
@@ -93,8 +93,9 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:  # views are not new memory
                 self._track(t.untyped_storage())
         return out
 
@@ -128,7 +129,7 @@ def estimate(
         for block in work.model.blocks[:n_frozen]:
             h = block(h)
         del h
-    counter = _SavedTensorCounter(list(work.parameters()))
+    counter = _SavedTensorCounter([*work.parameters(), x, y])
     with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
         stage_loss(work, plan, x, y, lam, lam, sigma)
     gc.collect()  # the hooks' references form cycles that hold the graph until collected

@@ -1,0 +1,85 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from neulite.cli import main
+from neulite.simulation import Simulation
+
+TINY = ["data.num_clients=6", "clients.per_round=3", "train.local_epochs=1", "method.rounds=4"]
+
+
+def _run(out: Path, overrides: list[str], *extra: str) -> int:
+    args = ["run", "--quiet", "--out", str(out), *extra]
+    for o in overrides:
+        args += ["--set", o]
+    return main(args)
+
+
+def test_end_to_end_run_learns_and_writes_the_results_folder(tmp_path: Path):
+    out = tmp_path / "run"
+    assert _run(out, ["data.num_clients=8", "clients.per_round=4", "method.rounds=9", "train.local_epochs=1"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_accuracy"] > 0.4, "10 classes: chance is 0.1"
+    assert summary["rounds"] == 9 and summary["wall_seconds"] > 0
+    assert 0 < summary["participation"] <= 1
+    for name in ("config.toml", "metrics.jsonl", "metrics.csv", "model.pt", "accuracy.png", "memory.png", "checkpoint.pt"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
+    state = torch.load(out / "model.pt")
+    assert all(k.startswith(("blocks.", "head.")) for k in state), "only the deployable model, no scaffolding"
+
+
+def test_resume_after_a_crash_gives_the_same_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    assert _run(tmp_path / "a", TINY) == 0
+    original = Simulation.run_round
+
+    def crash_in_round_3(self, rnd, on_client=None):
+        if rnd == 3:
+            raise KeyboardInterrupt
+        return original(self, rnd, on_client)
+
+    monkeypatch.setattr(Simulation, "run_round", crash_in_round_3)
+    assert _run(tmp_path / "b", TINY) == 130
+    assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 2
+    monkeypatch.setattr(Simulation, "run_round", original)
+    assert main(["run", "--quiet", "--resume", "--out", str(tmp_path / "b")]) == 0
+    a, b = torch.load(tmp_path / "a" / "model.pt"), torch.load(tmp_path / "b" / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_corrupted_checkpoint_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    out = tmp_path / "c"
+    assert _run(out, [*TINY, "method.rounds=3"]) == 0
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    assert main(["run", "--quiet", "--resume", "--out", str(out)]) == 2
+    assert "corrupted checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["run", "--set", "train.lrr=1"], "unknown key 'train.lrr'"),
+        (["run", "--config", "/nonexistent.toml"], "config file not found"),
+        (["run", "--set", "data.name=cifar10", "--set", "data.root=/nonexistent"], "cifar10"),
+        (["run", "--set", "model.name=resnet50"], "resnet50"),
+        (["memory", "--model", "small_cnn", "--input-shape", "1,28"], "C,H,W"),
+    ],
+)
+def test_bad_input_exits_with_a_one_line_error(argv: list[str], fragment: str, capsys: pytest.CaptureFixture[str]):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("neulite: error:") and fragment in err and "\n" not in err
+
+
+def test_memory_json_report(capsys: pytest.CaptureFixture[str]):
+    assert main(["memory", "--model", "small_cnn", "--input-shape", "1,28,28", "--batch-size", "16", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"] == "small_cnn" and report["batch_size"] == 16
+    assert report["full"]["estimated_bytes"] > 0 and report["full"]["measured_bytes"] > 0
+    assert [s["stage"] for s in report["stages"]] == [1, 2, 3]
+    for s in report["stages"]:
+        assert abs(s["estimated_bytes"] - s["measured_bytes"]) / s["measured_bytes"] < 0.15

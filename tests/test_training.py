@@ -1,0 +1,115 @@
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from neulite.algorithms.local import local_update
+from neulite.algorithms.neulite import DEFAULT_LAMBDA1, DEFAULT_LAMBDA2, curriculum, stage_round_budget
+from neulite.algorithms.payload import ClientResult, ClientTask, assign_arrays, nbytes, weighted_average
+from neulite.config import TrainConfig, load_config
+from neulite.data import TensorDataset
+from neulite.errors import NeuliteError
+from neulite.models.stage_net import StageNet
+from neulite.models.zoo import build_model
+from neulite.simulation import Simulation
+
+SMALL = ["data.num_clients=6", "clients.per_round=3", "train.local_epochs=1", "method.rounds=3"]
+
+
+def _data(n: int = 64) -> TensorDataset:
+    return TensorDataset(torch.randn(n, 1, 28, 28), torch.randint(0, 10, (n,)), 10)
+
+
+@pytest.mark.parametrize("harmonize", [True, False])
+def test_a_stage_round_leaves_frozen_state_bit_identical(harmonize: bool):
+    net = StageNet(build_model("small_cnn", (1, 28, 28), 10))
+    plan = net.plan(2, harmonize=harmonize, mentor=True)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    task = ClientTask(1, plan, {n: net.state_dict()[n] for n in net.down_names(plan)}, 0.3, 0.3, seed=1)
+    client = copy.deepcopy(net).to("meta")
+    result = local_update(client, task, _data(), TrainConfig(batch_size=16), augment=False, sigma=5.0)
+    after = client.state_dict()
+    trained = set(result.arrays)
+    assert trained == set(net.up_names(plan))
+    for name in net.down_names(plan):
+        if name not in trained:
+            assert torch.equal(after[name], before[name]), f"{name} changed although frozen"
+    assert any(not torch.equal(after[n], before[n]) for n in trained if "block" in n)
+    tail = "model.blocks.0.layer1.1.conv2.weight"
+    assert (tail in trained) == harmonize
+    assert nbytes(result.arrays) < nbytes(task.arrays)
+
+
+def test_malformed_payload_is_rejected():
+    net = StageNet(build_model("small_cnn", (1, 28, 28), 10))
+    with pytest.raises(NeuliteError, match="unknown tensor"):
+        assign_arrays(net, {"nope": torch.zeros(1)})
+    with pytest.raises(NeuliteError, match="has shape"):
+        assign_arrays(net, {"model.head.fc.bias": torch.zeros(3)})
+
+
+def test_weighted_average_uses_data_sizes_and_never_averages_counters():
+    a = ClientResult({"w": torch.tensor([0.0, 4.0]), "n": torch.tensor(3)}, 1)
+    b = ClientResult({"w": torch.tensor([4.0, 8.0]), "n": torch.tensor(7)}, 3)
+    out = weighted_average([a, b])
+    assert torch.allclose(out["w"], torch.tensor([3.0, 7.0]))
+    assert out["n"].dtype == torch.int64 and out["n"].item() == 7
+
+
+def test_curriculum_and_stage_budgets():
+    assert curriculum(DEFAULT_LAMBDA1, 4) == DEFAULT_LAMBDA1
+    assert curriculum(DEFAULT_LAMBDA2, 3) == (0.1, 0.4, 0.5)
+    assert stage_round_budget(10, [1, 1, 1]) in ([4, 3, 3], [3, 4, 3], [3, 3, 4])
+    assert sum(stage_round_budget(17, [1, 5, 20, 2])) == 17
+    assert min(stage_round_budget(4, [1, 100, 1, 1])) == 1
+    with pytest.raises(NeuliteError, match="fewer than"):
+        stage_round_budget(2, [1, 1, 1])
+
+
+def test_sequential_and_cyclic_schedules():
+    seq = Simulation(load_config(overrides=[*SMALL, "method.stage_rounds=[2, 1, 3]", "method.rounds=6"]))
+    assert [seq.method.plan(r).stage for r in range(1, 7)] == [1, 1, 2, 3, 3, 3]
+    cyc = Simulation(load_config(overrides=[*SMALL, "method.name=neulite-cyclic", "method.rounds=6"]))
+    assert [cyc.method.plan(r).stage for r in range(1, 7)] == [1, 2, 3, 1, 2, 3]
+
+
+def test_eligibility_follows_budgets_and_infeasible_budgets_fail_early():
+    sim = Simulation(load_config(overrides=SMALL))
+    for plan in sim.method.plans():
+        peak = sim.method.memory(plan).total
+        assert {c.cid for c, _ in sim.eligible(plan)} == {c.cid for c in sim.clients if c.budget >= peak}
+    oracle = Simulation(load_config(overrides=[*SMALL, "method.name=fedavg", "clients.fractions=[0.1, 0.2]"]))
+    assert len(oracle.eligible(oracle.method.plan(1))) == 6
+    with pytest.raises(NeuliteError, match="budget no stage fits: full-model training"):
+        Simulation(load_config(overrides=[*SMALL, "method.name=exclusivefl", "clients.fractions=[0.1, 0.9]"]))
+    with pytest.raises(NeuliteError, match="budget no stage fits: stage 1"):
+        Simulation(load_config(overrides=[*SMALL, "clients.budget=uniform", "clients.budget_mb=[1, 2]"]))
+
+
+def _final_state(overrides: list[str]) -> dict[str, torch.Tensor]:
+    sim = Simulation(load_config(overrides=overrides))
+    for r in range(1, 3):
+        sim.run_round(r)
+    return sim.method.net.state_dict()
+
+
+def test_same_seed_same_weights_and_other_seed_differs():
+    a, b = _final_state(SMALL), _final_state(SMALL)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = _final_state([*SMALL, "seed=1"])
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+
+
+def test_round_metrics_and_bytes():
+    sim = Simulation(load_config(overrides=SMALL))
+    rec = sim.run_round(1)
+    plan = sim.method.plan(1)
+    state = sim.method.net.state_dict()
+    per_client_down = sum(state[n].numel() * state[n].element_size() for n in sim.method.net.down_names(plan))
+    per_client_up = sum(state[n].numel() * state[n].element_size() for n in sim.method.net.up_names(plan))
+    assert rec.bytes_down == rec.participants * per_client_down
+    assert rec.bytes_up == rec.participants * per_client_up
+    assert rec.participants == min(3, rec.eligible)
+    assert 0.0 <= rec.accuracy <= 1.0 and np.isfinite(rec.train_loss)
+    assert rec.stage_peak_bytes == sim.method.memory(plan).total
