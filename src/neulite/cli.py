@@ -33,38 +33,33 @@ def _run(args: argparse.Namespace) -> None:
     console.print(f"results in {out}")
 
 
-def _memory(args: argparse.Namespace) -> None:
-    from neulite.memory import estimate, measure
-    from neulite.models.stage_net import StageNet
-    from neulite.models.zoo import build_model
+def _compare(args: argparse.Namespace) -> None:
+    from neulite.compare import compare
+    from neulite.config import METHODS
 
-    shape = tuple(int(v) for v in args.input_shape.split(","))
+    cfg = load_config(args.config, args.set)
+    methods = args.methods.split(",") if args.methods else list(METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise NeuliteError(f"unknown method(s) {', '.join(unknown)} (valid: {', '.join(METHODS)})")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise NeuliteError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    console = Console(quiet=args.quiet)
+    compare(cfg, methods, seeds, args.out, target=args.target, console=console)
+    console.print(f"comparison in {args.out}")
+
+
+def _memory(args: argparse.Namespace) -> None:
+    from neulite.memory import memory_report
+
+    shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape.replace(",", "").isdigit() else ()
     if len(shape) != 3:
         raise NeuliteError(f"--input-shape must be C,H,W, got {args.input_shape!r}")
-    net = StageNet(build_model(args.model, shape, args.num_classes, args.width))  # type: ignore[arg-type]
-    plans = [net.plan(0)] + [net.plan(t, harmonize=True, mentor=True) for t in range(1, net.num_stages + 1)]
-    rows = []
-    for plan in plans:
-        est = estimate(net, plan, args.batch_size)
-        rows.append({
-            "stage": plan.stage,
-            "estimated_bytes": est.total,
-            "measured_bytes": None if args.no_measure else measure(net, plan, args.batch_size),
-            "breakdown": est.as_dict(),
-        })
-    full, stages = rows[0], rows[1:]
-    for r in stages:
-        r["fraction_of_full"] = r["estimated_bytes"] / full["estimated_bytes"]
-    report = {
-        "model": args.model,
-        "batch_size": args.batch_size,
-        "input_shape": list(shape),
-        "full": full,
-        "stages": stages,
-        "worst_stage_fraction": max(r["fraction_of_full"] for r in stages),
-        "reduction_percent": 100.0 * (1.0 - max(r["fraction_of_full"] for r in stages)),
-        "measured_with": None if args.no_measure else "torch.profiler allocator events, fresh process, 2 training steps",
-    }
+    report = memory_report(args.model, args.batch_size, shape, args.num_classes, args.width, with_measurement=not args.no_measure)
+    full = report["full"]
+    rows = [full, *report["stages"]]
     if args.json:
         print(json.dumps(report, indent=2))
         return
@@ -95,6 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     run.add_argument("--quiet", action="store_true", help="no progress bars or tables")
     run.set_defaults(func=_run)
+    cmp = sub.add_parser("compare", help="run several methods over several seeds on the same data and budgets")
+    cmp.add_argument("--config", help="TOML config file shared by every method")
+    cmp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    cmp.add_argument("--methods", help="comma-separated method names (default: all)")
+    cmp.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    cmp.add_argument("--target", type=float, help="accuracy for rounds/time-to-target (default: ExclusiveFL's final accuracy)")
+    cmp.add_argument("--out", default="results/compare", help="comparison folder; re-running resumes it")
+    cmp.add_argument("--quiet", action="store_true")
+    cmp.set_defaults(func=_compare)
     mem = sub.add_parser("memory", help="per-stage peak training memory against full-model training")
     mem.add_argument("--model", default="resnet34")
     mem.add_argument("--batch-size", type=int, default=64)

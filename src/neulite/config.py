@@ -76,7 +76,10 @@ class TrainConfig:
         _check(self.weight_decay >= 0, "train.weight_decay must be >= 0")
 
 
-METHODS = ("neulite", "neulite-cyclic", "neulite-no-mentor", "neulite-no-harmonizer", "neulite-plain", "fedavg", "exclusivefl")
+METHODS = (
+    "neulite", "neulite-cyclic", "neulite-no-mentor", "neulite-no-harmonizer", "neulite-plain",
+    "fedavg", "exclusivefl", "allsmall", "heterofl", "fedrolex", "depthfl", "profl",
+)
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,10 @@ class MethodConfig:
     lambda1/lambda2: the Mentor's per-block weights; empty means METHOD.md's curriculum
     interpolated to the number of blocks. frozen_bn_drift: let frozen blocks' BatchNorm statistics
     move (the reference code's behaviour) instead of running them in eval mode.
+    depthfl_kd_weight: weight of DepthFL's mutual self-distillation (0 = exits learn from labels
+    only); depthfl_temperature: the softening of the exits' outputs in its KL terms.
+    profl_window: rounds W over which ProFL measures a block's effective movement;
+    profl_threshold: the block counts as converged (next stage) once that movement is below it.
     """
 
     name: str = "neulite"
@@ -101,6 +108,10 @@ class MethodConfig:
     lambda2: tuple[float, ...] = ()
     sigma: float = 5.0
     frozen_bn_drift: bool = False
+    depthfl_kd_weight: float = 1.0
+    depthfl_temperature: float = 1.0
+    profl_window: int = 3
+    profl_threshold: float = 0.5
 
     def __post_init__(self) -> None:
         _choice("method.name", self.name, METHODS)
@@ -109,6 +120,10 @@ class MethodConfig:
         _choice("method.stage_split", self.stage_split, ("equal", "params"))
         _check(all(r >= 1 for r in self.stage_rounds), "method.stage_rounds entries must be >= 1")
         _check(self.sigma > 0, "method.sigma must be > 0")
+        _check(self.depthfl_kd_weight >= 0, "method.depthfl_kd_weight must be >= 0")
+        _check(self.depthfl_temperature > 0, "method.depthfl_temperature must be > 0")
+        _check(self.profl_window >= 2, "method.profl_window must be >= 2 (one round has no path to compare)")
+        _check(0 < self.profl_threshold <= 1, "method.profl_threshold must be in (0, 1]")
 
 
 @dataclass(frozen=True)

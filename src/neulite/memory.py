@@ -14,6 +14,7 @@ import gc
 import multiprocessing
 import weakref
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -24,6 +25,7 @@ from neulite.algorithms.local import make_optimizer, prepare, stage_loss
 from neulite.algorithms.payload import assign_arrays, extract_arrays
 from neulite.config import TrainConfig
 from neulite.models.stage_net import StageNet, StagePlan
+from neulite.models.zoo import build_model
 
 MIB = 2**20
 
@@ -207,3 +209,38 @@ def _measure_here(
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run()
     return _peak_from_profile(prof)
+
+
+def memory_report(
+    model: str, batch_size: int, input_shape: tuple[int, ...], num_classes: int = 10, width: float = 1.0, *, with_measurement: bool = True
+) -> dict[str, Any]:
+    """Per-stage NeuLite peaks (Mentor and Harmonizer on) next to full-model training, estimated and measured."""
+    net = StageNet(build_model(model, input_shape, num_classes, width))  # type: ignore[arg-type]
+    plans = [net.plan(0)] + [net.plan(t, harmonize=True, mentor=True) for t in range(1, net.num_stages + 1)]
+    rows = []
+    for plan in plans:
+        est = estimate(net, plan, batch_size)
+        real = measure(net, plan, batch_size) if with_measurement else None
+        rows.append({
+            "stage": plan.stage,
+            "estimated_bytes": est.total,
+            "measured_bytes": real,
+            "estimate_error": None if real is None else est.total / real - 1.0,
+            "breakdown": est.as_dict(),
+        })
+    full, stages = rows[0], rows[1:]
+    for r in stages:
+        r["fraction_of_full"] = r["estimated_bytes"] / full["estimated_bytes"]
+        if r["measured_bytes"] is not None:
+            r["measured_fraction_of_full"] = r["measured_bytes"] / full["measured_bytes"]
+    worst = max(r["fraction_of_full"] for r in stages)
+    return {
+        "model": model,
+        "batch_size": batch_size,
+        "input_shape": list(input_shape),
+        "full": full,
+        "stages": stages,
+        "worst_stage_fraction": worst,
+        "reduction_percent": 100.0 * (1.0 - worst),
+        "measured_with": "torch.profiler allocator events, fresh process, 2 training steps" if with_measurement else None,
+    }

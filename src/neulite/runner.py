@@ -63,6 +63,11 @@ def run_experiment(cfg: Config, out: str | Path, *, resume: bool = False, consol
             results.append_metrics(row)
             results.save_checkpoint({"round": rnd, "wall_seconds": time.perf_counter() - start, "simulation": sim.state_dict()})
             progress.advance(round_bar)
+            if not console.is_terminal:  # a log file gets one line per round instead of bars
+                console.print(
+                    f"round {rnd}/{rounds} {stage}: {record.participants}/{record.eligible} eligible clients trained, "
+                    f"test accuracy {record.accuracy:.3f}, {record.wall_seconds:.1f} s"
+                )
     accuracy, loss = sim.final_accuracy()
     wall = time.perf_counter() - start
     mem = memory_rows(sim)
@@ -70,6 +75,7 @@ def run_experiment(cfg: Config, out: str | Path, *, resume: bool = False, consol
         "method": cfg.method.name,
         "final_accuracy": accuracy,
         "final_loss": loss,
+        "validation_accuracy": sim.validation_accuracy(),
         "best_accuracy": max((r["accuracy"] for r in rows if r["accuracy"] == r["accuracy"]), default=accuracy),
         "rounds": rounds,
         "wall_seconds": wall,

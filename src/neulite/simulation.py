@@ -20,6 +20,7 @@ from neulite.algorithms.base import Method
 from neulite.algorithms.payload import ClientResult, nbytes
 from neulite.algorithms.registry import make_method
 from neulite.config import Config
+from neulite.data import TensorDataset
 from neulite.errors import NeuliteError
 from neulite.memory import estimate
 from neulite.federation import MB, Client, augment_enabled, client_seed, load_splits, make_clients
@@ -62,6 +63,7 @@ class Simulation:
         # the full model's peak is the yardstick for budgets, whatever network the method trains
         self.full_peak = estimate(self.net, self.net.plan(0), cfg.train.batch_size).total
         self.clients = make_clients(cfg, self.splits, self.full_peak)
+        self.method.setup([c.budget for c in self.clients])
         self.augment = augment_enabled(cfg, self.splits)
         self._rng = np.random.default_rng([cfg.seed, 2])
         self.participated: set[int] = set()
@@ -122,10 +124,22 @@ class Simulation:
         """(accuracy, loss) of the deployable model on the global test set."""
         return self.method.evaluate(self.method.final_plan(), self.splits.test)
 
+    def validation_accuracy(self) -> float:
+        """Accuracy of the deployable model on the union of the clients' validation splits (for tuning)."""
+        vals = [c.val for c in self.clients if len(c.val)]
+        if not vals:
+            return float("nan")
+        data = TensorDataset(torch.cat([v.x for v in vals]), torch.cat([v.y for v in vals]), vals[0].num_classes)
+        return self.method.evaluate(self.method.final_plan(), data)[0]
+
     def state_dict(self) -> dict[str, Any]:
-        return {"net": self.method.net.state_dict(), "rng": self._rng.bit_generator.state, "participated": sorted(self.participated)}
+        return {
+            "net": self.method.net.state_dict(), "method": self.method.state_dict(),
+            "rng": self._rng.bit_generator.state, "participated": sorted(self.participated),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.method.net.load_state_dict(state["net"])
+        self.method.load_state_dict(state.get("method", {}))
         self._rng.bit_generator.state = state["rng"]
         self.participated = set(state["participated"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import copy
+from typing import Any
 
 import torch
 
@@ -49,6 +50,16 @@ class Method(ABC):
     @abstractmethod
     def plans(self) -> list[StagePlan]:
         """Every distinct stage this method trains, in order."""
+
+    def setup(self, budgets: list[int]) -> None:
+        """Adapt to the federation before the first round: `budgets` are every client's memory in bytes."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must keep besides the network's tensors (e.g. a history-dependent schedule)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
 
     def lambdas(self, plan: StagePlan) -> tuple[float, float]:
         return 0.0, 0.0

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from neulite.algorithms.allsmall import AllSmall
 from neulite.algorithms.base import Method
+from neulite.algorithms.depthfl import DepthFL
 from neulite.algorithms.fedavg import FedAvg
+from neulite.algorithms.fedrolex import FedRolex
+from neulite.algorithms.heterofl import HeteroFL
 from neulite.algorithms.neulite import NeuLite
+from neulite.algorithms.profl import ProFL
 from neulite.config import METHODS, Config
 from neulite.errors import NeuliteError
 from neulite.models.stage_net import StageNet
@@ -17,6 +22,9 @@ def make_method(net: StageNet, cfg: Config) -> Method:
         return FedAvg(net, cfg, exclusive=False)
     if name == "exclusivefl":
         return FedAvg(net, cfg, exclusive=True)
+    baselines = {"allsmall": AllSmall, "heterofl": HeteroFL, "fedrolex": FedRolex, "depthfl": DepthFL, "profl": ProFL}
+    if name in baselines:
+        return baselines[name](net, cfg)
     variants = {
         "neulite": (m.schedule, m.mentor, m.harmonizer),
         "neulite-cyclic": ("cyclic", m.mentor, m.harmonizer),

@@ -1,0 +1,153 @@
+"""DepthFL (Kim et al., ICLR 2023): depth-scaled prefixes with an exit per block and mutual self-distillation."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from neulite.algorithms.base import Method
+from neulite.algorithms.local import make_optimizer, prepare
+from neulite.algorithms.payload import ClientResult, ClientTask, assign_arrays, extract_arrays, weighted_average
+from neulite.config import Config
+from neulite.data.augment import random_crop_flip
+from neulite.data.datasets import TensorDataset
+from neulite.errors import NeuliteError
+from neulite.memory import MemoryBreakdown
+from neulite.models.stage_net import StageNet, StagePlan
+
+
+@dataclass(frozen=True)
+class DepthPlan(StagePlan):
+    """Depth `stage` = k: blocks 1..k and an exit after each (Op_i for i < T, the real head after T), all trained."""
+
+    def frozen_modules(self) -> tuple[str, ...]:
+        return ()
+
+    def trainable_modules(self, net: StageNet) -> tuple[str, ...]:
+        k, t = self.stage, self.num_stages
+        exits = [f"outputs.{i}" for i in range(min(k, t - 1))] + (["model.head"] if k == t else [])
+        return tuple(f"model.blocks.{i}" for i in range(k)) + tuple(exits)
+
+
+class DepthNet(StageNet):
+    """A StageNet whose output modules double as DepthFL's exits.
+
+    The exit after block i < T is Op_i: one light layer per missing block with that block's shape,
+    then a classifier of the head's shape (the role of DepthFL's bottleneck classifiers); after
+    block T it is the real head.
+    """
+
+    def exits(self, x: torch.Tensor, depth: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(last feature map, logits of every exit) of the depth-`depth` prefix."""
+        logits = []
+        for i, block in enumerate(self.model.blocks[:depth]):
+            x = block(x)
+            logits.append(self.model.head(x) if i == self.num_stages - 1 else self.outputs[i](x)[1])
+        return x, logits
+
+    def stage_forward(self, x: torch.Tensor, plan: StagePlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a DepthPlan: (last feature map, the exits' mean logits); its graph holds every exit,
+        which is what `estimate` must see. Other plans: StageNet's forward."""
+        if not isinstance(plan, DepthPlan):
+            return super().stage_forward(x, plan)
+        z, logits = self.exits(x, plan.stage)
+        return z, torch.stack(logits).mean(0)
+
+
+def depthfl_loss(logits: list[torch.Tensor], y: torch.Tensor, kd_weight: float, temperature: float) -> torch.Tensor:
+    """Σ_i CE(z_i, y) + kd_weight · Σ_i mean_{j≠i} τ²·KL(softmax(z_j/τ) ‖ softmax(z_i/τ)).
+
+    Every exit learns from the labels and from the others' softened outputs; the teachers z_j are
+    detached, as in DepthFL's mutual self-distillation.
+    """
+    loss = sum(F.cross_entropy(z, y) for z in logits)
+    if kd_weight and len(logits) > 1:
+        scale = kd_weight * temperature**2 / (len(logits) - 1)
+        for i, student in enumerate(logits):
+            log_p = F.log_softmax(student / temperature, dim=1)
+            for j, teacher in enumerate(logits):
+                if j != i:
+                    log_q = F.log_softmax(teacher.detach() / temperature, dim=1)
+                    loss = loss + scale * F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
+    return loss
+
+
+class DepthFL(Method):
+    """Each client trains the deepest prefix of the network that its memory allows.
+
+    Level l trains blocks 1..T-l with an exit after each block (`DepthNet`); a client takes the
+    deepest level whose training peak (blocks and exits, estimated like every other method) fits
+    its budget, and sits out if not even block 1 fits. Its loss is `depthfl_loss`. The server
+    averages each block and exit over the clients that hold it (data-size weighted). Evaluation
+    and the final model use the full-depth network with the real head, i.e. the deepest exit.
+
+    Parameters
+    ----------
+    net : StageNet
+        The global model; its output modules are rebuilt as the exits.
+    cfg : Config
+        method.depthfl_kd_weight (default 1.0; 0 trains each exit on cross-entropy alone) and
+        method.depthfl_temperature (default 1.0) set the distillation; `train` the local training.
+    """
+
+    def __init__(self, net: StageNet, cfg: Config) -> None:
+        super().__init__(DepthNet(net.model), cfg)
+
+    def depth_plan(self, level: int) -> DepthPlan:
+        t = self.net.num_stages
+        return DepthPlan(t - level, t)
+
+    def plan(self, rnd: int) -> StagePlan:
+        return self.net.plan(0)
+
+    def plans(self) -> list[StagePlan]:
+        return [self.net.plan(0)]
+
+    def memory(self, plan: StagePlan) -> MemoryBreakdown:
+        """A round's peak is that of its deepest level (every block and exit)."""
+        return super().memory(self.depth_plan(0) if plan.full else plan)
+
+    def assign(self, plan: StagePlan, budget: int) -> int | None:
+        levels = range(self.net.num_stages)
+        return next((lv for lv in levels if self.memory(self.depth_plan(lv)).total <= budget), None)
+
+    def configure_train(self, rnd: int, plan: StagePlan, level: int, seed: int) -> ClientTask:
+        return super().configure_train(rnd, self.depth_plan(level), level, seed)
+
+    def client_update(self, task: ClientTask, data: TensorDataset, *, augment: bool) -> ClientResult:
+        """`local_update`'s loop with DepthFL's loss over the exits of the task's prefix."""
+        cfg, m, plan = self.cfg.train, self.cfg.method, task.plan
+        net = self.client_net(task.level)
+        assign_arrays(net, task.arrays)
+        optimizer = make_optimizer(prepare(net, plan, False), cfg)
+        generator = torch.Generator().manual_seed(task.seed)
+        total_loss, steps = 0.0, 0
+        for _ in range(cfg.local_epochs):
+            order = torch.randperm(len(data), generator=generator)
+            for start in range(0, len(data), cfg.batch_size):
+                idx = order[start : start + cfg.batch_size]
+                if len(idx) < 2:  # BatchNorm cannot train on a single sample
+                    continue
+                x, y = data.x[idx], data.y[idx]
+                if augment:
+                    x = random_crop_flip(x, generator=generator)
+                loss = depthfl_loss(net.exits(x, plan.stage)[1], y, m.depthfl_kd_weight, m.depthfl_temperature)
+                if not math.isfinite(loss.item()):
+                    raise NeuliteError(f"training diverged at round {task.round}, depth {plan.stage}: loss is {loss.item()} (lower train.lr)")
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                total_loss += loss.item()
+                steps += 1
+        return ClientResult(extract_arrays(net, net.up_names(plan)), len(data), {"train_loss": total_loss / max(steps, 1)})
+
+    def aggregate_train(self, plan: StagePlan, results: list[ClientResult]) -> None:
+        """Each tensor is averaged over the clients whose prefix holds it."""
+        merged = {}
+        for name in dict.fromkeys(n for r in results for n in r.arrays):
+            holders = [ClientResult({name: r.arrays[name]}, r.num_examples) for r in results if name in r.arrays]
+            merged.update(weighted_average(holders))
+        assign_arrays(self.net, merged)

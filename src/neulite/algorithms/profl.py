@@ -1,0 +1,85 @@
+"""ProFL-style progressive training (Wu et al., KDD 2025): a block is frozen once it has converged."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from neulite.algorithms.neulite import NeuLite, stage_round_budget
+from neulite.algorithms.payload import ClientResult
+from neulite.config import Config
+from neulite.models.stage_net import StageNet, StagePlan
+
+
+def effective_movement(start: torch.Tensor, end: torch.Tensor, steps: list[float]) -> float:
+    """Net displacement over path length: 1 for a straight drift, about 1/W for W steps jittering around a point."""
+    path = sum(steps)
+    return float((end - start).norm()) / path if path > 0 else 0.0
+
+
+class ProFL(NeuLite):
+    """NeuLite without the Mentor and the Harmonizer, whose stage advances when its block has converged.
+
+    After every round the active block's parameters θ are compared over the last W rounds:
+    EM = ‖θ_r − θ_{r−W}‖ / Σ_i ‖θ_{i+1} − θ_i‖ (`effective_movement`). The next stage starts once
+    EM < threshold. So that the run ends within method.rounds, a stage also ends after twice its
+    equal share of the rounds, or when only half an equal share per later stage is left; the last
+    stage trains until the end. The stage therefore depends on the history: `plan` answers for the
+    next round to train, and `state_dict` carries that history into checkpoints.
+
+    Parameters
+    ----------
+    net : StageNet
+        The global model with its output modules.
+    cfg : Config
+        method.profl_window (W, default 3) and method.profl_threshold (default 0.5);
+        method.rounds bounds the schedule.
+    """
+
+    def __init__(self, net: StageNet, cfg: Config) -> None:
+        super().__init__(net, cfg, schedule="sequential", mentor=False, harmonizer=False)
+        m = cfg.method
+        share = stage_round_budget(m.rounds, [1.0] * net.num_stages)
+        self.window, self.threshold = m.profl_window, m.profl_threshold
+        self.cap = [2 * s for s in share]
+        self.reserve = [sum(max(1, s // 2) for s in share[k + 1 :]) for k in range(len(share))]
+        self.stage, self.in_stage, self.done = 1, 0, 0
+        self._starts: list[torch.Tensor] = []  # θ before each of the last W rounds
+        self._steps: list[float] = []  # ‖θ_{i+1} − θ_i‖ of the last W rounds
+
+    def plan(self, rnd: int) -> StagePlan:
+        return self._plan(self.stage)
+
+    def _block(self, stage: int) -> torch.Tensor:
+        return torch.cat([p.detach().flatten() for p in self.net.model.blocks[stage - 1].parameters()])
+
+    def aggregate_train(self, plan: StagePlan, results: list[ClientResult]) -> None:
+        before = self._block(plan.stage)
+        super().aggregate_train(plan, results)
+        after = self._block(plan.stage)
+        self._starts = [*self._starts, before][-self.window :]
+        self._steps = [*self._steps, float((after - before).norm())][-self.window :]
+        self.in_stage += 1
+        self.done += 1
+        if self._converged(after) or self.in_stage >= self.cap[self.stage - 1] or self._out_of_rounds():
+            self._advance()
+
+    def _converged(self, theta: torch.Tensor) -> bool:
+        full = len(self._steps) == self.window
+        return full and effective_movement(self._starts[0], theta, self._steps) < self.threshold
+
+    def _out_of_rounds(self) -> bool:
+        return self.cfg.method.rounds - self.done <= self.reserve[self.stage - 1]
+
+    def _advance(self) -> None:
+        if self.stage < self.net.num_stages:
+            self.stage, self.in_stage = self.stage + 1, 0
+            self._starts, self._steps = [], []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stage": self.stage, "in_stage": self.in_stage, "done": self.done, "starts": self._starts, "steps": self._steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stage, self.in_stage, self.done = state["stage"], state["in_stage"], state["done"]
+        self._starts, self._steps = list(state["starts"]), list(state["steps"])

@@ -1,0 +1,179 @@
+"""`neulite compare`: several methods over several seeds on the same data, clients and budgets.
+
+Each (method, seed) is an ordinary run in OUT/runs/METHOD/seedN, so a comparison resumes where it
+stopped: finished runs are read back, interrupted ones continue from their checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from neulite.config import Config
+from neulite.federation import MB
+from neulite.errors import NeuliteError
+from neulite.results import ResultsDir, config_to_toml
+from neulite.runner import run_experiment
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def run_one(cfg: Config, method: str, seed: int, out: Path, console: Console) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One finished (method, seed) run: read back if done, resumed if interrupted, else started."""
+    folder = out / "runs" / method / f"seed{seed}"
+    results = ResultsDir(folder)
+    summary_path = folder / "summary.json"
+    if not summary_path.is_file():
+        run_cfg = cfg.replace(seed=seed, method=dataclasses.replace(cfg.method, name=method))
+        resume = results.checkpoint_path.is_file()
+        console.print(f"{'resuming' if resume else 'running'} {method}, seed {seed}")
+        run_experiment(run_cfg, folder, resume=resume, console=Console(quiet=True))
+    else:
+        console.print(f"done already: {method}, seed {seed}")
+    return json.loads(summary_path.read_text()), results.read_metrics()
+
+
+def _to_target(rows: list[dict[str, Any]], target: float) -> tuple[int | None, float | None]:
+    """First round whose evaluated accuracy reaches `target`, and the wall seconds until then."""
+    seconds = 0.0
+    for r in rows:
+        seconds += r["wall_seconds"]
+        if not math.isnan(r["accuracy"]) and r["accuracy"] >= target:
+            return r["round"], seconds
+    return None, None
+
+
+def _median_or_none(values: list[float | None]) -> float | None:
+    """Median over seeds, or None unless every seed reached the target."""
+    return None if any(v is None for v in values) else statistics.median(v for v in values if v is not None)
+
+
+def compare(cfg: Config, methods: list[str], seeds: list[int], out: str | Path, *, target: float | None = None, console: Console | None = None) -> dict[str, Any]:
+    """Run every method on every seed and write the comparison; returns summary.json's content.
+
+    The target accuracy for "time to target" defaults to ExclusiveFL's median final accuracy
+    when ExclusiveFL is among the methods.
+    """
+    console = console or Console(quiet=True)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    shared = out / "config.toml"
+    if shared.is_file() and shared.read_text() != config_to_toml(cfg):
+        raise NeuliteError(f"{out} holds a comparison with a different config ({shared}); use another --out")
+    shared.write_text(config_to_toml(cfg))
+    runs = {m: [run_one(cfg, m, s, out, console) for s in seeds] for m in methods}
+    if target is None and "exclusivefl" in runs:
+        target = statistics.median(s["final_accuracy"] for s, _ in runs["exclusivefl"])
+    table: dict[str, dict[str, Any]] = {}
+    for m, seed_runs in runs.items():
+        finals = [s["final_accuracy"] for s, _ in seed_runs]
+        reached = [_to_target(rows, target) for _, rows in seed_runs] if target is not None else []
+        table[m] = {
+            "final_accuracy_mean": statistics.mean(finals),
+            "final_accuracy_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+            "final_accuracy_median": statistics.median(finals),
+            "best_accuracy": statistics.mean(s["best_accuracy"] for s, _ in seed_runs),
+            "participation": statistics.mean(s["participation"] for s, _ in seed_runs),
+            "peak_memory_bytes": max(s["peak_memory_bytes"] for s, _ in seed_runs),
+            "rounds_to_target": _median_or_none([r for r, _ in reached]) if reached else None,
+            "seconds_to_target": _median_or_none([t for _, t in reached]) if reached else None,
+            "wall_seconds": statistics.median(s["wall_seconds"] for s, _ in seed_runs),
+            "bytes_up": statistics.mean(s["bytes_up"] for s, _ in seed_runs),
+            "bytes_down": statistics.mean(s["bytes_down"] for s, _ in seed_runs),
+            "seeds": seeds,
+            "final_accuracies": finals,
+        }
+    summary = {"methods": table, "target_accuracy": target, "machine": machine(), "config": cfg.to_dict()}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _write_tables(table, out, target)
+    _plot(runs, out / "accuracy.png")
+    console.print(render(table, target))
+    return summary
+
+
+COLUMNS = [
+    ("method", lambda m, r: m),
+    ("final acc (mean ± std)", lambda m, r: f"{r['final_accuracy_mean']:.1%} ± {r['final_accuracy_std']:.1%}"),
+    ("best acc", lambda m, r: f"{r['best_accuracy']:.1%}"),
+    ("clients took part", lambda m, r: f"{r['participation']:.0%}"),
+    ("peak client MiB", lambda m, r: f"{r['peak_memory_bytes'] / MB:.1f}"),
+    ("rounds to target", lambda m, r: "-" if r["rounds_to_target"] is None else f"{r['rounds_to_target']:.0f}"),
+    ("s to target", lambda m, r: "-" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.0f}"),
+    ("wall s", lambda m, r: f"{r['wall_seconds']:.0f}"),
+    ("MiB up / down", lambda m, r: f"{r['bytes_up'] / MB:.0f} / {r['bytes_down'] / MB:.0f}"),
+]
+
+
+def render(table: dict[str, dict[str, Any]], target: float | None) -> Table:
+    title = "comparison" + ("" if target is None else f" (target accuracy {target:.1%})")
+    t = Table(title=title)
+    for name, _ in COLUMNS:
+        t.add_column(name, justify="left" if name == "method" else "right")
+    for m, r in table.items():
+        t.add_row(*(fn(m, r) for _, fn in COLUMNS))
+    return t
+
+
+def _write_tables(table: dict[str, dict[str, Any]], out: Path, target: float | None) -> None:
+    header = [name for name, _ in COLUMNS]
+    rows = [[fn(m, r) for _, fn in COLUMNS] for m, r in table.items()]
+    with (out / "comparison.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    note = "" if target is None else f"\nTarget accuracy for rounds/seconds to target: {target:.1%} (median over seeds; '-' = not reached by every seed).\n"
+    (out / "comparison.md").write_text("\n".join(lines) + "\n" + note)
+
+
+def _plot(runs: dict[str, list[tuple[dict[str, Any], list[dict[str, Any]]]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for m, seed_runs in runs.items():
+        by_round: dict[int, list[float]] = {}
+        for _, rows in seed_runs:
+            for r in rows:
+                if not math.isnan(r["accuracy"]):
+                    by_round.setdefault(r["round"], []).append(r["accuracy"])
+        xs = sorted(by_round)
+        ax.plot(xs, [statistics.mean(by_round[x]) for x in xs], label=m)
+    ax.set(xlabel="round", ylabel="test accuracy (mean over seeds)", ylim=(0, 1), title="accuracy against rounds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
