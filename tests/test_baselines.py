@@ -67,7 +67,7 @@ def test_fedrolex_window_rolls_with_the_round_and_wraps():
     assert torch.allclose(rolex.net.state_dict()[stem][rows], state[stem][rows] + 1)
 
 
-def test_heterofl_evaluation_uses_data_statistics_and_keeps_batchnorm_static():
+def test_heterofl_evaluation_uses_client_data_statistics_and_keeps_batchnorm_static():
     method = HeteroFL(_small_cnn(), load_config(overrides=["method.name=heterofl"]))
     keys = set(method.net.state_dict())
     assert not any("running_" in k for k in keys)
@@ -75,8 +75,15 @@ def test_heterofl_evaluation_uses_data_statistics_and_keeps_batchnorm_static():
     data = TensorDataset(torch.randn(300, 1, 28, 28) + y.view(-1, 1, 1, 1) * 0.3, y, 10)
     perm = torch.randperm(300)
     shuffled = TensorDataset(data.x[perm], data.y[perm], 10)
+    with pytest.raises(RuntimeError, match="setup"):
+        method.evaluate(method.final_plan(), data)
+    method.setup([10**12], shuffled)
     sorted_result = method.evaluate(method.final_plan(), data)
     assert sorted_result == pytest.approx(method.evaluate(method.final_plan(), shuffled))
+    other = HeteroFL(_small_cnn(), load_config(overrides=["method.name=heterofl"]))
+    other.net.load_state_dict(method.net.state_dict())
+    other.setup([10**12], TensorDataset(data.x[:30] * 5, data.y[:30], 10))
+    assert other.evaluate(other.final_plan(), data) != method.evaluate(method.final_plan(), data), "statistics come from the calibration data"
     assert set(method.net.state_dict()) == keys
 
 
@@ -166,6 +173,8 @@ def test_profl_steady_drift_waits_for_the_cap_and_the_run_ends_on_time():
 
 # ------------------------------------------------------------------------------------------ AllSmall
 
+DATA = TensorDataset(torch.randn(8, 1, 28, 28), torch.arange(8), 10)
+
 
 def test_allsmall_takes_the_widest_width_the_weakest_client_fits():
     cfg = load_config(overrides=["method.name=allsmall"])
@@ -173,10 +182,10 @@ def test_allsmall_takes_the_widest_width_the_weakest_client_fits():
     peaks = {w: estimate(m, m.plan(0), cfg.train.batch_size).total for w in WIDTHS for m in [width_net(cfg, net, w)]}
     assert peaks[1 / 2] > peaks[1 / 4]
     method = AllSmall(net, cfg)
-    method.setup([10**12, peaks[1 / 4] + 1, 10**11])
+    method.setup([10**12, peaks[1 / 4] + 1, 10**11], DATA)
     assert method.width == 1 / 4 and method.net.model.head.fc.in_features == 16
     assert method.assign(method.plan(1), peaks[1 / 4]) == 0
-    method.setup([1])  # nothing fits: the narrowest model, and whoever it does not fit sits out
+    method.setup([1], DATA)  # nothing fits: the narrowest model, and whoever it does not fit sits out
     assert method.width == 1 / 16
     assert method.assign(method.plan(1), peaks[1 / 16] - 1) is None
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from neulite.algorithms.local import local_update
+from neulite.algorithms.local import local_update, stage_loss
 from neulite.algorithms.neulite import DEFAULT_LAMBDA1, DEFAULT_LAMBDA2, curriculum, stage_round_budget
 from neulite.algorithms.payload import ClientResult, ClientTask, assign_arrays, nbytes, weighted_average
 from neulite.config import TrainConfig, load_config
@@ -28,7 +28,11 @@ def test_a_stage_round_leaves_frozen_state_bit_identical(harmonize: bool):
     before = {k: v.clone() for k, v in net.state_dict().items()}
     task = ClientTask(1, plan, {n: net.state_dict()[n] for n in net.down_names(plan)}, 0.3, 0.3, seed=1)
     client = copy.deepcopy(net).to("meta")
-    result = local_update(client, task, _data(), TrainConfig(batch_size=16), augment=False, sigma=5.0)
+
+    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return stage_loss(client, plan, x, y, 0.3, 0.3, 5.0)[0]
+
+    result = local_update(client, task, _data(), TrainConfig(batch_size=16), augment=False, loss_fn=loss_fn)
     after = client.state_dict()
     trained = set(result.arrays)
     assert trained == set(net.up_names(plan))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from neulite.algorithms.fedavg import FedAvg
 from neulite.algorithms.submodel import WIDTHS, width_net
 from neulite.config import Config
+from neulite.data.datasets import TensorDataset
 from neulite.models.stage_net import StageNet
 
 
@@ -29,7 +30,7 @@ class AllSmall(FedAvg):
         super().__init__(net, cfg, exclusive=True)
         self.width = 1.0
 
-    def setup(self, budgets: list[int]) -> None:
+    def setup(self, budgets: list[int], calibration: TensorDataset) -> None:
         weakest = min(budgets)
         for width in WIDTHS:
             self.net, self.width = width_net(self.cfg, self.net, width), width

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from neulite.algorithms.evaluate import evaluate
-from neulite.algorithms.local import local_update
+from neulite.algorithms.local import local_update, stage_loss
 from neulite.algorithms.payload import ClientResult, ClientTask, weighted_average
 from neulite.config import Config
 from neulite.data.datasets import TensorDataset
@@ -51,8 +51,13 @@ class Method(ABC):
     def plans(self) -> list[StagePlan]:
         """Every distinct stage this method trains, in order."""
 
-    def setup(self, budgets: list[int]) -> None:
-        """Adapt to the federation before the first round: `budgets` are every client's memory in bytes."""
+    def setup(self, budgets: list[int], calibration: TensorDataset) -> None:
+        """Adapt to the federation before the first round.
+
+        `budgets` are every client's memory in bytes; `calibration` is the clients' training data,
+        for methods whose evaluation needs data statistics (HeteroFL's static BatchNorm: the paper
+        has the server query the clients for them).
+        """
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint must keep besides the network's tensors (e.g. a history-dependent schedule)."""
@@ -94,10 +99,13 @@ class Method(ABC):
 
     def client_update(self, task: ClientTask, data: TensorDataset, *, augment: bool) -> ClientResult:
         """The client half: train on local data what the task asks, return what was trained."""
-        return local_update(
-            self.client_net(task.level), task, data, self.cfg.train,
-            augment=augment, sigma=self.cfg.method.sigma, bn_drift=self.bn_drift,
-        )
+        net = self.client_net(task.level)
+        sigma = self.cfg.method.sigma
+
+        def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return stage_loss(net, task.plan, x, y, task.lambda1, task.lambda2, sigma)[0]
+
+        return local_update(net, task, data, self.cfg.train, augment=augment, loss_fn=loss_fn, bn_drift=self.bn_drift)
 
     def aggregate_train(self, plan: StagePlan, results: list[ClientResult]) -> None:
         merged = weighted_average(results)

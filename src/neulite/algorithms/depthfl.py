@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from neulite.algorithms.base import Method
-from neulite.algorithms.local import make_optimizer, prepare
-from neulite.algorithms.payload import ClientResult, ClientTask, assign_arrays, extract_arrays, weighted_average
+from neulite.algorithms.local import local_update
+from neulite.algorithms.payload import ClientResult, ClientTask, assign_arrays, weighted_average
 from neulite.config import Config
-from neulite.data.augment import random_crop_flip
 from neulite.data.datasets import TensorDataset
-from neulite.errors import NeuliteError
 from neulite.memory import MemoryBreakdown
 from neulite.models.stage_net import StageNet, StagePlan
 
@@ -118,31 +115,13 @@ class DepthFL(Method):
         return super().configure_train(rnd, self.depth_plan(level), level, seed)
 
     def client_update(self, task: ClientTask, data: TensorDataset, *, augment: bool) -> ClientResult:
-        """`local_update`'s loop with DepthFL's loss over the exits of the task's prefix."""
-        cfg, m, plan = self.cfg.train, self.cfg.method, task.plan
-        net = self.client_net(task.level)
-        assign_arrays(net, task.arrays)
-        optimizer = make_optimizer(prepare(net, plan, False), cfg)
-        generator = torch.Generator().manual_seed(task.seed)
-        total_loss, steps = 0.0, 0
-        for _ in range(cfg.local_epochs):
-            order = torch.randperm(len(data), generator=generator)
-            for start in range(0, len(data), cfg.batch_size):
-                idx = order[start : start + cfg.batch_size]
-                if len(idx) < 2:  # BatchNorm cannot train on a single sample
-                    continue
-                x, y = data.x[idx], data.y[idx]
-                if augment:
-                    x = random_crop_flip(x, generator=generator)
-                loss = depthfl_loss(net.exits(x, plan.stage)[1], y, m.depthfl_kd_weight, m.depthfl_temperature)
-                if not math.isfinite(loss.item()):
-                    raise NeuliteError(f"training diverged at round {task.round}, depth {plan.stage}: loss is {loss.item()} (lower train.lr)")
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                total_loss += loss.item()
-                steps += 1
-        return ClientResult(extract_arrays(net, net.up_names(plan)), len(data), {"train_loss": total_loss / max(steps, 1)})
+        """Local training with DepthFL's loss over the exits of the task's prefix."""
+        m, net, depth = self.cfg.method, self.client_net(task.level), task.plan.stage
+
+        def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return depthfl_loss(net.exits(x, depth)[1], y, m.depthfl_kd_weight, m.depthfl_temperature)
+
+        return local_update(net, task, data, self.cfg.train, augment=augment, loss_fn=loss_fn)
 
     def aggregate_train(self, plan: StagePlan, results: list[ClientResult]) -> None:
         """Each tensor is averaged over the clients whose prefix holds it."""

@@ -75,8 +75,9 @@ class HeteroFL(Method):
     the window of channels of every tensor that makes the width-w model, trains it and returns it;
     the server averages every element over the clients that trained it (data-size weighted), and
     elements nobody trained keep their value. BatchNorm is static (`static_bn`): no running
-    statistics are kept, sent or averaged; evaluation normalises with the statistics of the
-    evaluated data set (`data_statistics`), and the final model normalises with batch statistics.
+    statistics are kept, sent or averaged; evaluation normalises with statistics of the clients'
+    training data (`data_statistics`, the paper's query of the clients after training), and the
+    final model normalises with batch statistics.
 
     Parameters
     ----------
@@ -92,6 +93,10 @@ class HeteroFL(Method):
         super().__init__(static_bn(copy.deepcopy(net)), cfg)
         self._level_memory: dict[int, MemoryBreakdown] = {}
         self._offset = 0
+        self._calibration: TensorDataset | None = None
+
+    def setup(self, budgets: list[int], calibration: TensorDataset) -> None:
+        self._calibration = calibration
 
     def offset(self, rnd: int) -> int:
         """Where every channel window starts in round `rnd`: at the leading channel."""
@@ -132,5 +137,7 @@ class HeteroFL(Method):
         assign_arrays(self.net, scatter_average(self.net.state_dict(), results, self._offset))
 
     def evaluate(self, plan: StagePlan, data: TensorDataset) -> tuple[float, float]:
-        with data_statistics(self.net.model, data):
+        if self._calibration is None:
+            raise RuntimeError("HeteroFL.evaluate needs setup() first: BatchNorm statistics come from the clients' data")
+        with data_statistics(self.net.model, self._calibration):
             return evaluate(self.net, plan, data)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -52,10 +53,13 @@ def local_update(
     cfg: TrainConfig,
     *,
     augment: bool,
-    sigma: float,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     bn_drift: bool = False,
 ) -> ClientResult:
-    """Load the task's tensors, train the stage for `local_epochs`, return only what was trained."""
+    """Load the task's tensors, train the stage for `local_epochs`, return only what was trained.
+
+    `loss_fn(x, y)` is the method's objective on `net` (NeuLite's: `stage_loss`).
+    """
     plan = task.plan
     assign_arrays(net, task.arrays)
     params = prepare(net, plan, bn_drift)
@@ -72,7 +76,7 @@ def local_update(
             x, y = data.x[idx], data.y[idx]
             if augment:
                 x = random_crop_flip(x, generator=generator)
-            loss, _ = stage_loss(net, plan, x, y, task.lambda1, task.lambda2, sigma)
+            loss = loss_fn(x, y)
             if not math.isfinite(loss.item()):
                 raise NeuliteError(f"training diverged at round {task.round}, stage {plan.stage}: loss is {loss.item()} (lower train.lr)")
             loss.backward()
