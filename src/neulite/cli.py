@@ -57,13 +57,13 @@ def _memory(args: argparse.Namespace) -> None:
     shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape.replace(",", "").isdigit() else ()
     if len(shape) != 3:
         raise NeuliteError(f"--input-shape must be C,H,W, got {args.input_shape!r}")
-    report = memory_report(args.model, args.batch_size, shape, args.num_classes, args.width, with_measurement=not args.no_measure)
+    report = memory_report(args.model, args.batch_size, shape, args.num_classes, args.width, args.blocks, with_measurement=not args.no_measure)
     full = report["full"]
     rows = [full, *report["stages"]]
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    table = Table(title=f"{args.model}, batch {args.batch_size}, input {args.input_shape}: peak training memory")
+    table = Table(title=f"{args.model} ({report['blocks']} blocks), batch {args.batch_size}, input {args.input_shape}: peak training memory")
     for col in ("", "estimated MiB", "measured MiB", "est/meas", "of full"):
         table.add_column(col, justify="right")
     for r in rows:
@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--input-shape", default="3,32,32", help="C,H,W")
     mem.add_argument("--num-classes", type=int, default=10)
     mem.add_argument("--width", type=float, default=1.0)
+    mem.add_argument("--blocks", type=int, default=0, help="0: one block per resolution stage; N: N memory-balanced blocks")
     mem.add_argument("--no-measure", action="store_true", help="estimate only (skip the profiled training steps)")
     mem.add_argument("--json", action="store_true")
     mem.set_defaults(func=_memory)

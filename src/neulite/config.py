@@ -51,11 +51,16 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """name: a built-in network; width: channel multiplier; blocks: 0 = one block per resolution
+    stage, N > 0 = N memory-balanced blocks."""
+
     name: str = "small_cnn"
     width: float = 1.0
+    blocks: int = 0
 
     def __post_init__(self) -> None:
         _check(self.width > 0, "model.width must be > 0")
+        _check(self.blocks >= 0, "model.blocks must be >= 0")
 
 
 @dataclass(frozen=True)

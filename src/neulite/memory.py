@@ -212,10 +212,10 @@ def _measure_here(
 
 
 def memory_report(
-    model: str, batch_size: int, input_shape: tuple[int, ...], num_classes: int = 10, width: float = 1.0, *, with_measurement: bool = True
+    model: str, batch_size: int, input_shape: tuple[int, ...], num_classes: int = 10, width: float = 1.0, blocks: int = 0, *, with_measurement: bool = True
 ) -> dict[str, Any]:
     """Per-stage NeuLite peaks (Mentor and Harmonizer on) next to full-model training, estimated and measured."""
-    net = StageNet(build_model(model, input_shape, num_classes, width))  # type: ignore[arg-type]
+    net = StageNet(build_model(model, input_shape, num_classes, width, blocks))  # type: ignore[arg-type]
     plans = [net.plan(0)] + [net.plan(t, harmonize=True, mentor=True) for t in range(1, net.num_stages + 1)]
     rows = []
     for plan in plans:
@@ -236,6 +236,7 @@ def memory_report(
     worst = max(r["fraction_of_full"] for r in stages)
     return {
         "model": model,
+        "blocks": "one per resolution stage" if not blocks else f"{blocks} memory-balanced",
         "batch_size": batch_size,
         "input_shape": list(input_shape),
         "full": full,

@@ -57,7 +57,7 @@ class Simulation:
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
         self.splits = load_splits(cfg)
-        model = build_model(cfg.model.name, self.splits.input_shape, self.splits.train.num_classes, cfg.model.width)
+        model = build_model(cfg.model.name, self.splits.input_shape, self.splits.train.num_classes, cfg.model.width, cfg.model.blocks)
         self.net = StageNet(model)
         self.method: Method = make_method(self.net, cfg)
         # the full model's peak is the yardstick for budgets, whatever network the method trains

@@ -21,7 +21,7 @@ WIDTHS = (1.0, 1 / 2, 1 / 4, 1 / 8, 1 / 16)  # capacity levels, widest first
 def width_net(cfg: Config, like: StageNet, width: float) -> StageNet:
     """The configured zoo model at `width` times the configured width, for `like`'s inputs and classes."""
     model = like.model
-    return StageNet(build_model(cfg.model.name, model.input_shape, model.num_classes, cfg.model.width * width))
+    return StageNet(build_model(cfg.model.name, model.input_shape, model.num_classes, cfg.model.width * width, cfg.model.blocks))
 
 
 def window(full: int, size: int, offset: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ and each of its tensors is a leading slice of the full model's tensor (HeteroFL-
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections import OrderedDict
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from neulite.errors import NeuliteError
+from neulite.models.partition import balanced_cuts, split_at, unit_costs, units
 from neulite.models.blocks import BlockModel, ClassifierHead
 
 MODEL_NAMES: tuple[str, ...] = ("small_cnn", "resnet18", "resnet34", "vgg11", "vgg16", "mobilenetv2")
@@ -233,11 +235,17 @@ _BUILDERS: dict[str, Callable[[tuple[int, int, int], int, float], BlockModel]] =
 }
 
 
-def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int, width: float = 1.0) -> BlockModel:
+def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int, width: float = 1.0, blocks: int = 0) -> BlockModel:
     """Build the built-in network `name` for (C, H, W) inputs and `num_classes` classes.
 
-    `width` scales every hidden channel count to max(1, round(c * width)).
+    `width` scales every hidden channel count to max(1, round(c * width)). `blocks` = 0 gives one
+    block per resolution stage; N > 0 regroups the layers into N memory-balanced blocks, cut where
+    the full-width model balances at batch 64, so every width is cut alike (same tensor names).
     """
+    if blocks:
+        if not isinstance(blocks, int) or blocks < 1:
+            raise NeuliteError(f"model blocks must be 0 (one per resolution stage) or a positive integer, got {blocks!r}")
+        return split_at(build_model(name, input_shape, num_classes, width), _balanced_cuts(name, tuple(input_shape), num_classes, blocks))
     if not isinstance(name, str) or name not in _BUILDERS:
         raise NeuliteError(f"unknown model {name!r}: valid names are {', '.join(MODEL_NAMES)}")
     try:
@@ -259,3 +267,9 @@ def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int, 
     if num_classes < 1:
         raise NeuliteError(f"number of classes must be a positive integer, got {num_classes!r}")
     return _BUILDERS[name](shape, num_classes, width)  # type: ignore[arg-type]
+
+
+@functools.lru_cache(maxsize=32)
+def _balanced_cuts(name: str, input_shape: tuple[int, int, int], num_classes: int, blocks: int) -> list[int]:
+    model = build_model(name, input_shape, num_classes)
+    return balanced_cuts(unit_costs(model, units(model), 64), blocks)

@@ -1,0 +1,100 @@
+"""Memory-balanced partition of a network into blocks.
+
+One block per resolution stage is the natural rule for CNNs, but the first stage then holds most of
+the activation memory (a CIFAR ResNet-34's stem + layer1 alone is ~40% of full-model training). This
+module cuts a model's finest sequential units into T blocks so that the largest block's training
+cost (activations saved for backward plus weights, gradients and momentum) is as small as possible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from neulite.errors import NeuliteError
+from neulite.models.blocks import BlockModel
+
+_JOINED = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU)
+
+
+def units(model: BlockModel) -> list[nn.Module]:
+    """The finest sequential pieces: nested nn.Sequential flattened, each conv/linear kept with the norms and activations after it."""
+
+    def flatten(m: nn.Module) -> list[nn.Module]:
+        return [u for c in m.children() for u in flatten(c)] if isinstance(m, nn.Sequential) else [m]
+
+    pieces = [u for block in model.blocks for u in flatten(block)]
+    out: list[list[nn.Module]] = []
+    for piece in pieces:
+        if out and isinstance(piece, _JOINED):
+            out[-1].append(piece)
+        else:
+            out.append([piece])
+    return [group[0] if len(group) == 1 else nn.Sequential(*group) for group in out]
+
+
+def unit_costs(model: BlockModel, pieces: Sequence[nn.Module], batch_size: int) -> list[int]:
+    """Per unit: bytes autograd saves for backward at `batch_size`, plus 3x its parameters (weights, gradients, momentum)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: set[int] = set()
+    costs = [0] * len(pieces)
+    current = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in params and ptr not in seen:
+            seen.add(ptr)
+            costs[current[0]] += storage.nbytes()
+        return t.detach()
+
+    x = torch.zeros(batch_size, *model.input_shape)
+    was_training = model.training
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        for i, piece in enumerate(pieces):
+            current[0] = i
+            x = piece(x)
+    model.train(was_training)
+    return [c + 3 * sum(p.numel() * p.element_size() for p in piece.parameters()) for c, piece in zip(costs, pieces)]
+
+
+def balanced_cuts(costs: Sequence[int], num_blocks: int) -> list[int]:
+    """Cut points (exclusive ends of blocks 1..T-1) that minimise the largest block's summed cost."""
+    n = len(costs)
+    if not 1 <= num_blocks <= n:
+        raise NeuliteError(f"model cannot be split: {num_blocks} blocks requested from {n} sequential units")
+    prefix = [0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(num_blocks + 1)]
+    cut = [[0] * (n + 1) for _ in range(num_blocks + 1)]
+    best[0][0] = 0
+    for k in range(1, num_blocks + 1):
+        for i in range(k, n + 1):
+            for j in range(k - 1, i):
+                value = max(best[k - 1][j], prefix[i] - prefix[j])
+                if value < best[k][i]:
+                    best[k][i], cut[k][i] = value, j
+    cuts, i = [], n
+    for k in range(num_blocks, 1, -1):
+        i = cut[k][i]
+        cuts.append(i)
+    return sorted(cuts)
+
+
+def split_at(model: BlockModel, cuts: Sequence[int]) -> BlockModel:
+    """The same modules (and weights) regrouped into blocks ending at `cuts`."""
+    pieces = units(model)
+    bounds = [0, *cuts, len(pieces)]
+    blocks = [nn.Sequential(*pieces[a:b]) for a, b in zip(bounds, bounds[1:])]
+    return BlockModel(blocks, model.head, model.input_shape, model.num_classes)
+
+
+def rebalance(model: BlockModel, num_blocks: int, batch_size: int = 64) -> BlockModel:
+    """`model` regrouped into `num_blocks` memory-balanced blocks for training at `batch_size`."""
+    pieces = units(model)
+    return split_at(model, balanced_cuts(unit_costs(model, pieces, batch_size), num_blocks))

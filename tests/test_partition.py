@@ -1,0 +1,88 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from neulite.config import load_config
+from neulite.errors import NeuliteError
+from neulite.memory import estimate
+from neulite.models.blocks import BlockModel, ClassifierHead
+from neulite.models.partition import balanced_cuts, rebalance, unit_costs, units
+from neulite.models.stage_net import StageNet
+from neulite.models.zoo import build_model
+
+
+def test_balanced_cuts_minimise_the_largest_block():
+    assert balanced_cuts([5, 1, 1, 1, 5], 3) == [1, 4]
+    assert balanced_cuts([1, 1, 1, 1], 2) == [2]
+    assert balanced_cuts([3], 1) == []
+    with pytest.raises(NeuliteError, match="cannot be split"):
+        balanced_cuts([1, 2], 3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(costs=st.lists(st.integers(0, 50), min_size=1, max_size=8), data=st.data())
+def test_balanced_cuts_are_optimal(costs: list[int], data: st.DataObject):
+    import itertools
+
+    k = data.draw(st.integers(1, len(costs)))
+    cuts = balanced_cuts(costs, k)
+    assert len(cuts) == k - 1 and cuts == sorted(set(cuts)) and all(0 < c < len(costs) for c in cuts)
+
+    def worst(cs: tuple[int, ...] | list[int]) -> int:
+        bounds = [0, *cs, len(costs)]
+        return max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:]))
+
+    assert worst(cuts) == min(worst(c) for c in itertools.combinations(range(1, len(costs)), k - 1))
+
+
+def test_units_keep_each_layer_with_its_norm_and_activation():
+    model = BlockModel(
+        [nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()), nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))],
+        ClassifierHead(4, 2), (1, 8, 8), 2,
+    )
+    pieces = units(model)
+    assert len(pieces) == 3 and isinstance(pieces[2], nn.MaxPool2d)
+    costs = unit_costs(model, pieces, batch_size=2)
+    # unit 1 saves the conv's input (2x1x8x8 floats), the conv output for BN and ReLU's output
+    # (2x4x8x8 each), BN's batch mean/invstd and running stats (4 x 4 floats); plus 3x its params
+    saved = (2 * 1 * 8 * 8 + 2 * (2 * 4 * 8 * 8) + 4 * 4) * 4
+    assert costs[0] == saved + 3 * (4 * 9 + 4 + 4 + 4) * 4
+
+
+def test_rebalanced_resnet_needs_less_than_one_block_per_stage():
+    per_stage = StageNet(build_model("resnet18", (3, 32, 32), 10, width=0.5))
+    balanced = StageNet(build_model("resnet18", (3, 32, 32), 10, width=0.5, blocks=4))
+    assert balanced.num_stages == 4
+
+    def worst(net: StageNet) -> int:
+        return max(estimate(net, net.plan(t, harmonize=True, mentor=True), 32).total for t in range(1, 5))
+
+    assert worst(balanced) < worst(per_stage)
+    x = torch.randn(2, 3, 32, 32)
+    balanced.model.load_state_dict(balanced.model.state_dict())
+    assert balanced.model(x).shape == (2, 10)
+
+
+def test_balanced_cuts_are_the_same_at_every_width():
+    full = build_model("resnet18", (3, 32, 32), 10, blocks=5)
+    narrow = build_model("resnet18", (3, 32, 32), 10, width=0.25, blocks=5)
+    assert set(full.state_dict()) == set(narrow.state_dict())
+    assert [len(b) for b in full.blocks] == [len(b) for b in narrow.blocks]
+
+
+def test_config_blocks_reaches_the_model():
+    from neulite.simulation import Simulation
+
+    sim = Simulation(load_config(overrides=["model.blocks=2", "data.num_clients=4", "clients.per_round=2"]))
+    assert sim.net.num_stages == 2
+    with pytest.raises(NeuliteError, match="model.blocks"):
+        load_config(overrides=["model.blocks=-1"])
+
+
+def test_rebalance_a_user_model():
+    blocks = [nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())]
+    model = BlockModel(blocks, ClassifierHead(8, 3), (3, 8, 8), 3)
+    split = rebalance(model, 2, batch_size=4)
+    assert split.num_blocks == 2 and split(torch.randn(2, 3, 8, 8)).shape == (2, 3)
