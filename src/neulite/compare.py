@@ -20,7 +20,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from neulite.config import Config
+from neulite.config import Config, load_config
 from neulite.federation import MB
 from neulite.errors import NeuliteError
 from neulite.results import ResultsDir, config_to_toml
@@ -87,7 +87,7 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], out: str | Path, 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shared = out / "config.toml"
-    if shared.is_file() and shared.read_text() != config_to_toml(cfg):
+    if shared.is_file() and load_config(shared) != cfg:
         raise NeuliteError(f"{out} holds a comparison with a different config ({shared}); use another --out")
     shared.write_text(config_to_toml(cfg))
     runs = {m: [run_one(cfg, m, s, out, console) for s in seeds] for m in methods}

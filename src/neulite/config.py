@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from neulite.data.datasets import DATASET_NAMES
 from neulite.errors import NeuliteError
+from neulite.models.zoo import MODEL_NAMES
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -40,6 +42,7 @@ class DataConfig:
     augment: str = "auto"
 
     def __post_init__(self) -> None:
+        _choice("data.name", self.name, DATASET_NAMES)
         _check(self.num_clients >= 1, "data.num_clients must be >= 1")
         _choice("data.partition", self.partition, ("iid", "dirichlet", "shards"))
         _check(self.alpha > 0, "data.alpha must be > 0")
@@ -59,6 +62,7 @@ class ModelConfig:
     blocks: int = 0
 
     def __post_init__(self) -> None:
+        _choice("model.name", self.name, MODEL_NAMES)
         _check(self.width > 0, "model.width must be > 0")
         _check(self.blocks >= 0, "model.blocks must be >= 0")
 
@@ -94,7 +98,8 @@ class MethodConfig:
     rounds: total communication rounds. stage_rounds: explicit rounds per stage (sequential);
     empty means split `rounds` by `stage_split` ("equal", or "params": proportional to block size).
     lambda1/lambda2: the Mentor's per-block weights; empty means METHOD.md's curriculum
-    interpolated to the number of blocks. frozen_bn_drift: let frozen blocks' BatchNorm statistics
+    interpolated to the number of blocks; lambda_scale multiplies both (the knob tuned on the
+    clients' validation splits by benchmarks/tune_lambda.py). frozen_bn_drift: let frozen blocks' BatchNorm statistics
     move (the reference code's behaviour) instead of running them in eval mode.
     depthfl_kd_weight: weight of DepthFL's mutual self-distillation (0 = exits learn from labels
     only); depthfl_temperature: the softening of the exits' outputs in its KL terms.
@@ -111,6 +116,7 @@ class MethodConfig:
     harmonizer: bool = True
     lambda1: tuple[float, ...] = ()
     lambda2: tuple[float, ...] = ()
+    lambda_scale: float = 1.0
     sigma: float = 5.0
     frozen_bn_drift: bool = False
     depthfl_kd_weight: float = 1.0
@@ -125,6 +131,7 @@ class MethodConfig:
         _choice("method.stage_split", self.stage_split, ("equal", "params"))
         _check(all(r >= 1 for r in self.stage_rounds), "method.stage_rounds entries must be >= 1")
         _check(self.sigma > 0, "method.sigma must be > 0")
+        _check(self.lambda_scale >= 0, "method.lambda_scale must be >= 0")
         _check(self.depthfl_kd_weight >= 0, "method.depthfl_kd_weight must be >= 0")
         _check(self.depthfl_temperature > 0, "method.depthfl_temperature must be > 0")
         _check(self.profl_window >= 2, "method.profl_window must be >= 2 (one round has no path to compare)")

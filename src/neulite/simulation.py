@@ -139,7 +139,7 @@ class Simulation:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.method.net.load_state_dict(state["net"])
-        self.method.load_state_dict(state.get("method", {}))
+        self.method.load_state_dict(state["method"])
         self._rng.bit_generator.state = state["rng"]
         self.participated = set(state["participated"])
 

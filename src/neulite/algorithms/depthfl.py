@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +80,9 @@ class DepthFL(Method):
     deepest level whose training peak (blocks and exits, estimated like every other method) fits
     its budget, and sits out if not even block 1 fits. Its loss is `depthfl_loss`. The server
     averages each block and exit over the clients that hold it (data-size weighted). Evaluation
-    and the final model use the full-depth network with the real head, i.e. the deepest exit.
+    averages the logits of every exit trained so far (the paper's ensemble of the global model's
+    classifiers; untrained deeper exits are left out). `final_model` is the blocks with the real
+    head, i.e. the deepest exit alone.
 
     Parameters
     ----------
@@ -92,6 +95,19 @@ class DepthFL(Method):
 
     def __init__(self, net: StageNet, cfg: Config) -> None:
         super().__init__(DepthNet(net.model), cfg)
+        self.trained_depth = 1
+
+    def final_plan(self) -> StagePlan:
+        return DepthPlan(self.trained_depth, self.net.num_stages)
+
+    def evaluate(self, plan: StagePlan, data: TensorDataset) -> tuple[float, float]:
+        return super().evaluate(self.final_plan(), data)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"trained_depth": self.trained_depth}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.trained_depth = state["trained_depth"]
 
     def depth_plan(self, level: int) -> DepthPlan:
         t = self.net.num_stages
@@ -125,6 +141,8 @@ class DepthFL(Method):
 
     def aggregate_train(self, plan: StagePlan, results: list[ClientResult]) -> None:
         """Each tensor is averaged over the clients whose prefix holds it."""
+        blocks = {int(n.split(".")[2]) for r in results for n in r.arrays if n.startswith("model.blocks.")}
+        self.trained_depth = max(self.trained_depth, max(blocks) + 1)
         merged = {}
         for name in dict.fromkeys(n for r in results for n in r.arrays):
             holders = [ClientResult({name: r.arrays[name]}, r.num_examples) for r in results if name in r.arrays]

@@ -53,8 +53,8 @@ class NeuLite(Method):
         self.schedule = schedule
         self.mentor = mentor
         self.harmonizer = harmonizer
-        self.lambda1 = m.lambda1 or curriculum(DEFAULT_LAMBDA1, t)
-        self.lambda2 = m.lambda2 or curriculum(DEFAULT_LAMBDA2, t)
+        self.lambda1 = tuple(m.lambda_scale * v for v in (m.lambda1 or curriculum(DEFAULT_LAMBDA1, t)))
+        self.lambda2 = tuple(m.lambda_scale * v for v in (m.lambda2 or curriculum(DEFAULT_LAMBDA2, t)))
         if len(self.lambda1) != t or len(self.lambda2) != t:
             raise NeuliteError(f"bad config: method.lambda1 and method.lambda2 need {t} values (one per block), got {len(self.lambda1)} and {len(self.lambda2)}")
         if m.stage_rounds:

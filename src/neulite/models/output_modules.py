@@ -54,10 +54,15 @@ class OutputModule(nn.Module):
 
 
 class ProjectionHead(nn.Module):
-    """P_t: the Mentor's 3-layer MLP from the pooled feature to a small embedding."""
+    """P_t: the Mentor's 3-layer MLP from the pooled feature to a small embedding.
 
-    def __init__(self, in_features: int, hidden: int = 256, out_features: int = 128) -> None:
+    Sized by the feature width (hidden min(256, C), output min(128, C)) so that on a small network
+    the scaffolding does not outweigh the model it trains.
+    """
+
+    def __init__(self, in_features: int) -> None:
         super().__init__()
+        hidden, out_features = min(256, in_features), min(128, in_features)
         self.net = nn.Sequential(
             nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, out_features)
         )

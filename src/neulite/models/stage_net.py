@@ -52,14 +52,12 @@ def _prefixed(names: tuple[str, ...], key: str) -> bool:
 class StageNet(nn.Module):
     """A BlockModel with output modules Op_1..Op_{T-1} and projection heads P_1..P_T."""
 
-    def __init__(self, model: BlockModel, projection_hidden: int = 256) -> None:
+    def __init__(self, model: BlockModel) -> None:
         super().__init__()
         self.model = model
         t = model.num_blocks
         self.outputs = nn.ModuleList(OutputModule(model, s) for s in range(1, t))
-        self.projections = nn.ModuleList(
-            ProjectionHead(model.block_shapes[-1][0], projection_hidden) for _ in range(t)
-        )
+        self.projections = nn.ModuleList(ProjectionHead(model.block_shapes[-1][0]) for _ in range(t))
 
     @property
     def num_stages(self) -> int:

@@ -1,0 +1,84 @@
+"""Render the benchmark JSON files as the Markdown tables the README shows.
+
+Run: python benchmarks/report.py   (reads benchmarks/results/{memory,accuracy,speed}.json)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+MIB = 2**20
+
+
+def memory() -> str:
+    data = json.loads((RESULTS / "memory.json").read_text())
+    lines = [
+        f"Machine: {data['machine']['cpu']}, {data['machine']['cores']} cores, torch {data['machine']['torch']}. "
+        "Estimate / measurement in MiB; worst stage as a share of full-model training (estimate, measurement).",
+        "",
+        "| model | batch | full model | stages (est / meas) | worst stage | largest estimate error |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in data["reports"]:
+        stages = ", ".join(f"{s['estimated_bytes'] / MIB:.0f} / {s['measured_bytes'] / MIB:.0f}" for s in r["stages"])
+        meas_worst = max(s["measured_fraction_of_full"] for s in r["stages"])
+        err = max(abs(s["estimate_error"]) for s in [r["full"], *r["stages"]])
+        blocks = "" if r.get("blocks", "one per resolution stage") == "one per resolution stage" else f" ({r['blocks']})"
+        lines.append(
+            f"| {r['model']}{blocks} | {r['batch_size']} | {r['full']['estimated_bytes'] / MIB:.0f} / {r['full']['measured_bytes'] / MIB:.0f} "
+            f"| {stages} | {r['worst_stage_fraction']:.0%}, {meas_worst:.0%} | {err:.1%} |"
+        )
+    return "\n".join(lines)
+
+
+def _methods_table(methods: dict) -> list[str]:
+    lines = [
+        "| method | final accuracy (mean ± std) | best | clients took part | peak client MiB | rounds / s to target | MiB up / down |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in sorted(methods.items(), key=lambda kv: -kv[1]["final_accuracy_mean"]):
+        target = "-" if r["rounds_to_target"] is None else f"{r['rounds_to_target']:.0f} / {r['seconds_to_target']:.0f}"
+        lines.append(
+            f"| {name} | {r['final_accuracy_mean']:.1%} ± {r['final_accuracy_std']:.1%} | {r['best_accuracy']:.1%} | {r['participation']:.0%} "
+            f"| {r['peak_memory_bytes'] / MIB:.1f} | {target} | {r['bytes_up'] / MIB:.0f} / {r['bytes_down'] / MIB:.0f} |"
+        )
+    return lines
+
+
+def accuracy() -> str:
+    data = json.loads((RESULTS / "accuracy.json").read_text())
+    out = [f"Machine: {data['machine']['cpu']}, {data['machine']['cores']} cores ({data['machine'].get('processes', '')}); seeds {data['seeds']}; {data['seconds']:.0f} s in all."]
+    out += ["", f"Dirichlet(0.5) split (target = ExclusiveFL's median final accuracy, {data['target_accuracy']:.1%}):", ""]
+    out += _methods_table(data["methods"])
+    out += ["", f"IID split (target {data['iid']['target_accuracy']:.1%}):", ""]
+    out += _methods_table(data["iid"]["methods"])
+    return "\n".join(out)
+
+
+def speed() -> str:
+    data = json.loads((RESULTS / "speed.json").read_text())
+    lines = [
+        f"Machine: {data['machine']['cpu']}, {data['machine']['cores']} cores. Target: ExclusiveFL's final accuracy, {data['target_accuracy']:.1%} (Dirichlet split of the accuracy benchmark, median over seeds).",
+        "",
+        "| method | rounds to target | seconds to target |",
+        "|---|---|---|",
+    ]
+    for name, r in sorted(data["methods"].items(), key=lambda kv: (kv[1]["seconds_to_target"] is None, kv[1]["seconds_to_target"] or 0)):
+        rounds = "-" if r["rounds_to_target"] is None else f"{r['rounds_to_target']:.0f}"
+        seconds = "-" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.0f}"
+        lines.append(f"| {name} | {rounds} | {seconds} |")
+    o = data["overhead"]
+    lines += ["", f"Simulator overhead ({', '.join(o['setting'])}, median of {o['repeats']}): simulator {o['simulator_seconds']:.1f} s, bare PyTorch loop {o['bare_torch_seconds']:.1f} s, ratio {o['ratio']:.3f}."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    for name, render in (("memory", memory), ("accuracy", accuracy), ("speed", speed)):
+        if (RESULTS / f"{name}.json").is_file():
+            print(f"### {name}\n\n{render()}\n")
+
+
+if __name__ == "__main__":
+    main()

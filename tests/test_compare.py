@@ -1,0 +1,43 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from neulite.cli import main
+from neulite.compare import _to_target
+
+TINY = ["--set", "data.num_clients=6", "--set", "clients.per_round=3", "--set", "train.local_epochs=1", "--set", "method.rounds=3"]
+
+
+def test_compare_writes_the_table_and_resumes_without_rerunning(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--quiet", "--methods", "fedavg,exclusivefl,neulite", "--seeds", "0,1", "--out", str(out), *TINY]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["methods"]) == {"fedavg", "exclusivefl", "neulite"}
+    for row in summary["methods"].values():
+        assert {"final_accuracy_mean", "final_accuracy_std", "participation", "peak_memory_bytes"} <= row.keys()
+        assert len(row["final_accuracies"]) == 2
+    assert summary["methods"]["fedavg"]["participation"] == 1.0
+    assert summary["methods"]["exclusivefl"]["participation"] < summary["methods"]["neulite"]["participation"]
+    assert summary["target_accuracy"] == pytest.approx(sorted(summary["methods"]["exclusivefl"]["final_accuracies"])[0] / 2 + sorted(summary["methods"]["exclusivefl"]["final_accuracies"])[1] / 2)
+    for name in ("comparison.md", "comparison.csv", "accuracy.png"):
+        assert (out / name).is_file()
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/model.pt")}
+    assert len(stamps) == 6
+    assert main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/model.pt")} == stamps, "finished runs are not run again"
+    capsys.readouterr()
+    assert main([*argv, "--set", "train.lr=0.01"]) == 2
+    assert "different config" in capsys.readouterr().err
+
+
+def test_time_to_target_counts_wall_time_until_the_first_hit():
+    rows = [
+        {"round": 1, "accuracy": 0.2, "wall_seconds": 1.0},
+        {"round": 2, "accuracy": float("nan"), "wall_seconds": 1.0},
+        {"round": 3, "accuracy": 0.6, "wall_seconds": 2.0},
+        {"round": 4, "accuracy": 0.9, "wall_seconds": 2.0},
+    ]
+    assert _to_target(rows, 0.5) == (3, 4.0)
+    assert _to_target(rows, 0.95) == (None, None)
