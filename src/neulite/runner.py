@@ -66,7 +66,8 @@ def run_experiment(cfg: Config, out: str | Path, *, resume: bool = False, consol
             if not console.is_terminal:  # a log file gets one line per round instead of bars
                 console.print(
                     f"round {rnd}/{rounds} {stage}: {record.participants}/{record.eligible} eligible clients trained, "
-                    f"test accuracy {record.accuracy:.3f}, {record.wall_seconds:.1f} s"
+                    f"test accuracy {record.accuracy:.3f}, {record.wall_seconds:.1f} s",
+                    soft_wrap=True,
                 )
     accuracy, loss = sim.final_accuracy()
     wall = time.perf_counter() - start
