@@ -49,3 +49,13 @@ def test_median_time_counts_unreached_seeds_as_infinitely_slow():
     assert _median_or_none([1.0, 2.0, 3.0]) == 2.0
     assert _median_or_none([1.0, None, 3.0]) == 3.0
     assert _median_or_none([None, None, 1.0]) is None
+
+
+def test_a_method_no_client_can_run_is_reported_and_the_rest_compared(tmp_path: Path):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--quiet", "--methods", "exclusivefl,fedavg", "--out", str(out), *TINY, "--set", "clients.fractions=[0.2, 0.5]"]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["methods"]) == {"fedavg"}
+    assert "budget no stage fits" in summary["skipped"]["exclusivefl"]
+    assert "Not run: exclusivefl" in (out / "comparison.md").read_text()

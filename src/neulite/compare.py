@@ -91,7 +91,16 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], out: str | Path, 
     if shared.is_file() and load_config(shared) != cfg:
         raise NeuliteError(f"{out} holds a comparison with a different config ({shared}); use another --out")
     shared.write_text(config_to_toml(cfg))
-    runs = {m: [run_one(cfg, m, s, out, console) for s in seeds] for m in methods}
+    runs: dict[str, list[tuple[dict[str, Any], list[dict[str, Any]]]]] = {}
+    skipped: dict[str, str] = {}
+    for m in methods:
+        try:
+            runs[m] = [run_one(cfg, m, s, out, console) for s in seeds]
+        except NeuliteError as exc:  # e.g. no client fits this method's model: report it, compare the rest
+            skipped[m] = str(exc)
+            console.print(f"[yellow]skipping {m}: {exc}[/yellow]")
+    if not runs:
+        raise NeuliteError(f"no method could run: {'; '.join(f'{m}: {e}' for m, e in skipped.items())}")
     if target is None and "exclusivefl" in runs:
         target = statistics.median(s["final_accuracy"] for s, _ in runs["exclusivefl"])
     table: dict[str, dict[str, Any]] = {}
@@ -114,9 +123,9 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], out: str | Path, 
             "seeds": seeds,
             "final_accuracies": finals,
         }
-    summary = {"methods": table, "target_accuracy": target, "machine": machine(), "config": cfg.to_dict()}
+    summary = {"methods": table, "skipped": skipped, "target_accuracy": target, "machine": machine(), "config": cfg.to_dict()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _write_tables(table, out, target)
+    _write_tables(table, out, target, skipped)
     _plot(runs, out / "accuracy.png")
     console.print(render(table, target))
     return summary
@@ -145,7 +154,7 @@ def render(table: dict[str, dict[str, Any]], target: float | None) -> Table:
     return t
 
 
-def _write_tables(table: dict[str, dict[str, Any]], out: Path, target: float | None) -> None:
+def _write_tables(table: dict[str, dict[str, Any]], out: Path, target: float | None, skipped: dict[str, str]) -> None:
     header = [name for name, _ in COLUMNS]
     rows = [[fn(m, r) for _, fn in COLUMNS] for m, r in table.items()]
     with (out / "comparison.csv").open("w", newline="") as f:
@@ -155,6 +164,7 @@ def _write_tables(table: dict[str, dict[str, Any]], out: Path, target: float | N
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     note = "" if target is None else f"\nTarget accuracy for rounds/seconds to target: {target:.1%} (median over seeds, a seed that never reached it counting as infinitely slow; '-' = not reached by most seeds).\n"
+    note += "".join(f"\nNot run: {m}: {reason}\n" for m, reason in skipped.items())
     (out / "comparison.md").write_text("\n".join(lines) + "\n" + note)
 
 
