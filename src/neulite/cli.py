@@ -63,7 +63,7 @@ def _memory(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    table = Table(title=f"{args.model} ({report['blocks']} blocks), batch {args.batch_size}, input {args.input_shape}: peak training memory")
+    table = Table(title=f"{args.model} (blocks: {report['blocks']}), batch {args.batch_size}, input {args.input_shape}: peak training memory")
     for col in ("", "estimated MiB", "measured MiB", "est/meas", "of full"):
         table.add_column(col, justify="right")
     for r in rows:
