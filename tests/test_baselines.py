@@ -18,6 +18,7 @@ from neulite.algorithms.profl import ProFL
 from neulite.algorithms.submodel import WIDTHS, scatter_average, width_net, window
 from neulite.config import load_config
 from neulite.data import TensorDataset
+from neulite.federation import Client
 from neulite.memory import estimate
 from neulite.models.blocks import BlockModel
 from neulite.models.stage_net import StageNet
@@ -77,12 +78,13 @@ def test_heterofl_evaluation_uses_client_data_statistics_and_keeps_batchnorm_sta
     shuffled = TensorDataset(data.x[perm], data.y[perm], 10)
     with pytest.raises(RuntimeError, match="setup"):
         method.evaluate(method.final_plan(), data)
-    method.setup([10**12], shuffled)
+    method.setup([Client(0, shuffled, shuffled, 10**12)])
     sorted_result = method.evaluate(method.final_plan(), data)
     assert sorted_result == pytest.approx(method.evaluate(method.final_plan(), shuffled))
     other = HeteroFL(_small_cnn(), load_config(overrides=["method.name=heterofl"]))
     other.net.load_state_dict(method.net.state_dict())
-    other.setup([10**12], TensorDataset(data.x[:30] * 5, data.y[:30], 10))
+    scaled = TensorDataset(data.x[:30] * 5, data.y[:30], 10)
+    other.setup([Client(0, scaled, scaled, 10**12)])
     assert other.evaluate(other.final_plan(), data) != method.evaluate(method.final_plan(), data), "statistics come from the calibration data"
     assert set(method.net.state_dict()) == keys
 
@@ -176,16 +178,20 @@ def test_profl_steady_drift_waits_for_the_cap_and_the_run_ends_on_time():
 DATA = TensorDataset(torch.randn(8, 1, 28, 28), torch.arange(8), 10)
 
 
+def _clients(budgets: list[int]) -> list[Client]:
+    return [Client(i, DATA, DATA, b) for i, b in enumerate(budgets)]
+
+
 def test_allsmall_takes_the_widest_width_the_weakest_client_fits():
     cfg = load_config(overrides=["method.name=allsmall"])
     net = _small_cnn()
     peaks = {w: estimate(m, m.plan(0), cfg.train.batch_size).total for w in WIDTHS for m in [width_net(cfg, net, w)]}
     assert peaks[1 / 2] > peaks[1 / 4]
     method = AllSmall(net, cfg)
-    method.setup([10**12, peaks[1 / 4] + 1, 10**11], DATA)
+    method.setup(_clients([10**12, peaks[1 / 4] + 1, 10**11]))
     assert method.width == 1 / 4 and method.net.model.head.fc.in_features == 16
     assert method.assign(method.plan(1), peaks[1 / 4]) == 0
-    method.setup([1], DATA)  # nothing fits: the narrowest model, and whoever it does not fit sits out
+    method.setup(_clients([1]))  # nothing fits: the narrowest model, and whoever it does not fit sits out
     assert method.width == 1 / 16
     assert method.assign(method.plan(1), peaks[1 / 16] - 1) is None
 

@@ -10,7 +10,6 @@ training steps seen by torch.profiler (or torch.cuda.max_memory_allocated on a G
 from __future__ import annotations
 
 import copy
-import gc
 import multiprocessing
 import weakref
 from dataclasses import asdict, dataclass
@@ -26,6 +25,7 @@ from neulite.algorithms.payload import assign_arrays, extract_arrays
 from neulite.config import TrainConfig
 from neulite.models.stage_net import StageNet, StagePlan
 from neulite.models.zoo import build_model
+from neulite.saved_tensors import SavedTensorCounter
 
 MIB = 2**20
 
@@ -59,25 +59,6 @@ class MemoryBreakdown:
 
 def _bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
-
-
-class _SavedTensorCounter:
-    """Counts each storage autograd saves once, leaving out parameters and the batch (counted apart)."""
-
-    def __init__(self, exclude: list[torch.Tensor]) -> None:
-        self.param_ptrs = {p.untyped_storage().data_ptr() for p in exclude}
-        self.seen: dict[int, int] = {}
-
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in self.param_ptrs and ptr not in self.seen:
-            self.seen[ptr] = storage.nbytes()
-        return t
-
-    @property
-    def total(self) -> int:
-        return sum(self.seen.values())
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -131,10 +112,9 @@ def estimate(
         for block in work.model.blocks[:n_frozen]:
             h = block(h)
         del h
-    counter = _SavedTensorCounter([*work.parameters(), x, y])
-    with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+    counter = SavedTensorCounter([*work.parameters(), x, y])
+    with counter.hooks():
         stage_loss(work, plan, x, y, lam, lam, sigma)
-    gc.collect()  # the hooks' references form cycles that hold the graph until collected
     with LiveTensorBytes() as step:
         loss, _ = stage_loss(work, plan, x, y, lam, lam, sigma)
         loss.backward()

@@ -63,7 +63,7 @@ class Simulation:
         # the full model's peak is the yardstick for budgets, whatever network the method trains
         self.full_peak = estimate(self.net, self.net.plan(0), cfg.train.batch_size).total
         self.clients = make_clients(cfg, self.splits, self.full_peak)
-        self.method.setup([c.budget for c in self.clients], _union([c.train for c in self.clients]))
+        self.method.setup(self.clients)
         self.augment = augment_enabled(cfg, self.splits)
         self._rng = np.random.default_rng([cfg.seed, 2])
         self.participated: set[int] = set()
@@ -129,7 +129,7 @@ class Simulation:
         vals = [c.val for c in self.clients if len(c.val)]
         if not vals:
             return float("nan")
-        return self.method.evaluate(self.method.final_plan(), _union(vals))[0]
+        return self.method.evaluate(self.method.final_plan(), TensorDataset.concat(vals))[0]
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -143,6 +143,3 @@ class Simulation:
         self._rng.bit_generator.state = state["rng"]
         self.participated = set(state["participated"])
 
-
-def _union(parts: list[TensorDataset]) -> TensorDataset:
-    return TensorDataset(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]), parts[0].num_classes)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from neulite.algorithms.fedavg import FedAvg
 from neulite.algorithms.submodel import WIDTHS, width_net
 from neulite.config import Config
-from neulite.data.datasets import TensorDataset
+from neulite.federation import Client
 from neulite.models.stage_net import StageNet
 
 
@@ -30,8 +32,8 @@ class AllSmall(FedAvg):
         super().__init__(net, cfg, exclusive=True)
         self.width = 1.0
 
-    def setup(self, budgets: list[int], calibration: TensorDataset) -> None:
-        weakest = min(budgets)
+    def setup(self, clients: Sequence[Client]) -> None:
+        weakest = min(c.budget for c in clients)
         for width in WIDTHS:
             self.net, self.width = width_net(self.cfg, self.net, width), width
             self._memory.clear()

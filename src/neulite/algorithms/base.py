@@ -7,18 +7,19 @@ samples clients, moves bytes or touches data: that is the driver's job.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-
 import copy
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from neulite.algorithms.evaluate import evaluate
 from neulite.algorithms.local import local_update, stage_loss
-from neulite.algorithms.payload import ClientResult, ClientTask, weighted_average
+from neulite.algorithms.payload import ClientResult, ClientTask, assign_arrays, weighted_average
 from neulite.config import Config
 from neulite.data.datasets import TensorDataset
+from neulite.federation import Client
 from neulite.memory import MemoryBreakdown, estimate
 from neulite.models.blocks import BlockModel
 from neulite.models.stage_net import StageNet, StagePlan
@@ -51,13 +52,10 @@ class Method(ABC):
     def plans(self) -> list[StagePlan]:
         """Every distinct stage this method trains, in order."""
 
-    def setup(self, budgets: list[int], calibration: TensorDataset) -> None:
-        """Adapt to the federation before the first round.
-
-        `budgets` are every client's memory in bytes; `calibration` is the clients' training data,
-        for methods whose evaluation needs data statistics (HeteroFL's static BatchNorm: the paper
-        has the server query the clients for them).
-        """
+    def setup(self, clients: Sequence[Client]) -> None:
+        """Adapt to the federation before the first round (AllSmall sizes its model to the
+        smallest budget; HeteroFL takes BatchNorm statistics from the clients' data, as the paper
+        has the server query them)."""
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint must keep besides the network's tensors (e.g. a history-dependent schedule)."""
@@ -108,11 +106,7 @@ class Method(ABC):
         return local_update(net, task, data, self.cfg.train, augment=augment, loss_fn=loss_fn, bn_drift=self.bn_drift)
 
     def aggregate_train(self, plan: StagePlan, results: list[ClientResult]) -> None:
-        merged = weighted_average(results)
-        with torch.no_grad():
-            state = self.net.state_dict()
-            for name, value in merged.items():
-                state[name].copy_(value)
+        assign_arrays(self.net, weighted_average(results))
 
     def evaluate(self, plan: StagePlan, data: TensorDataset) -> tuple[float, float]:
         """(accuracy, loss) of the model a round's stage trains; `final_plan()` for the deployable one."""

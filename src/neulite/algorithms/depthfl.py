@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from neulite.algorithms.base import Method
 from neulite.algorithms.local import local_update
-from neulite.algorithms.payload import ClientResult, ClientTask, assign_arrays, weighted_average
+from neulite.algorithms.payload import ClientResult, ClientTask
 from neulite.config import Config
 from neulite.data.datasets import TensorDataset
 from neulite.memory import MemoryBreakdown
@@ -140,11 +140,7 @@ class DepthFL(Method):
         return local_update(net, task, data, self.cfg.train, augment=augment, loss_fn=loss_fn)
 
     def aggregate_train(self, plan: StagePlan, results: list[ClientResult]) -> None:
-        """Each tensor is averaged over the clients whose prefix holds it."""
+        """Each tensor is averaged over the clients whose prefix holds it; remembers the deepest block trained (for evaluation)."""
         blocks = {int(n.split(".")[2]) for r in results for n in r.arrays if n.startswith("model.blocks.")}
         self.trained_depth = max(self.trained_depth, max(blocks) + 1)
-        merged = {}
-        for name in dict.fromkeys(n for r in results for n in r.arrays):
-            holders = [ClientResult({name: r.arrays[name]}, r.num_examples) for r in results if name in r.arrays]
-            merged.update(weighted_average(holders))
-        assign_arrays(self.net, merged)
+        super().aggregate_train(plan, results)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -16,6 +16,7 @@ from neulite.algorithms.payload import ClientResult, ClientTask, assign_arrays
 from neulite.algorithms.submodel import WIDTHS, extract, scatter_average, width_net
 from neulite.config import Config
 from neulite.data.datasets import TensorDataset
+from neulite.federation import Client
 from neulite.memory import MemoryBreakdown, estimate
 from neulite.models.stage_net import StageNet, StagePlan
 
@@ -93,10 +94,11 @@ class HeteroFL(Method):
         super().__init__(static_bn(copy.deepcopy(net)), cfg)
         self._level_memory: dict[int, MemoryBreakdown] = {}
         self._offset = 0
+        self._clients: Sequence[Client] = ()
         self._calibration: TensorDataset | None = None
 
-    def setup(self, budgets: list[int], calibration: TensorDataset) -> None:
-        self._calibration = calibration
+    def setup(self, clients: Sequence[Client]) -> None:
+        self._clients, self._calibration = clients, None
 
     def offset(self, rnd: int) -> int:
         """Where every channel window starts in round `rnd`: at the leading channel."""
@@ -137,7 +139,9 @@ class HeteroFL(Method):
         assign_arrays(self.net, scatter_average(self.net.state_dict(), results, self._offset))
 
     def evaluate(self, plan: StagePlan, data: TensorDataset) -> tuple[float, float]:
-        if self._calibration is None:
+        if not self._clients:
             raise RuntimeError("HeteroFL.evaluate needs setup() first: BatchNorm statistics come from the clients' data")
+        if self._calibration is None:  # gathered at the first evaluation, not at start-up
+            self._calibration = TensorDataset.concat([c.train for c in self._clients])
         with data_statistics(self.net.model, self._calibration):
             return evaluate(self.net, plan, data)

@@ -73,17 +73,23 @@ def extract_arrays(net: nn.Module, names: list[str]) -> Arrays:
 
 
 def weighted_average(results: list[ClientResult]) -> Arrays:
-    """Data-size-weighted mean of floating tensors; integer counters take the maximum (never averaged)."""
+    """Each tensor's data-size-weighted mean over the clients that returned it.
+
+    Floating tensors are averaged; integer counters take the maximum (never averaged). Clients may
+    return different tensors (DepthFL's prefixes): each is merged over its holders only.
+    """
     if not results:
         raise ValueError("nothing to aggregate")
-    total = sum(r.num_examples for r in results)
     out: Arrays = {}
-    for name, first in results[0].arrays.items():
+    for name in dict.fromkeys(n for r in results for n in r.arrays):
+        holders = [r for r in results if name in r.arrays]
+        first = holders[0].arrays[name]
         if first.is_floating_point():
+            total = sum(r.num_examples for r in holders)
             acc = torch.zeros_like(first, dtype=torch.float64)
-            for r in results:
+            for r in holders:
                 acc += r.arrays[name].double() * (r.num_examples / total)
             out[name] = acc.to(first.dtype)
         else:
-            out[name] = torch.stack([r.arrays[name] for r in results]).amax(0)
+            out[name] = torch.stack([r.arrays[name] for r in holders]).amax(0)
     return out

@@ -58,6 +58,11 @@ class TensorDataset:
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
+    @staticmethod
+    def concat(parts: list[TensorDataset]) -> TensorDataset:
+        """One data set holding every sample of `parts` (e.g. the union of the clients' shards)."""
+        return TensorDataset(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]), parts[0].num_classes)
+
 
 @dataclass(frozen=True)
 class DataSplits:

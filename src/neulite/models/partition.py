@@ -15,6 +15,7 @@ from torch import nn
 
 from neulite.errors import NeuliteError
 from neulite.models.blocks import BlockModel
+from neulite.saved_tensors import SavedTensorCounter
 
 _JOINED = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU)
 
@@ -37,28 +38,16 @@ def units(model: BlockModel) -> list[nn.Module]:
 
 def unit_costs(model: BlockModel, pieces: Sequence[nn.Module], batch_size: int) -> list[int]:
     """Per unit: bytes autograd saves for backward at `batch_size`, plus 3x its parameters (weights, gradients, momentum)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: set[int] = set()
-    costs = [0] * len(pieces)
-    current = [0]
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in params and ptr not in seen:
-            seen.add(ptr)
-            costs[current[0]] += storage.nbytes()
-        return t.detach()
-
+    counter = SavedTensorCounter(model.parameters())
     x = torch.zeros(batch_size, *model.input_shape)
     was_training = model.training
     model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with counter.hooks():
         for i, piece in enumerate(pieces):
-            current[0] = i
+            counter.section = i
             x = piece(x)
     model.train(was_training)
-    return [c + 3 * sum(p.numel() * p.element_size() for p in piece.parameters()) for c, piece in zip(costs, pieces)]
+    return [counter.bytes[i] + 3 * sum(p.numel() * p.element_size() for p in piece.parameters()) for i, piece in enumerate(pieces)]
 
 
 def balanced_cuts(costs: Sequence[int], num_blocks: int) -> list[int]:

@@ -1,0 +1,42 @@
+"""Counting the activations autograd saves for backward: the memory accounting's core measure.
+
+Shared by the memory estimate (a stage's saved activations) and the block partitioner (each
+layer's share of them), so both count the same way.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Hashable, Iterable
+
+import torch
+
+
+class SavedTensorCounter:
+    """Bytes of every storage autograd saves, each counted once, under the current `section`.
+
+    Storages of the `exclude` tensors (parameters, the input batch) are left out: they are counted
+    apart. Use as `with counter.hooks(): forward...`; set `section` between pieces of the forward
+    to attribute the bytes to them.
+    """
+
+    def __init__(self, exclude: Iterable[torch.Tensor]) -> None:
+        self._excluded = {t.untyped_storage().data_ptr() for t in exclude}
+        self._seen: set[int] = set()
+        self.section: Hashable = None
+        self.bytes: dict[Hashable, int] = defaultdict(int)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in self._excluded and ptr not in self._seen:
+            self._seen.add(ptr)
+            self.bytes[self.section] += storage.nbytes()
+        return t.detach()  # detached: holding the tensor itself would tie the graph in a reference cycle
+
+    def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    @property
+    def total(self) -> int:
+        return sum(self.bytes.values())
