@@ -22,7 +22,7 @@ from rich.console import Console
 
 from neulite.compare import compare, machine
 from neulite.config import METHODS, load_config
-from neulite.federation import client_seed
+from neulite.server import client_seed
 from neulite.simulation import Simulation
 
 HERE = Path(__file__).parent

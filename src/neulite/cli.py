@@ -28,8 +28,13 @@ def _run(args: argparse.Namespace) -> None:
         cfg = load_config(args.config, args.set)
     out = args.out or Path("results") / f"{cfg.method.name}-{datetime.now():%Y%m%d-%H%M%S}"
     console = Console(quiet=args.quiet)
-    console.print(f"neulite run: {cfg.method.name} on {cfg.data.name} with {cfg.model.name}, {cfg.method.rounds} rounds -> {out}")
-    run_experiment(cfg, out, resume=args.resume, console=console)
+    console.print(f"neulite run: {cfg.method.name} on {cfg.data.name} with {cfg.model.name}, {cfg.method.rounds} rounds, {args.engine} engine -> {out}")
+    if args.engine == "flower":
+        from neulite.flower.simulation import simulate
+
+        simulate(cfg, out, resume=args.resume)
+    else:
+        run_experiment(cfg, out, resume=args.resume, console=console)
     console.print(f"results in {out}")
 
 
@@ -88,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. --set train.lr=0.1")
     run.add_argument("--out", help="results folder (default: results/<method>-<time>)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    run.add_argument("--engine", choices=("local", "flower"), default="local",
+                     help="local: the in-process simulator; flower: Flower's simulation engine, one supernode per client (needs the flower extra)")
     run.add_argument("--quiet", action="store_true", help="no progress bars or tables")
     run.set_defaults(func=_run)
     cmp = sub.add_parser("compare", help="run several methods over several seeds on the same data and budgets")

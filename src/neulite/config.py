@@ -143,7 +143,9 @@ class ClientsConfig:
     """The federation: how many train each round and how much memory each client has.
 
     budget = "uniform": MB uniform in budget_mb; "tiers": MB values tiers_mb drawn with
-    tier_weights; "fraction": uniform in `fractions` times the full-model training peak.
+    tier_weights; "fraction": uniform in `fractions` times the full-model training peak;
+    "measured": the memory the device has available (on Flower, each node measures its own).
+    A round goes on when at least `min_replies` sampled clients return usable results.
     """
 
     per_round: int = 10
@@ -152,10 +154,12 @@ class ClientsConfig:
     tiers_mb: tuple[float, ...] = (256.0, 512.0, 1024.0)
     tier_weights: tuple[float, ...] = (0.5, 0.3, 0.2)
     fractions: tuple[float, float] = (0.3, 1.1)
+    min_replies: int = 1
 
     def __post_init__(self) -> None:
         _check(self.per_round >= 1, "clients.per_round must be >= 1")
-        _choice("clients.budget", self.budget, ("uniform", "tiers", "fraction"))
+        _check(1 <= self.min_replies <= self.per_round, "clients.min_replies must be between 1 and clients.per_round")
+        _choice("clients.budget", self.budget, ("uniform", "tiers", "fraction", "measured"))
         _check(len(self.budget_mb) == 2 and 0 < self.budget_mb[0] <= self.budget_mb[1], "clients.budget_mb must be [low, high] with 0 < low <= high")
         _check(len(self.fractions) == 2 and 0 < self.fractions[0] <= self.fractions[1], "clients.fractions must be [low, high] with 0 < low <= high")
         _check(len(self.tiers_mb) >= 1 and len(self.tiers_mb) == len(self.tier_weights), "clients.tiers_mb and clients.tier_weights must be non-empty and of equal length")

@@ -7,9 +7,11 @@ same config and seed.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from neulite.config import ClientsConfig, Config
 from neulite.data import DataSplits, TensorDataset, load_dataset, partition, train_val_split
@@ -29,8 +31,23 @@ def _subset(data: TensorDataset, idx: np.ndarray) -> TensorDataset:
     return TensorDataset(data.x[idx], data.y[idx], data.num_classes)
 
 
+def available_memory() -> int:
+    """Bytes this device can give to training now: free GPU memory with CUDA, else the OS's MemAvailable."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info()[0])
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def draw_budgets(cfg: ClientsConfig, n: int, full_peak: int, rng: np.random.Generator) -> list[int]:
-    """Memory budgets in bytes: uniform MB range, device tiers, or fractions of full-model training."""
+    """Memory budgets in bytes: uniform MB range, device tiers, fractions of full-model training, or
+    this machine's available memory ("measured", what a real device reports)."""
+    if cfg.budget == "measured":
+        return [available_memory()] * n
     if cfg.budget == "uniform":
         mb = rng.uniform(*cfg.budget_mb, size=n)
         return [int(v * MB) for v in mb]
@@ -49,8 +66,8 @@ def load_splits(cfg: Config) -> DataSplits:
     return load_dataset(cfg.data.name, cfg.data.root or None, seed=cfg.seed)
 
 
-def make_clients(cfg: Config, splits: DataSplits, full_peak: int) -> list[Client]:
-    """Partition the training set, split each shard into train/val, and give each client a budget."""
+def client_shards(cfg: Config, splits: DataSplits) -> list[tuple[TensorDataset, TensorDataset]]:
+    """Every client's (train, validation) data: the partition of the training set for this config and seed."""
     d = cfg.data
     shards = partition(
         splits.train.y.numpy(),
@@ -62,14 +79,19 @@ def make_clients(cfg: Config, splits: DataSplits, full_peak: int) -> list[Client
         min_size=math.ceil(cfg.train.batch_size / (1.0 - d.val_fraction)),
         on_small=d.on_small,
     )
-    budgets = draw_budgets(cfg.clients, d.num_clients, full_peak, np.random.default_rng([cfg.seed, 1]))
-    clients = []
-    for cid, (idx, budget) in enumerate(zip(shards, budgets)):
+    out = []
+    for cid, idx in enumerate(shards):
         train_idx, val_idx = train_val_split(idx, d.val_fraction, cfg.seed + cid)
-        clients.append(Client(cid, _subset(splits.train, train_idx), _subset(splits.train, val_idx), budget))
-    return clients
+        out.append((_subset(splits.train, train_idx), _subset(splits.train, val_idx)))
+    return out
 
 
-def client_seed(seed: int, rnd: int, cid: int) -> int:
-    """A seed for one client's local training in one round, independent of who else trains."""
-    return int(np.random.SeedSequence([seed, rnd, cid]).generate_state(1)[0])
+def simulated_budgets(cfg: Config, full_peak: int) -> list[int]:
+    """Every client's budget as the config's budget model draws it (the same for every driver)."""
+    return draw_budgets(cfg.clients, cfg.data.num_clients, full_peak, np.random.default_rng([cfg.seed, 1]))
+
+
+def make_clients(cfg: Config, splits: DataSplits, full_peak: int) -> list[Client]:
+    """Partition the training set, split each shard into train/val, and give each client a budget."""
+    shards, budgets = client_shards(cfg, splits), simulated_budgets(cfg, full_peak)
+    return [Client(cid, train, val, budget) for cid, ((train, val), budget) in enumerate(zip(shards, budgets))]

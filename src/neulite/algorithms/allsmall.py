@@ -28,6 +28,8 @@ class AllSmall(FedAvg):
         batch size of the memory estimates).
     """
 
+    setup_needs_clients = True
+
     def __init__(self, net: StageNet, cfg: Config) -> None:
         super().__init__(net, cfg, exclusive=True)
         self.width = 1.0

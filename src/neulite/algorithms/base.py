@@ -37,6 +37,9 @@ class Method(ABC):
     """
 
     respects_memory: bool = True
+    # True when `setup` needs the clients themselves (their data or every budget) before a client
+    # skeleton exists: such methods run in the in-process simulator only, not over a network
+    setup_needs_clients: bool = False
 
     def __init__(self, net: StageNet, cfg: Config) -> None:
         self.net = net
@@ -94,6 +97,11 @@ class Method(ABC):
         if level not in self._client_nets:
             self._client_nets[level] = copy.deepcopy(self.net).to("meta")
         return self._client_nets[level]
+
+    def reply_spec(self, task: ClientTask) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Name -> (shape, dtype) of exactly the tensors a client must return for `task`."""
+        net = self.client_net(task.level)
+        return {n: (tuple(t.shape), t.dtype) for n in net.up_names(task.plan, self.bn_drift) for t in [net.get_parameter_or_buffer(n)]}
 
     def client_update(self, task: ClientTask, data: TensorDataset, *, augment: bool) -> ClientResult:
         """The client half: train on local data what the task asks, return what was trained."""

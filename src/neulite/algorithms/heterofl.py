@@ -90,6 +90,8 @@ class HeteroFL(Method):
         batch size of the memory estimates).
     """
 
+    setup_needs_clients = True
+
     def __init__(self, net: StageNet, cfg: Config) -> None:
         super().__init__(static_bn(copy.deepcopy(net)), cfg)
         self._level_memory: dict[int, MemoryBreakdown] = {}

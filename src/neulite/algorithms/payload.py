@@ -93,3 +93,21 @@ def weighted_average(results: list[ClientResult]) -> Arrays:
         else:
             out[name] = torch.stack([r.arrays[name] for r in holders]).amax(0)
     return out
+
+
+def check_result(result: ClientResult, spec: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+    """Reject a reply that is not exactly what the task asked for: the `spec` tensors (names,
+    shapes, dtypes), all finite, from a positive number of examples. Names the first problem."""
+    names = set(result.arrays)
+    if missing := sorted(set(spec) - names):
+        raise NeuliteError(f"malformed reply: missing {len(missing)} tensor(s), e.g. {missing[0]!r}")
+    if extra := sorted(names - set(spec)):
+        raise NeuliteError(f"malformed reply: unexpected tensor {extra[0]!r}")
+    for name, (shape, dtype) in spec.items():
+        value = result.arrays[name]
+        if tuple(value.shape) != shape or value.dtype != dtype:
+            raise NeuliteError(f"malformed reply: {name!r} is {value.dtype}{list(value.shape)}, expected {dtype}{list(shape)}")
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise NeuliteError(f"malformed reply: {name!r} holds NaN or Inf")
+    if not result.num_examples > 0:
+        raise NeuliteError(f"malformed reply: num_examples is {result.num_examples}")

@@ -1,0 +1,121 @@
+"""The Flower ClientApp: a node's data shard, memory budget and the core client update.
+
+Three message types:
+  query    (profiling, once before training): reply with the node's partition id, budget and data size;
+  train    a `ClientTask` in, the core `Method.client_update` on the node's shard, the trained tensors out;
+  evaluate the deployable model's accuracy on the node's validation split.
+
+A node finds its shard from its node config (`partition-id`, as Flower's simulation engine sets
+it or `flower-supernode --node-config` gives it). Its budget is `budget-mb` from the node config,
+else what the experiment's budget model gives its partition (`clients.budget`; "measured" reads
+the device's available memory), so a simulation sees the same federation as `neulite run`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from neulite.algorithms.base import Method
+from neulite.algorithms.evaluate import evaluate as evaluate_plan
+from neulite.algorithms.payload import assign_arrays
+from neulite.algorithms.registry import make_method
+from neulite.config import Config
+from neulite.data import TensorDataset
+from neulite.errors import NeuliteError
+from neulite.federation import MB, augment_enabled, client_shards, load_splits, simulated_budgets
+from neulite.flower.run_config import parse_run_config
+from neulite.flower.wire import decode_plan, decode_task, encode_result
+from neulite.models.stage_net import StageNet
+from neulite.models.zoo import build_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Node:
+    """What a node keeps between messages: its shard and the method's client-side skeleton."""
+
+    cid: int
+    train: TensorDataset
+    val: TensorDataset
+    augment: bool
+    method: Method
+
+
+def partition_id(context: Context, cfg: Config) -> int:
+    pid = context.node_config.get("partition-id")
+    if not isinstance(pid, int) or not 0 <= pid < cfg.data.num_clients:
+        raise NeuliteError(f"node config partition-id must be an integer in [0, {cfg.data.num_clients}) (data.num_clients), got {pid!r}")
+    return pid
+
+
+@functools.lru_cache(maxsize=4)
+def load_node(cfg: Config, cid: int) -> Node:
+    """Build once per process: the shard (the same partition as every other driver) and a method
+    whose network lives on the meta device (a client materialises only what a task sends)."""
+    splits = load_splits(cfg)
+    train, val = client_shards(cfg, splits)[cid]
+    with torch.device("meta"):
+        net = StageNet(build_model(cfg.model.name, splits.input_shape, splits.train.num_classes, cfg.model.width, cfg.model.blocks))
+    method = make_method(net, cfg)
+    if method.setup_needs_clients:
+        raise NeuliteError(f"{cfg.method.name} needs every client's data or budget at set-up; run it with `neulite run`")
+    return Node(cid, train, val, augment_enabled(cfg, splits), method)
+
+
+def node_budget(context: Context, cfg: Config, cid: int, full_peak: int) -> tuple[int, str]:
+    """(bytes, where they come from): node config, else the experiment's budget model."""
+    budget_mb = context.node_config.get("budget-mb")
+    if budget_mb is not None:
+        if not isinstance(budget_mb, (int, float)) or budget_mb <= 0:
+            raise NeuliteError(f"node config budget-mb must be a positive number, got {budget_mb!r}")
+        return int(budget_mb * MB), "node-config"
+    return simulated_budgets(cfg, full_peak)[cid], cfg.clients.budget
+
+
+def make_client_app(run_config: dict[str, Any] | None = None) -> ClientApp:
+    """A ClientApp whose run config is `run_config` overridden by Flower's (for `run_simulation`,
+    which passes none)."""
+    app = ClientApp()
+    base = dict(run_config or {})
+
+    def node_of(context: Context) -> tuple[Config, Node]:
+        cfg = parse_run_config({**base, **context.run_config})[0]
+        return cfg, load_node(cfg, partition_id(context, cfg))
+
+    @app.query()
+    def profile(msg: Message, context: Context) -> Message:
+        cfg, node = node_of(context)
+        full_peak = int(msg.content.config_records["config"]["full-peak"])
+        budget, source = node_budget(context, cfg, node.cid, full_peak)
+        reply = ConfigRecord({"partition-id": node.cid, "budget-bytes": budget, "budget-source": source, "num-examples": len(node.train)})
+        return Message(RecordDict({"profile": reply}), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        _, node = node_of(context)
+        task = decode_task(msg.content)
+        result = node.method.client_update(task, node.train, augment=node.augment)
+        return Message(encode_result(result), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        _, node = node_of(context)
+        plan = decode_plan(msg.content.config_records["config"])
+        net = node.method.client_net(0)
+        assign_arrays(net, dict(msg.content.array_records["arrays"].to_torch_state_dict()))
+        accuracy, loss = evaluate_plan(net, plan, node.val) if len(node.val) else (0.0, 0.0)
+        metrics = MetricRecord({"accuracy": accuracy, "loss": loss, "num-examples": len(node.val)})
+        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+    return app
+
+
+app = make_client_app()

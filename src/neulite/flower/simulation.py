@@ -1,0 +1,43 @@
+"""Flower's simulation engine on one machine: `neulite run --engine flower`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from neulite.config import Config
+from neulite.errors import NeuliteError
+from neulite.flower.client_app import make_client_app
+from neulite.flower.server_app import make_server_app
+from neulite.results import config_to_toml
+
+
+def run_config_for(cfg: Config, out: str | Path, *, resume: bool = False) -> dict[str, Any]:
+    """The Flower run config that runs `cfg` into `out`: the config as a TOML file in `out`."""
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    config_file = out / "flower-config.toml"
+    config_file.write_text(config_to_toml(cfg))
+    return {"config-file": str(config_file), "out": str(out), "resume": resume}
+
+
+def simulate(cfg: Config, out: str | Path, *, resume: bool = False, num_cpus_per_node: float = 1.0, verbose: bool = False) -> dict[str, Any]:
+    """Run `cfg` on Flower's Ray simulation engine with one supernode per client; returns the summary.
+
+    The config travels as a TOML file named in the run config (what `flwr run` would pass), so the
+    ServerApp and every ClientApp parse exactly the config `neulite run` would use.
+    """
+    from flwr.simulation import run_simulation
+
+    run_config = run_config_for(cfg, out, resume=resume)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    run_simulation(
+        make_server_app(run_config), make_client_app(run_config), num_supernodes=cfg.data.num_clients,
+        backend_config={"client_resources": {"num_cpus": num_cpus_per_node, "num_gpus": 0.0}}, verbose_logging=verbose,
+    )
+    summary = Path(out) / "summary.json"
+    if not summary.is_file():
+        raise NeuliteError(f"the Flower simulation wrote no {summary}: see the log above")
+    return json.loads(summary.read_text())

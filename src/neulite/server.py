@@ -1,0 +1,163 @@
+"""The server's side of a round, shared by every driver: who may train, who is sampled, what each
+is sent, and what happens to the replies.
+
+The in-process simulator and the Flower strategy both drive a `Server`; they differ only in how
+tasks reach clients and how replies come back. Clients are named by their partition id (`cid`),
+so the same config and seed sample the same clients whichever driver moves the bytes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from neulite.algorithms.base import Method
+from neulite.algorithms.payload import ClientResult, ClientTask, nbytes
+from neulite.config import Config
+from neulite.data import TensorDataset
+from neulite.errors import NeuliteError
+from neulite.federation import MB
+from neulite.models.stage_net import StagePlan
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """Per-round metrics; `accuracy`/`loss` are the round's stage model on the test set (NaN when not evaluated)."""
+
+    round: int
+    stage: int
+    eligible: int
+    participants: int
+    accuracy: float
+    loss: float
+    train_loss: float
+    bytes_down: int
+    bytes_up: int
+    wall_seconds: float
+    stage_peak_bytes: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Round:
+    """One configured round: its stage, how many clients could train it, and the sampled clients' tasks."""
+
+    number: int
+    plan: StagePlan
+    eligible: int
+    tasks: dict[int, ClientTask]
+    started: float
+
+
+class Server:
+    """Eligibility, sampling and aggregation around one method, for clients with known budgets.
+
+    Parameters
+    ----------
+    method : Method
+        The algorithm; the server only calls its hooks.
+    budgets : Mapping[int, int]
+        Each client's (cid's) memory budget in bytes, as the client reported it.
+    cfg : Config
+        `clients.per_round` (sample size), `seed` (sampling), `eval.every` and `method.rounds`.
+    full_peak : int
+        Bytes full-model training needs: the yardstick reported next to the stage peaks.
+    """
+
+    def __init__(self, method: Method, budgets: Mapping[int, int], cfg: Config, full_peak: int) -> None:
+        self.method = method
+        self.budgets = dict(sorted(budgets.items()))
+        self.cfg = cfg
+        self.full_peak = full_peak
+        self.participated: set[int] = set()
+        self._rng = np.random.default_rng([cfg.seed, 2])
+
+    def eligible(self, plan: StagePlan) -> list[tuple[int, int]]:
+        """(cid, capacity level) of every client that can train the stage, in cid order."""
+        levels = [(cid, self.method.assign(plan, budget)) for cid, budget in self.budgets.items()]
+        return [(cid, level) for cid, level in levels if level is not None]
+
+    def able(self) -> list[int]:
+        """The clients that fit at least one stage: the only ones ever sent work (or asked to validate)."""
+        plans = self.method.plans()
+        return [cid for cid, budget in self.budgets.items() if any(self.method.assign(p, budget) is not None for p in plans)]
+
+    def check_feasible(self) -> None:
+        """Fail before training if some stage has no client that can hold it."""
+        largest = max(self.budgets.values(), default=0)
+        for plan in self.method.plans():
+            if not self.eligible(plan):
+                peak = self.method.memory(plan).total
+                what = "full-model training" if plan.full else f"stage {plan.stage}"
+                raise NeuliteError(
+                    f"budget no stage fits: {what} needs {peak / MB:.1f} MB at batch {self.cfg.train.batch_size}, "
+                    f"the largest client budget is {largest / MB:.1f} MB (raise the budgets or lower train.batch_size)"
+                )
+
+    def configure(self, rnd: int) -> Round:
+        """Sample up to `clients.per_round` eligible clients and build each one's task."""
+        started = time.perf_counter()
+        plan = self.method.plan(rnd)
+        eligible = self.eligible(plan)
+        k = min(self.cfg.clients.per_round, len(eligible))
+        chosen = [eligible[i] for i in sorted(self._rng.choice(len(eligible), size=k, replace=False))]
+        tasks = {cid: self.method.configure_train(rnd, plan, level, client_seed(self.cfg.seed, rnd, cid)) for cid, level in chosen}
+        return Round(rnd, plan, len(eligible), tasks, started)
+
+    def aggregate(self, rnd: Round, results: Mapping[int, ClientResult], test: TensorDataset) -> RoundRecord:
+        """Merge the replies that arrived, evaluate when due, and report the round."""
+        needed = min(self.cfg.clients.min_replies, len(rnd.tasks))
+        if len(results) < needed:
+            raise NeuliteError(
+                f"round {rnd.number}: {len(results)} of {len(rnd.tasks)} sampled clients returned a usable result, "
+                f"fewer than clients.min_replies={needed}; stopping (the last checkpoint is kept)"
+            )
+        self.method.aggregate_train(rnd.plan, list(results.values()))
+        self.participated.update(results)
+        acc = loss = float("nan")
+        if rnd.number % self.cfg.eval.every == 0 or rnd.number == self.cfg.method.rounds:
+            acc, loss = self.method.evaluate(rnd.plan, test)
+        weights = [r.num_examples for r in results.values()]
+        train_loss = float(np.average([r.metrics["train_loss"] for r in results.values()], weights=weights))
+        return RoundRecord(
+            rnd.number, rnd.plan.stage, rnd.eligible, len(results), acc, loss, train_loss,
+            sum(nbytes(t.arrays) for t in rnd.tasks.values()), sum(nbytes(r.arrays) for r in results.values()),
+            time.perf_counter() - rnd.started, self.method.memory(rnd.plan).total,
+        )
+
+    def memory_rows(self) -> list[dict[str, Any]]:
+        """Estimated peak of each stage the method trains (and of full-model training), with how many clients fit it."""
+        rows = []
+        for plan in self.method.plans():
+            peak = self.method.memory(plan).total
+            label = "full" if plan.full else f"stage {plan.stage}"
+            rows.append({"label": label, "stage": plan.stage, "estimated_bytes": peak, "clients_fit": self._fit(peak)})
+        if not any(r["label"] == "full" for r in rows):
+            rows.append({"label": "full", "stage": 0, "estimated_bytes": self.full_peak, "clients_fit": self._fit(self.full_peak)})
+        return rows
+
+    def _fit(self, peak: int) -> int:
+        return sum(b >= peak for b in self.budgets.values())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "net": self.method.net.state_dict(), "method": self.method.state_dict(),
+            "rng": self._rng.bit_generator.state, "participated": sorted(self.participated),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.method.net.load_state_dict(state["net"])
+        self.method.load_state_dict(state["method"])
+        self._rng.bit_generator.state = state["rng"]
+        self.participated = set(state["participated"])
+
+
+def client_seed(seed: int, rnd: int, cid: int) -> int:
+    """A seed for one client's local training in one round, independent of who else trains."""
+    return int(np.random.SeedSequence([seed, rnd, cid]).generate_state(1)[0])

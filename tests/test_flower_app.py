@@ -1,0 +1,58 @@
+"""The Flower app folder and the node side of profiling: what `flwr run apps/flower` loads, and
+how a node finds its partition and budget."""
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from neulite.config import Config, load_config
+from neulite.errors import NeuliteError
+from neulite.federation import MB, simulated_budgets
+
+pytest.importorskip("flwr")
+from flwr.app import Context, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.serverapp import ServerApp  # noqa: E402
+
+from neulite.flower import client_app, server_app  # noqa: E402
+from neulite.flower.run_config import parse_run_config  # noqa: E402
+
+APP = Path(__file__).resolve().parents[1] / "apps" / "flower" / "pyproject.toml"
+
+
+def _flat(table: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_app_components_and_config_are_neulites_defaults_with_measured_budgets():
+    app = tomllib.loads(APP.read_text())["tool"]["flwr"]["app"]
+    assert app["components"] == {"serverapp": "neulite.flower.server_app:app", "clientapp": "neulite.flower.client_app:app"}
+    assert isinstance(server_app.app, ServerApp) and isinstance(client_app.app, ClientApp)
+    cfg, driver = parse_run_config(_flat(app["config"]))
+    assert cfg == Config().replace(clients=Config().clients.__class__(budget="measured"))
+    assert driver.out == "results/flower" and not driver.resume
+
+
+def _context(node_config: dict, **overrides) -> Context:
+    run_config = {"data.num_clients": 4, "clients.per_round": 2, **overrides}
+    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=run_config)
+
+
+def test_a_node_reports_its_configured_budget_else_the_budget_model_or_its_free_memory():
+    cfg = load_config(overrides=["data.num_clients=4", "clients.per_round=2"])
+    assert client_app.node_budget(_context({"partition-id": 2, "budget-mb": 18}), cfg, 2, 10 * MB) == (18 * MB, "node-config")
+    assert client_app.node_budget(_context({"partition-id": 2}), cfg, 2, 10 * MB) == (simulated_budgets(cfg, 10 * MB)[2], "fraction")
+    measured = cfg.replace(clients=cfg.clients.__class__(per_round=2, budget="measured"))
+    budget, source = client_app.node_budget(_context({"partition-id": 2}), measured, 2, 10 * MB)
+    assert source == "measured" and budget > 64 * MB  # this machine's available memory
+    with pytest.raises(NeuliteError, match="budget-mb must be a positive number"):
+        client_app.node_budget(_context({"partition-id": 2, "budget-mb": -1}), cfg, 2, 10 * MB)
+    with pytest.raises(NeuliteError, match=r"partition-id must be an integer in \[0, 4\)"):
+        client_app.partition_id(_context({"partition-id": 4}), cfg)

@@ -1,0 +1,85 @@
+"""The Flower wire format: exactly the stage's tensors go down and exactly the trained ones come
+back; malformed replies are rejected naming the problem. No Flower runtime needed."""
+
+import pytest
+import torch
+
+from neulite.algorithms.payload import ClientResult, nbytes
+from neulite.config import load_config
+from neulite.errors import NeuliteError
+from neulite.simulation import Simulation
+
+pytest.importorskip("flwr")
+from neulite.flower.run_config import parse_run_config  # noqa: E402
+from neulite.flower.wire import decode_result, decode_task, encode_result, encode_task  # noqa: E402
+
+SMALL = ["data.num_clients=4", "clients.per_round=2", "train.local_epochs=1", "method.rounds=3", "clients.fractions=[0.8, 1.1]"]
+
+
+def test_each_stage_sends_down_only_prefix_and_trained_parts_and_up_only_trained_parts():
+    sim = Simulation(load_config(overrides=SMALL))
+    state = sim.net.state_dict()
+    full_bytes = nbytes(state)
+    for rnd in (1, 2, 3):
+        configured = sim.server.configure(rnd)
+        plan = configured.plan
+        assert plan.stage == rnd
+        for cid, task in configured.tasks.items():
+            record = encode_task(task)
+            sent = record.array_records["arrays"]
+            frozen = [f"model.blocks.{i}." for i in range(rnd - 1)]
+            assert list(sent.keys()) == sim.net.down_names(plan)
+            assert all(any(n.startswith(p) for n in sent.keys()) for p in frozen)  # the frozen prefix goes down
+            assert nbytes(decode_task(record).arrays) == nbytes(task.arrays) < full_bytes
+            received = decode_task(record)
+            assert received.plan == plan and received.seed == task.seed and (received.lambda1, received.lambda2) == (task.lambda1, task.lambda2)
+            assert all(torch.equal(received.arrays[n], task.arrays[n]) for n in task.arrays)
+
+            result = sim.method.client_update(received, sim.clients[cid].train, augment=False)
+            reply = decode_result(encode_result(result), sim.method.reply_spec(task))
+            up = sim.net.up_names(plan)
+            assert sorted(reply.arrays) == sorted(up)
+            assert nbytes(reply.arrays) == sum(state[n].numel() * state[n].element_size() for n in up)
+            first_block = [n for n in state if n.startswith("model.blocks.0.")]
+            returned = [n for n in reply.arrays if n.startswith("model.blocks.0.")]
+            if rnd == 2:  # the Harmonizer trains only block 1's tail: the rest goes down, never back
+                assert 0 < len(returned) < len(first_block)
+            if rnd == 3:  # block 1 is wholly frozen: sent down, never returned
+                assert not returned
+        sim.server.aggregate(configured, {cid: sim.method.client_update(t, sim.clients[cid].train, augment=False) for cid, t in configured.tasks.items()}, sim.splits.test)
+
+
+def _reply():
+    sim = Simulation(load_config(overrides=SMALL))
+    configured = sim.server.configure(1)
+    cid, task = next(iter(configured.tasks.items()))
+    result = sim.method.client_update(task, sim.clients[cid].train, augment=False)
+    return result, sim.method.reply_spec(task)
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (lambda a: {**a, next(iter(a)): torch.full_like(a[next(iter(a))], float("nan"))}, "NaN or Inf"),
+        (lambda a: {**a, next(iter(a)): torch.zeros(3, 3)}, "expected"),
+        (lambda a: {k: v for i, (k, v) in enumerate(a.items()) if i}, "missing"),
+        (lambda a: {**a, "model.blocks.2.extra": torch.zeros(1)}, "unexpected tensor"),
+    ],
+    ids=["nan", "wrong-shape", "missing", "extra"],
+)
+def test_malformed_replies_are_rejected_naming_the_problem(corrupt, message):
+    result, spec = _reply()
+    bad = ClientResult(corrupt(dict(result.arrays)), result.num_examples, result.metrics)
+    with pytest.raises(NeuliteError, match=message):
+        decode_result(encode_result(bad), spec)
+    decode_result(encode_result(result), spec)  # the untouched reply passes
+
+
+def test_run_config_maps_to_the_experiment_config_and_rejects_unknown_keys():
+    cfg, driver = parse_run_config({"method.rounds": 4, "clients.fractions": "[0.2, 0.9]", "seed": 3, "out": "x", "round-timeout": 5.0})
+    assert (cfg.method.rounds, cfg.clients.fractions, cfg.seed) == (4, (0.2, 0.9), 3)
+    assert (driver.out, driver.round_timeout) == ("x", 5.0)
+    with pytest.raises(NeuliteError, match="unknown key 'rounds'"):
+        parse_run_config({"rounds": 4})
+    with pytest.raises(NeuliteError, match="method.nme"):
+        parse_run_config({"method.nme": "fedavg"})

@@ -1,0 +1,46 @@
+"""The server's side of a round, shared by both drivers: eligibility from reported budgets,
+sampling, and the minimum number of usable replies."""
+
+import pytest
+
+from neulite.algorithms.registry import make_method
+from neulite.config import load_config
+from neulite.errors import NeuliteError
+from neulite.memory import estimate
+from neulite.models.stage_net import StageNet
+from neulite.models.zoo import build_model
+from neulite.server import Server
+from neulite.simulation import Simulation
+
+
+def _server(budgets_of_full: dict[int, float], *overrides: str) -> Server:
+    cfg = load_config(overrides=["data.num_clients=4", "clients.per_round=4", "method.rounds=3", *overrides])
+    net = StageNet(build_model("small_cnn", (1, 28, 28), 10))
+    full = estimate(net, net.plan(0), cfg.train.batch_size).total
+    return Server(make_method(net, cfg), {cid: int(f * full) for cid, f in budgets_of_full.items()}, cfg, full)
+
+
+def test_a_node_that_fits_no_stage_is_never_sent_work():
+    server = _server({0: 0.05, 1: 0.5, 2: 0.9, 3: 1.2})
+    assert server.able() == [1, 2, 3]
+    sent = {cid for rnd in (1, 2, 3) for cid in server.configure(rnd).tasks}
+    assert 0 not in sent and sent == {1, 2, 3}
+    peaks = {p.stage: server.method.memory(p).total for p in server.method.plans()}
+    for rnd in (1, 2, 3):
+        for cid, _ in server.eligible(server.method.plan(rnd)):
+            assert server.budgets[cid] >= peaks[rnd]
+
+
+def test_no_stage_fits_is_an_error_before_training():
+    with pytest.raises(NeuliteError, match="budget no stage fits: stage 1 needs"):
+        _server({0: 0.05, 1: 0.5}).check_feasible()
+
+
+def test_too_few_usable_replies_stop_the_round_with_a_clear_message():
+    sim = Simulation(load_config(overrides=["data.num_clients=4", "clients.per_round=4", "method.rounds=3", "clients.min_replies=3", "clients.fractions=[1.2, 1.3]"]))
+    configured = sim.server.configure(1)
+    two = {cid: sim.method.client_update(task, sim.clients[cid].train, augment=False) for cid, task in list(configured.tasks.items())[:2]}
+    with pytest.raises(NeuliteError, match="2 of 4 sampled clients returned a usable result, fewer than clients.min_replies=3"):
+        sim.server.aggregate(configured, two, sim.splits.test)
+    record = sim.server.aggregate(sim.server.configure(2), {**two, 2: two[next(iter(two))]}, sim.splits.test)
+    assert record.participants == 3
