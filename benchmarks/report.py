@@ -1,6 +1,6 @@
 """Render the benchmark JSON files as the Markdown tables the README shows.
 
-Run: python benchmarks/report.py   (reads benchmarks/results/{memory,accuracy,speed}.json)
+Run: python benchmarks/report.py   (reads benchmarks/results/{memory,accuracy,speed,flower}.json)
 """
 
 from __future__ import annotations
@@ -73,8 +73,40 @@ def speed() -> str:
     return "\n".join(lines)
 
 
+def flower() -> str:
+    data = json.loads((RESULTS / "flower.json").read_text())
+    wall, acc, parity = data["wall_seconds"], data["final_accuracy"], data["parity"]
+    lines = [
+        f"Machine: {data['machine']['cpu']}, {data['machine']['cores']} cores. Setting: default config with {', '.join(data['setting'])}; "
+        f"wall time of the whole call, median of {data['repeats']}.",
+        "",
+        "| engine | wall seconds | final accuracy |",
+        "|---|---|---|",
+        f"| in-process simulator (`neulite run`) | {wall['in_process']:.1f} | {acc['in_process'][0]:.1%} |",
+        f"| Flower simulation engine (`neulite run --engine flower`) | {wall['flower_simulation']:.1f} | {acc['flower_simulation'][0]:.1%} |",
+        "",
+        "| round | stage | clients | KiB down | KiB up | whole model each way, KiB | down / whole | up / whole |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["rounds"]:
+        whole = r["whole_model_bytes_each_way"]
+        lines.append(
+            f"| {r['round']} | {r['stage']} | {r['participants']} | {r['bytes_down'] / 1024:.0f} | {r['bytes_up'] / 1024:.0f} | {whole / 1024:.0f} "
+            f"| {r['bytes_down'] / whole:.0%} | {r['bytes_up'] / whole:.0%} |"
+        )
+    down, up, whole = (sum(r[k] for r in data["rounds"]) for k in ("bytes_down", "bytes_up", "whole_model_bytes_each_way"))
+    lines += [
+        f"| all | | | {down / 1024:.0f} | {up / 1024:.0f} | {whole / 1024:.0f} | {down / whole:.0%} | {up / whole:.0%} |",
+        "",
+        f"Parity on {parity['setting']} (45 rounds, 20 clients): final accuracy {parity['final_accuracy']['in_process']:.1%} in-process "
+        f"({parity['wall_seconds']['in_process']:.0f} s) against {parity['final_accuracy']['flower_simulation']:.1%} on Flower "
+        f"({parity['wall_seconds']['flower_simulation']:.0f} s); same clients and bytes every round: {parity['same_sampling_and_bytes']}.",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
-    for name, render in (("memory", memory), ("accuracy", accuracy), ("speed", speed)):
+    for name, render in (("memory", memory), ("accuracy", accuracy), ("speed", speed), ("flower", flower)):
         if (RESULTS / f"{name}.json").is_file():
             print(f"### {name}\n\n{render()}\n")
 
