@@ -209,4 +209,4 @@ def test_two_rounds_through_the_simulator(name: str):
         assert record.participants >= 1
         assert all(math.isfinite(v) for v in (record.accuracy, record.loss, record.train_loss))
     assert all(math.isfinite(v) for v in sim.final_accuracy())
-    sim.load_state_dict(sim.state_dict())
+    sim.server.load_state_dict(sim.server.state_dict())

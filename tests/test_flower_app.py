@@ -1,10 +1,10 @@
 """The Flower app folder and the node side of profiling: what `flwr run apps/flower` loads, and
 how a node finds its partition and budget."""
 
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from neulite.config import Config, load_config
 from neulite.errors import NeuliteError

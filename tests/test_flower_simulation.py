@@ -21,7 +21,7 @@ from neulite.flower.server_app import make_server_app  # noqa: E402
 from neulite.flower.simulation import run_config_for, simulate  # noqa: E402
 
 SMALL = ["data.num_clients=6", "clients.per_round=3", "method.rounds=3", "clients.fractions=[0.5, 1.1]"]
-HANG_SECONDS = 20.0
+HANG_SECONDS = 40.0
 BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
 
 
@@ -48,8 +48,8 @@ def test_flower_simulation_matches_the_in_process_simulator(tmp_path):
         assert (tmp_path / "flower" / name).is_file()
 
 
-def _faulty(run_config: dict, faults: dict[int, str]) -> ClientApp:
-    """The real ClientApp, except that the partitions in `faults` misbehave in training."""
+def _faulty(run_config: dict, faults: dict[int, str], from_round: int = 1) -> ClientApp:
+    """The real ClientApp, except that the partitions in `faults` misbehave in training from `from_round` on."""
     real = make_client_app(run_config)
     app = ClientApp()
 
@@ -59,10 +59,11 @@ def _faulty(run_config: dict, faults: dict[int, str]) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        fault = faults.get(int(context.node_config["partition-id"]))
+        rnd = msg.content.config_records["config"]["round"]
+        fault = faults.get(int(context.node_config["partition-id"])) if rnd >= from_round else None
         if fault == "error":
             raise RuntimeError("device out of memory")
-        if fault == "hang" and msg.content.config_records["config"]["round"] == 1:
+        if fault == "hang" and rnd == from_round:
             time.sleep(HANG_SECONDS)
         reply = real(msg, context)
         arrays = dict(reply.content.array_records["arrays"].to_torch_state_dict())
@@ -93,10 +94,14 @@ def test_faulty_nodes_are_left_out_and_too_few_replies_stop_the_run(tmp_path):
     assert summary["participation"] in (0.2, 0.4) and summary["final_accuracy"] > 0.1
 
     faults = {1: "nan", 2: "shape", 3: "error"}
-    overrides = ["data.num_clients=4", "clients.per_round=4", "method.rounds=2", "clients.fractions=[1.2, 1.3]", "method.name=fedavg"]
-
-    run_config = run_config_for(load_config(overrides=[*overrides, "clients.min_replies=2"]), tmp_path / "stop")
-    with pytest.raises(NeuliteError, match="1 of 4 sampled clients returned a usable result, fewer than clients.min_replies=2"):
-        run_simulation(make_server_app(run_config), _faulty(run_config, faults), num_supernodes=4, backend_config=BACKEND)
+    overrides = ["data.num_clients=4", "clients.per_round=4", "method.rounds=3", "clients.fractions=[1.2, 1.3]", "method.name=fedavg", "clients.min_replies=2"]
+    run_config = run_config_for(load_config(overrides=overrides), tmp_path / "stop")
+    with pytest.raises(NeuliteError, match="round 2: 1 of 4 sampled clients returned a usable result, fewer than clients.min_replies=2"):
+        run_simulation(make_server_app(run_config), _faulty(run_config, faults, from_round=2), num_supernodes=4, backend_config=BACKEND)
     assert not (tmp_path / "stop" / "summary.json").exists()
-    assert (tmp_path / "stop" / "metrics.jsonl").read_text() == ""
+    assert [r["participants"] for r in _rows(tmp_path / "stop")] == [4]  # round 1 is kept, checkpointed
+
+    resumed = {**run_config, "resume": True}  # the nodes recover: the run continues after round 1
+    run_simulation(make_server_app(resumed), make_client_app(resumed), num_supernodes=4, backend_config=BACKEND)
+    assert [r["participants"] for r in _rows(tmp_path / "stop")] == [4, 4, 4]
+    assert json.loads((tmp_path / "stop" / "summary.json").read_text())["rounds"] == 3

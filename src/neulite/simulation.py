@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
@@ -46,14 +45,6 @@ class Simulation:
         self.server = Server(self.method, {c.cid: c.budget for c in self.clients}, cfg, full_peak)
         self.server.check_feasible()
 
-    @property
-    def full_peak(self) -> int:
-        return self.server.full_peak
-
-    @property
-    def participated(self) -> set[int]:
-        return self.server.participated
-
     def eligible(self, plan: StagePlan) -> list[tuple[Client, int]]:
         """The clients that can take part in a stage, each with the capacity level it would train."""
         return [(self.clients[cid], level) for cid, level in self.server.eligible(plan)]
@@ -82,9 +73,3 @@ class Simulation:
         if not vals:
             return float("nan")
         return self.method.evaluate(self.method.final_plan(), TensorDataset.concat(vals))[0]
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.server.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.server.load_state_dict(state)

@@ -29,7 +29,13 @@ from neulite.algorithms.registry import make_method
 from neulite.config import Config
 from neulite.data import TensorDataset
 from neulite.errors import NeuliteError
-from neulite.federation import MB, augment_enabled, client_shards, load_splits, simulated_budgets
+from neulite.federation import (
+    MB,
+    augment_enabled,
+    client_shards,
+    load_splits,
+    simulated_budgets,
+)
 from neulite.flower.run_config import parse_run_config
 from neulite.flower.wire import decode_plan, decode_task, encode_result
 from neulite.models.stage_net import StageNet

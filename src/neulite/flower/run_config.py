@@ -27,7 +27,7 @@ class DriverSettings:
     out : str (default "results/flower")   results folder written by the ServerApp
     resume : bool (default false)   continue the run in `out` from its last checkpoint
     round-timeout : float (default 600)   seconds to wait for a round's replies
-    node-wait : float (default 120)   seconds to wait for enough nodes to connect before the first round
+    node-wait : float (default 120)   seconds to wait for enough nodes to connect, and for their profiling answers
     min-nodes : int (default 0)   nodes that must answer the profiling query (0 = data.num_clients)
     """
 

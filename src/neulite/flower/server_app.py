@@ -53,7 +53,7 @@ def run(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         raise NeuliteError(f"{cfg.method.name} needs every client's data or budget at set-up; run it with `neulite run`")
     full_peak = estimate(net, net.plan(0), cfg.train.batch_size).total
     min_nodes = driver.min_nodes or cfg.data.num_clients
-    found = profile_nodes(grid, full_peak, min_nodes=min_nodes, wait=driver.node_wait, timeout=driver.round_timeout)
+    found = profile_nodes(grid, full_peak, min_nodes=min_nodes, wait=driver.node_wait)
     server = Server(method, {cid: budget for cid, (_, budget) in found.items()}, cfg, full_peak)
     server.check_feasible()
     console = Console(force_terminal=False, soft_wrap=True)

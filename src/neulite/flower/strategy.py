@@ -12,7 +12,14 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -26,11 +33,12 @@ from neulite.server import Round, RoundRecord, Server
 log = logging.getLogger(__name__)
 
 
-def profile_nodes(grid: Grid, full_peak: int, *, min_nodes: int, wait: float, timeout: float) -> dict[int, tuple[int, int]]:
+def profile_nodes(grid: Grid, full_peak: int, *, min_nodes: int, wait: float) -> dict[int, tuple[int, int]]:
     """Ask every connected node for its partition and budget: {partition id: (node id, budget bytes)}.
 
-    Waits up to `wait` seconds for `min_nodes` to connect, and fails if fewer than `min_nodes`
-    answer. A node that errors or answers twice for one partition is left out and logged.
+    Waits up to `wait` seconds for `min_nodes` to connect and as long again for their answers
+    (a node loads its data first), and fails if fewer than `min_nodes` answer. A node that errors
+    or claims a partition another node holds is left out and logged.
     """
     deadline = time.monotonic() + wait
     while len(nodes := list(grid.get_node_ids())) < min_nodes:
@@ -38,7 +46,7 @@ def profile_nodes(grid: Grid, full_peak: int, *, min_nodes: int, wait: float, ti
             raise NeuliteError(f"only {len(nodes)} of {min_nodes} nodes connected within {wait:.0f} s (node-wait)")
         time.sleep(1.0)
     query = RecordDict({"config": ConfigRecord({"full-peak": full_peak})})
-    replies = grid.send_and_receive([Message(query, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes], timeout=timeout)
+    replies = grid.send_and_receive([Message(query, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes], timeout=wait)
     found: dict[int, tuple[int, int]] = {}
     for reply in replies:
         node = reply.metadata.src_node_id
