@@ -5,8 +5,9 @@ rounds of 1 local epoch on a half-width model, and a progressive method gets 8 r
 This benchmark asks what the comparison looks like when the stages get the rounds the method is
 meant to have: configs/default.toml (full-width small_cnn, 45 rounds x 2 local epochs, Dirichlet
 0.5, 20 clients, budgets uniform in [0.3, 1.1] x the full model's peak) for NeuLite, the FedAvg
-oracle, ExclusiveFL and HeteroFL (the strongest memory-feasible baseline of the accuracy
-benchmark), over three seeds: about 45 minutes on 2 cores. Writes benchmarks/results/compute.json
+oracle and every memory-feasible baseline (ExclusiveFL, AllSmall, HeteroFL, FedRolex, DepthFL,
+ProFL), over three seeds: about 75 minutes on 2 cores. The NeuLite ablations are left to the
+accuracy benchmark. Writes benchmarks/results/compute.json
 (the summary.json format) and compute.md; per-run folders in benchmarks/results/compute-runs/ make
 it resumable.  Run: python benchmarks/compute.py
 """
@@ -24,7 +25,7 @@ from neulite.config import load_config
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
-METHODS = ["fedavg", "exclusivefl", "heterofl", "neulite"]
+METHODS = ["fedavg", "exclusivefl", "heterofl", "neulite", "allsmall", "fedrolex", "depthfl", "profl"]
 
 
 def main() -> None:

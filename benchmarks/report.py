@@ -1,6 +1,6 @@
 """Render the benchmark JSON files as the Markdown tables the README shows.
 
-Run: python benchmarks/report.py   (reads benchmarks/results/{memory,accuracy,speed,flower}.json)
+Run: python benchmarks/report.py   (reads benchmarks/results/{memory,accuracy,compute,speed,flower}.json)
 """
 
 from __future__ import annotations
@@ -56,6 +56,15 @@ def accuracy() -> str:
     return "\n".join(out)
 
 
+def compute() -> str:
+    data = json.loads((RESULTS / "compute.json").read_text())
+    seeds = sorted({s for r in data["methods"].values() for s in r["seeds"]})
+    out = [f"Machine: {data['machine']['cpu']}, {data['machine']['cores']} cores; seeds {seeds}.", ""]
+    out += _methods_table(data["methods"])
+    out += ["", "Per seed: " + "; ".join(f"{m} {', '.join(f'{a:.1%}' for a in r['final_accuracies'])}" for m, r in data["methods"].items())]
+    return "\n".join(out)
+
+
 def speed() -> str:
     data = json.loads((RESULTS / "speed.json").read_text())
     lines = [
@@ -106,7 +115,7 @@ def flower() -> str:
 
 
 def main() -> None:
-    for name, render in (("memory", memory), ("accuracy", accuracy), ("speed", speed), ("flower", flower)):
+    for name, render in (("memory", memory), ("accuracy", accuracy), ("compute", compute), ("speed", speed), ("flower", flower)):
         if (RESULTS / f"{name}.json").is_file():
             print(f"### {name}\n\n{render()}\n")
 

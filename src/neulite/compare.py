@@ -21,8 +21,8 @@ from rich.console import Console
 from rich.table import Table
 
 from neulite.config import Config, load_config
-from neulite.federation import MB
 from neulite.errors import NeuliteError
+from neulite.federation import MB
 from neulite.results import ResultsDir, config_to_toml
 from neulite.runner import run_experiment
 

@@ -12,16 +12,14 @@ from collections.abc import Callable
 
 import torch
 
-from neulite.algorithms.base import Method
 from neulite.algorithms.payload import ClientResult
-from neulite.algorithms.registry import make_method
+from neulite.algorithms.registry import build_method
 from neulite.config import Config
 from neulite.data import TensorDataset
 from neulite.errors import NeuliteError
 from neulite.federation import Client, augment_enabled, load_splits, make_clients
 from neulite.memory import estimate
-from neulite.models.stage_net import StageNet, StagePlan
-from neulite.models.zoo import build_model
+from neulite.models.stage_net import StagePlan
 from neulite.server import RoundRecord, Server
 
 log = logging.getLogger(__name__)
@@ -34,9 +32,7 @@ class Simulation:
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
         self.splits = load_splits(cfg)
-        model = build_model(cfg.model.name, self.splits.input_shape, self.splits.train.num_classes, cfg.model.width, cfg.model.blocks)
-        self.net = StageNet(model)
-        self.method: Method = make_method(self.net, cfg)
+        self.net, self.method = build_method(cfg, self.splits.input_shape, self.splits.train.num_classes)
         # the full model's peak is the yardstick for budgets, whatever network the method trains
         full_peak = estimate(self.net, self.net.plan(0), cfg.train.batch_size).total
         self.clients = make_clients(cfg, self.splits, full_peak)

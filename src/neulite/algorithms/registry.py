@@ -13,6 +13,7 @@ from neulite.algorithms.profl import ProFL
 from neulite.config import METHODS, Config
 from neulite.errors import NeuliteError
 from neulite.models.stage_net import StageNet
+from neulite.models.zoo import build_model
 
 
 def make_method(net: StageNet, cfg: Config) -> Method:
@@ -36,3 +37,11 @@ def make_method(net: StageNet, cfg: Config) -> Method:
         raise NeuliteError(f"unknown method {name!r} (valid: {', '.join(METHODS)})")
     schedule, mentor, harmonizer = variants[name]
     return NeuLite(net, cfg, schedule=schedule, mentor=mentor, harmonizer=harmonizer)
+
+
+def build_method(cfg: Config, input_shape: tuple[int, ...], num_classes: int) -> tuple[StageNet, Method]:
+    """The configured network with its scaffolding, and the method that trains it (every driver
+    builds its server and client sides this way; build under `torch.device("meta")` for a
+    client skeleton that holds no weights)."""
+    net = StageNet(build_model(cfg.model.name, input_shape, num_classes, cfg.model.width, cfg.model.blocks))
+    return net, make_method(net, cfg)

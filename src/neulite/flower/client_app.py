@@ -25,7 +25,7 @@ from flwr.clientapp import ClientApp
 from neulite.algorithms.base import Method
 from neulite.algorithms.evaluate import evaluate as evaluate_plan
 from neulite.algorithms.payload import assign_arrays
-from neulite.algorithms.registry import make_method
+from neulite.algorithms.registry import build_method
 from neulite.config import Config
 from neulite.data import TensorDataset
 from neulite.errors import NeuliteError
@@ -38,8 +38,6 @@ from neulite.federation import (
 )
 from neulite.flower.run_config import parse_run_config
 from neulite.flower.wire import decode_plan, decode_task, encode_result
-from neulite.models.stage_net import StageNet
-from neulite.models.zoo import build_model
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +67,7 @@ def load_node(cfg: Config, cid: int) -> Node:
     splits = load_splits(cfg)
     train, val = client_shards(cfg, splits)[cid]
     with torch.device("meta"):
-        net = StageNet(build_model(cfg.model.name, splits.input_shape, splits.train.num_classes, cfg.model.width, cfg.model.blocks))
-    method = make_method(net, cfg)
+        _, method = build_method(cfg, splits.input_shape, splits.train.num_classes)
     if method.setup_needs_clients:
         raise NeuliteError(f"{cfg.method.name} needs every client's data or budget at set-up; run it with `neulite run`")
     return Node(cid, train, val, augment_enabled(cfg, splits), method)

@@ -11,14 +11,12 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
-from neulite.algorithms.registry import make_method
+from neulite.algorithms.registry import build_method
 from neulite.errors import NeuliteError
 from neulite.federation import load_splits
 from neulite.flower.run_config import parse_run_config
 from neulite.flower.strategy import NeuliteStrategy, profile_nodes
 from neulite.memory import estimate
-from neulite.models.stage_net import StageNet
-from neulite.models.zoo import build_model
 from neulite.runner import RunLog
 from neulite.server import Server
 
@@ -47,8 +45,7 @@ def run(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     cfg, driver = parse_run_config(run_config)
     torch.manual_seed(cfg.seed)
     splits = load_splits(cfg)
-    net = StageNet(build_model(cfg.model.name, splits.input_shape, splits.train.num_classes, cfg.model.width, cfg.model.blocks))
-    method = make_method(net, cfg)
+    net, method = build_method(cfg, splits.input_shape, splits.train.num_classes)
     if method.setup_needs_clients:
         raise NeuliteError(f"{cfg.method.name} needs every client's data or budget at set-up; run it with `neulite run`")
     full_peak = estimate(net, net.plan(0), cfg.train.batch_size).total
