@@ -6,7 +6,7 @@ This benchmark asks what the comparison looks like when the stages get the round
 meant to have: configs/default.toml (full-width small_cnn, 45 rounds x 2 local epochs, Dirichlet
 0.5, 20 clients, budgets uniform in [0.3, 1.1] x the full model's peak) for NeuLite, the FedAvg
 oracle and every memory-feasible baseline (ExclusiveFL, AllSmall, HeteroFL, FedRolex, DepthFL,
-ProFL), over three seeds: about 75 minutes on 2 cores. The NeuLite ablations are left to the
+ProFL), over three seeds: about an hour on 2 cores. The NeuLite ablations are left to the
 accuracy benchmark. Writes benchmarks/results/compute.json
 (the summary.json format) and compute.md; per-run folders in benchmarks/results/compute-runs/ make
 it resumable.  Run: python benchmarks/compute.py
