@@ -78,7 +78,8 @@ def speed() -> str:
         seconds = "-" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.0f}"
         lines.append(f"| {name} | {rounds} | {seconds} |")
     o = data["overhead"]
-    lines += ["", f"Simulator overhead ({', '.join(o['setting'])}, median of {o['repeats']}): simulator {o['simulator_seconds']:.1f} s, bare PyTorch loop {o['bare_torch_seconds']:.1f} s, ratio {o['ratio']:.3f}."]
+    on = o.get("machine", data["machine"])["cpu"]
+    lines += ["", f"Simulator overhead ({', '.join(o['setting'])}, {on}, alternating runs, median of {o['repeats']}): simulator {o['simulator_seconds']:.1f} s, bare PyTorch loop {o['bare_torch_seconds']:.1f} s, ratio {o['ratio']:.3f}."]
     return "\n".join(lines)
 
 
