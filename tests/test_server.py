@@ -1,7 +1,10 @@
 """The server's side of a round, shared by both drivers: eligibility from reported budgets,
 sampling, and the minimum number of usable replies."""
 
+import copy
+
 import pytest
+import torch
 
 from neulite.algorithms.registry import make_method
 from neulite.config import load_config
@@ -44,3 +47,41 @@ def test_too_few_usable_replies_stop_the_round_with_a_clear_message():
         sim.server.aggregate(configured, two, sim.splits.test)
     record = sim.server.aggregate(sim.server.configure(2), {**two, 2: two[next(iter(two))]}, sim.splits.test)
     assert record.participants == 3
+
+
+def _perturb(module: torch.nn.Module) -> None:
+    """Stand in for a stage's training: move every parameter somewhere new."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p))
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+@pytest.mark.parametrize("inherit", [True, False])
+def test_a_new_stage_starts_from_the_output_module_that_stood_in_for_it(inherit: bool):
+    server = _server({0: 1.2, 1: 1.2}, f"method.inherit_outputs={str(inherit).lower()}")
+    net = server.method.net
+    server.configure(1)
+    _perturb(net.outputs[0])
+    server.configure(2)
+    assert _same(net.outputs[1].layers[0], net.outputs[0].layers[1]) is inherit
+    assert _same(net.outputs[1].head, net.outputs[0].head) is inherit
+    _perturb(net.outputs[1])
+    server.configure(3)
+    assert _same(net.model.head, net.outputs[1].head) is inherit
+
+
+def test_a_resumed_stage_is_not_warm_started_again():
+    server = _server({0: 1.2, 1: 1.2}, "method.inherit_outputs=true", "method.rounds=6")
+    net = server.method.net
+    for rnd in (1, 2, 3):
+        server.configure(rnd)
+        _perturb(net.outputs[0] if rnd < 3 else net.outputs[1])
+    trained = copy.deepcopy(net.outputs[1].state_dict())
+    resumed = _server({0: 1.2, 1: 1.2}, "method.inherit_outputs=true", "method.rounds=6")
+    resumed.load_state_dict(server.state_dict())
+    resumed.configure(4)
+    assert all(torch.equal(v, trained[k]) for k, v in resumed.method.net.outputs[1].state_dict().items())

@@ -102,6 +102,9 @@ class MethodConfig:
     interpolated to the number of blocks; lambda_scale multiplies both (the knob tuned on the
     clients' validation splits by benchmarks/tune_lambda.py). frozen_bn_drift: let frozen blocks' BatchNorm statistics
     move (the reference code's behaviour) instead of running them in eval mode.
+    inherit_outputs: when a sequential schedule (NeuLite's or ProFL's) starts stage t+1, start
+    Op_{t+1}'s light layers and classifier (or, at the last stage, the real head) from the
+    matching layers of Op_t, which stood in for the same blocks, instead of from scratch.
     depthfl_kd_weight: weight of DepthFL's mutual self-distillation (0 = exits learn from labels
     only); depthfl_temperature: the softening of the exits' outputs in its KL terms.
     profl_window: rounds W over which ProFL measures a block's effective movement;
@@ -120,6 +123,7 @@ class MethodConfig:
     lambda_scale: float = 1.0
     sigma: float = 5.0
     frozen_bn_drift: bool = False
+    inherit_outputs: bool = False
     depthfl_kd_weight: float = 1.0
     depthfl_temperature: float = 1.0
     profl_window: int = 3

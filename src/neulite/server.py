@@ -104,6 +104,7 @@ class Server:
         """Sample up to `clients.per_round` eligible clients and build each one's task."""
         started = time.perf_counter()
         plan = self.method.plan(rnd)
+        self.method.begin_round(plan)
         eligible = self.eligible(plan)
         k = min(self.cfg.clients.per_round, len(eligible))
         chosen = [eligible[i] for i in sorted(self._rng.choice(len(eligible), size=k, replace=False))]

@@ -65,6 +65,9 @@ class Method(ABC):
         smallest budget; HeteroFL takes BatchNorm statistics from the clients' data, as the paper
         has the server query them)."""
 
+    def begin_round(self, plan: StagePlan) -> None:
+        """Server-side preparation before a round of `plan` is configured (e.g. warm-starting a new stage)."""
+
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint must keep besides the network's tensors (e.g. a history-dependent schedule)."""
         return {}

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import torch
 
 from neulite.algorithms.base import Method
 from neulite.config import Config
@@ -65,6 +68,7 @@ class NeuLite(Method):
             sizes = [sum(p.numel() for p in b.parameters()) for b in net.model.blocks]
             self.stage_rounds = stage_round_budget(m.rounds, [1.0] * t if m.stage_split == "equal" else sizes)
         self._ends = np.cumsum(self.stage_rounds)
+        self._started = 1  # the latest stage begun (checkpointed: a resumed run must not warm-start twice)
 
     @property
     def bn_drift(self) -> bool:
@@ -86,3 +90,30 @@ class NeuLite(Method):
         if not self.mentor:
             return 0.0, 0.0
         return self.lambda1[plan.stage - 1], self.lambda2[plan.stage - 1]
+
+    def begin_round(self, plan: StagePlan) -> None:
+        if self.schedule != "sequential" or plan.stage <= self._started:
+            return
+        if self.cfg.method.inherit_outputs:
+            for stage in range(self._started + 1, plan.stage + 1):
+                self._inherit(stage)
+        self._started = plan.stage
+
+    def _inherit(self, stage: int) -> None:
+        """Op_stage (or the real head at the last stage) from Op_{stage-1}: its light layers after the
+        first stood in for the same blocks, and its classifier has the head's shape."""
+        src = self.net.outputs[stage - 2]
+        with torch.no_grad():
+            if stage == self.net.num_stages:
+                self.net.model.head.load_state_dict(src.head.state_dict())
+                return
+            dst = self.net.outputs[stage - 1]
+            for k, layer in enumerate(dst.layers):
+                layer.load_state_dict(src.layers[k + 1].state_dict())
+            dst.head.load_state_dict(src.head.state_dict())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"started": self._started}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._started = state.get("started", 1)

@@ -78,8 +78,9 @@ class ProFL(NeuLite):
             self._starts, self._steps = [], []
 
     def state_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "in_stage": self.in_stage, "done": self.done, "starts": self._starts, "steps": self._steps}
+        return {**super().state_dict(), "stage": self.stage, "in_stage": self.in_stage, "done": self.done, "starts": self._starts, "steps": self._steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
         self.stage, self.in_stage, self.done = state["stage"], state["in_stage"], state["done"]
         self._starts, self._steps = list(state["starts"]), list(state["steps"])
