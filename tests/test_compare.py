@@ -34,13 +34,15 @@ def test_compare_writes_the_table_and_resumes_without_rerunning(tmp_path: Path, 
 
 def test_time_to_target_counts_wall_time_until_the_first_hit():
     rows = [
-        {"round": 1, "accuracy": 0.2, "wall_seconds": 1.0},
-        {"round": 2, "accuracy": float("nan"), "wall_seconds": 1.0},
-        {"round": 3, "accuracy": 0.6, "wall_seconds": 2.0},
-        {"round": 4, "accuracy": 0.9, "wall_seconds": 2.0},
+        {"round": 1, "accuracy": 0.2, "wall_seconds": 1.0, "slowest_client_seconds": 0.25},
+        {"round": 2, "accuracy": float("nan"), "wall_seconds": 1.0, "slowest_client_seconds": 0.5},
+        {"round": 3, "accuracy": 0.6, "wall_seconds": 2.0, "slowest_client_seconds": 0.25},
+        {"round": 4, "accuracy": 0.9, "wall_seconds": 2.0, "slowest_client_seconds": 0.5},
     ]
-    assert _to_target(rows, 0.5) == (3, 4.0)
-    assert _to_target(rows, 0.95) == (None, None)
+    assert _to_target(rows, 0.5) == (3, 4.0, 1.0)
+    assert _to_target(rows, 0.95) == (None, None, None)
+    older = [{k: v for k, v in r.items() if k != "slowest_client_seconds"} for r in rows]
+    assert _to_target(older, 0.5) == (3, 4.0, None)
 
 
 def test_median_time_counts_unreached_seeds_as_infinitely_slow():

@@ -128,3 +128,5 @@ def test_round_metrics_and_bytes():
     assert rec.participants == min(3, rec.eligible)
     assert 0.0 <= rec.accuracy <= 1.0 and np.isfinite(rec.train_loss)
     assert rec.stage_peak_bytes == sim.method.memory(plan).total
+    # clients train one after another here: the slowest one is a real share of the round, not all of it
+    assert 0.0 < rec.slowest_client_seconds < rec.wall_seconds

@@ -62,14 +62,17 @@ def run_one(cfg: Config, method: str, seed: int, out: Path, console: Console) ->
     return json.loads(summary_path.read_text()), results.read_metrics()
 
 
-def _to_target(rows: list[dict[str, Any]], target: float) -> tuple[int | None, float | None]:
-    """First round whose evaluated accuracy reaches `target`, and the wall seconds until then."""
-    seconds = 0.0
+def _to_target(rows: list[dict[str, Any]], target: float) -> tuple[int | None, float | None, float | None]:
+    """First round whose evaluated accuracy reaches `target`, the wall seconds until then, and the
+    clients' critical path until then: each round's slowest client, as if the clients trained in
+    parallel (None for runs recorded before rounds reported it)."""
+    wall = parallel = 0.0
     for r in rows:
-        seconds += r["wall_seconds"]
+        wall += r["wall_seconds"]
+        parallel += r.get("slowest_client_seconds", math.nan)
         if not math.isnan(r["accuracy"]) and r["accuracy"] >= target:
-            return r["round"], seconds
-    return None, None
+            return r["round"], wall, None if math.isnan(parallel) else parallel
+    return None, None, None
 
 
 def _median_or_none(values: list[float | None]) -> float | None:
@@ -115,8 +118,9 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], out: str | Path, 
             "validation_accuracy": statistics.mean(s["validation_accuracy"] for s, _ in seed_runs),
             "participation": statistics.mean(s["participation"] for s, _ in seed_runs),
             "peak_memory_bytes": max(s["peak_memory_bytes"] for s, _ in seed_runs),
-            "rounds_to_target": _median_or_none([r for r, _ in reached]) if reached else None,
-            "seconds_to_target": _median_or_none([t for _, t in reached]) if reached else None,
+            "rounds_to_target": _median_or_none([r for r, _, _ in reached]) if reached else None,
+            "seconds_to_target": _median_or_none([t for _, t, _ in reached]) if reached else None,
+            "client_seconds_to_target": _median_or_none([c for _, _, c in reached]) if reached else None,
             "wall_seconds": statistics.median(s["wall_seconds"] for s, _ in seed_runs),
             "bytes_up": statistics.mean(s["bytes_up"] for s, _ in seed_runs),
             "bytes_down": statistics.mean(s["bytes_down"] for s, _ in seed_runs),
@@ -139,6 +143,7 @@ COLUMNS = [
     ("peak client MiB", lambda m, r: f"{r['peak_memory_bytes'] / MB:.1f}"),
     ("rounds to target", lambda m, r: "-" if r["rounds_to_target"] is None else f"{r['rounds_to_target']:.0f}"),
     ("s to target", lambda m, r: "-" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.0f}"),
+    ("client s to target", lambda m, r: "-" if r.get("client_seconds_to_target") is None else f"{r['client_seconds_to_target']:.0f}"),
     ("wall s", lambda m, r: f"{r['wall_seconds']:.0f}"),
     ("MiB up / down", lambda m, r: f"{r['bytes_up'] / MB:.0f} / {r['bytes_down'] / MB:.0f}"),
 ]

@@ -26,7 +26,12 @@ from neulite.models.stage_net import StagePlan
 
 @dataclass(frozen=True)
 class RoundRecord:
-    """Per-round metrics; `accuracy`/`loss` are the round's stage model on the test set (NaN when not evaluated)."""
+    """Per-round metrics; `accuracy`/`loss` are the round's stage model on the test set (NaN when not evaluated).
+
+    `slowest_client_seconds` is the longest local training a client reported: the round's length on
+    the clients' side when they train in parallel, as in a real federation (the in-process
+    simulator runs them one after another, which `wall_seconds` includes).
+    """
 
     round: int
     stage: int
@@ -39,6 +44,7 @@ class RoundRecord:
     bytes_up: int
     wall_seconds: float
     stage_peak_bytes: int
+    slowest_client_seconds: float
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -130,6 +136,7 @@ class Server:
             rnd.number, rnd.plan.stage, rnd.eligible, len(results), acc, loss, train_loss,
             sum(nbytes(t.arrays) for t in rnd.tasks.values()), sum(nbytes(r.arrays) for r in results.values()),
             time.perf_counter() - rnd.started, self.method.memory(rnd.plan).total,
+            max(r.metrics.get("train_seconds", float("nan")) for r in results.values()),
         )
 
     def memory_rows(self) -> list[dict[str, Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 
 import torch
@@ -65,6 +66,7 @@ def local_update(
 
     `loss_fn(x, y)` is the method's objective on `net` (NeuLite's: `stage_loss`).
     """
+    started = time.perf_counter()
     plan = task.plan
     assign_arrays(net, task.arrays)
     params = prepare(net, plan, bn_drift)
@@ -90,4 +92,4 @@ def local_update(
             total_loss += loss.item()
             steps += 1
     arrays = extract_arrays(net, net.up_names(plan, bn_drift))
-    return ClientResult(arrays, n, {"train_loss": total_loss / max(steps, 1)})
+    return ClientResult(arrays, n, {"train_loss": total_loss / max(steps, 1), "train_seconds": time.perf_counter() - started})
