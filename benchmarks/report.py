@@ -62,6 +62,13 @@ def compute() -> str:
     out = [f"Machine: {data['machine']['cpu']}, {data['machine']['cores']} cores; seeds {seeds}.", ""]
     out += _methods_table(data["methods"])
     out += ["", "Per seed: " + "; ".join(f"{m} {', '.join(f'{a:.1%}' for a in r['final_accuracies'])}" for m, r in data["methods"].items())]
+    timed = {m: r for m, r in data["methods"].items() if r.get("client_seconds_to_target") is not None}
+    if timed:
+        out += [
+            "", f"Time to ExclusiveFL's final median accuracy ({data['target_accuracy']:.1%}), median over seeds; the clients' critical path sums each round's slowest client, as if the clients trained in parallel:", "",
+            "| method | rounds | simulator wall s | clients' critical path s |", "|---|---|---|---|",
+        ]
+        out += [f"| {m} | {r['rounds_to_target']:.0f} | {r['seconds_to_target']:.0f} | {r['client_seconds_to_target']:.1f} |" for m, r in timed.items()]
     return "\n".join(out)
 
 
@@ -70,13 +77,13 @@ def speed() -> str:
     lines = [
         f"Machine: {data['machine']['cpu']}, {data['machine']['cores']} cores. Target: ExclusiveFL's final accuracy, {data['target_accuracy']:.1%} (Dirichlet split of the accuracy benchmark, median over seeds).",
         "",
-        "| method | rounds to target | seconds to target |",
-        "|---|---|---|",
     ]
+    columns = ["rounds_to_target", "seconds_to_target"]
+    if any("client_seconds_to_target" in r for r in data["methods"].values()):  # recorded since the rounds report it
+        columns.append("client_seconds_to_target")
+    lines += ["| method | " + " | ".join(c.replace("_", " ") for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, r in sorted(data["methods"].items(), key=lambda kv: (kv[1]["seconds_to_target"] is None, kv[1]["seconds_to_target"] or 0)):
-        rounds = "-" if r["rounds_to_target"] is None else f"{r['rounds_to_target']:.0f}"
-        seconds = "-" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.0f}"
-        lines.append(f"| {name} | {rounds} | {seconds} |")
+        lines.append(f"| {name} | " + " | ".join("-" if r.get(c) is None else f"{r[c]:.0f}" for c in columns) + " |")
     o = data["overhead"]
     on = o.get("machine", data["machine"])["cpu"]
     lines += ["", f"Simulator overhead ({', '.join(o['setting'])}, {on}, alternating runs, median of {o['repeats']}): simulator {o['simulator_seconds']:.1f} s, bare PyTorch loop {o['bare_torch_seconds']:.1f} s, ratio {o['ratio']:.3f}."]

@@ -108,7 +108,7 @@ def main() -> None:
     else:
         cfg = load_config(HERE / "accuracy.toml", ["data.partition=dirichlet", "data.alpha=0.5"])
         comparison = compare(cfg, list(METHODS), [0, 1, 2], HERE / "results" / "accuracy-runs" / "dirichlet", console=console)
-        methods = {m: {"seconds_to_target": r["seconds_to_target"], "rounds_to_target": r["rounds_to_target"], "wall_seconds": r["wall_seconds"]} for m, r in comparison["methods"].items()}
+        methods = {m: {k: r[k] for k in ("seconds_to_target", "rounds_to_target", "client_seconds_to_target", "wall_seconds")} for m, r in comparison["methods"].items()}
         report = {"methods": methods, "target_accuracy": comparison["target_accuracy"], "overhead": {**overhead(), "machine": info}, "machine": info}
     OUT.write_text(json.dumps(report, indent=2) + "\n")
     console.print(json.dumps({k: v for k, v in report["overhead"].items() if k != "pairs"}, indent=2))
