@@ -5,19 +5,8 @@ import pytest
 import torch
 
 from neulite.algorithms.local import local_update, stage_loss
-from neulite.algorithms.neulite import (
-    DEFAULT_LAMBDA1,
-    DEFAULT_LAMBDA2,
-    curriculum,
-    stage_round_budget,
-)
-from neulite.algorithms.payload import (
-    ClientResult,
-    ClientTask,
-    assign_arrays,
-    nbytes,
-    weighted_average,
-)
+from neulite.algorithms.neulite import DEFAULT_LAMBDA1, DEFAULT_LAMBDA2, curriculum, stage_round_budget
+from neulite.algorithms.payload import ClientResult, ClientTask, assign_arrays, nbytes, weighted_average
 from neulite.config import TrainConfig, load_config
 from neulite.data import TensorDataset
 from neulite.errors import NeuliteError

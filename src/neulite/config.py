@@ -8,13 +8,12 @@ the value (strings may be left unquoted).
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from neulite.data.datasets import DATASET_NAMES
 from neulite.errors import NeuliteError

@@ -14,13 +14,7 @@ import numpy as np
 import torch
 
 from neulite.config import ClientsConfig, Config
-from neulite.data import (
-    DataSplits,
-    TensorDataset,
-    load_dataset,
-    partition,
-    train_val_split,
-)
+from neulite.data import DataSplits, TensorDataset, load_dataset, partition, train_val_split
 
 MB = 2**20
 

@@ -16,12 +16,7 @@ import torch
 
 from neulite.algorithms.evaluate import evaluate
 from neulite.algorithms.local import local_update, stage_loss
-from neulite.algorithms.payload import (
-    ClientResult,
-    ClientTask,
-    assign_arrays,
-    weighted_average,
-)
+from neulite.algorithms.payload import ClientResult, ClientTask, assign_arrays, weighted_average
 from neulite.config import Config
 from neulite.data.datasets import TensorDataset
 from neulite.federation import Client

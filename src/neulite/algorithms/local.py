@@ -10,12 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from neulite.algorithms.hsic import nhsic
-from neulite.algorithms.payload import (
-    ClientResult,
-    ClientTask,
-    assign_arrays,
-    extract_arrays,
-)
+from neulite.algorithms.payload import ClientResult, ClientTask, assign_arrays, extract_arrays
 from neulite.config import TrainConfig
 from neulite.data.augment import random_crop_flip
 from neulite.data.datasets import TensorDataset
