@@ -136,7 +136,7 @@ class Server:
             rnd.number, rnd.plan.stage, rnd.eligible, len(results), acc, loss, train_loss,
             sum(nbytes(t.arrays) for t in rnd.tasks.values()), sum(nbytes(r.arrays) for r in results.values()),
             time.perf_counter() - rnd.started, self.method.memory(rnd.plan).total,
-            max(r.metrics.get("train_seconds", float("nan")) for r in results.values()),
+            max((r.metrics["train_seconds"] for r in results.values() if "train_seconds" in r.metrics), default=float("nan")),
         )
 
     def memory_rows(self) -> list[dict[str, Any]]:
