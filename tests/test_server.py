@@ -6,21 +6,19 @@ import copy
 import pytest
 import torch
 
-from neulite.algorithms.registry import make_method
+from neulite.algorithms.registry import build_method
 from neulite.config import load_config
 from neulite.errors import NeuliteError
 from neulite.memory import estimate
-from neulite.models.stage_net import StageNet
-from neulite.models.zoo import build_model
 from neulite.server import Server
 from neulite.simulation import Simulation
 
 
 def _server(budgets_of_full: dict[int, float], *overrides: str) -> Server:
     cfg = load_config(overrides=["data.num_clients=4", "clients.per_round=4", "method.rounds=3", *overrides])
-    net = StageNet(build_model("small_cnn", (1, 28, 28), 10))
+    net, method = build_method(cfg, (1, 28, 28), 10)
     full = estimate(net, net.plan(0), cfg.train.batch_size).total
-    return Server(make_method(net, cfg), {cid: int(f * full) for cid, f in budgets_of_full.items()}, cfg, full)
+    return Server(method, {cid: int(f * full) for cid, f in budgets_of_full.items()}, cfg, full)
 
 
 def test_a_node_that_fits_no_stage_is_never_sent_work():
