@@ -15,14 +15,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
 from neulite.algorithms.payload import nbytes
+from neulite.algorithms.registry import build_method
 from neulite.compare import machine
 from neulite.config import load_config
 from neulite.flower.simulation import simulate
-from neulite.models.stage_net import StageNet
-from neulite.models.zoo import build_model
 from neulite.runner import run_experiment
 
 HERE = Path(__file__).parent
@@ -60,7 +60,9 @@ def main() -> None:
     console.print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}")
     cfg = load_config(overrides=SETTING)
     runs = {"in_process": [timed(run_experiment, cfg) for _ in range(REPEATS)], "flower_simulation": [timed(simulate, cfg) for _ in range(REPEATS)]}
-    model_bytes = nbytes(StageNet(build_model(cfg.model.name, (1, 28, 28), 10, cfg.model.width)).model.state_dict())
+    with torch.device("meta"):  # only the tensors' sizes are needed
+        net, _ = build_method(cfg, (1, 28, 28), 10)
+    model_bytes = nbytes(net.model.state_dict())
     rows = runs["flower_simulation"][0][2]
     report = {
         "setting": SETTING,
