@@ -1,7 +1,7 @@
 """The accuracy question at neulite's default compute instead of the 30-minute benchmark's.
 
 benchmarks/accuracy.py must fit 72 runs into about 30 minutes on 2 cores, so every method gets 24
-rounds of 1 local epoch on a half-width model, and a progressive method gets 8 rounds per stage.
+rounds of 1 local epoch on a half-width model, and NeuLite's stages get 2, 5 and 17 rounds.
 This benchmark asks what the comparison looks like when the stages get the rounds the method is
 meant to have: configs/default.toml (full-width small_cnn, 45 rounds x 2 local epochs, Dirichlet
 0.5, 20 clients, budgets uniform in [0.3, 1.1] x the full model's peak) for NeuLite, the FedAvg

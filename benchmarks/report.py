@@ -1,6 +1,6 @@
 """Render the benchmark JSON files as the Markdown tables the README shows.
 
-Run: python benchmarks/report.py   (reads benchmarks/results/{memory,accuracy,compute,speed,flower}.json)
+Run: python benchmarks/report.py   (reads benchmarks/results/{memory,accuracy,compute,speed,flower,tune-*}.json)
 """
 
 from __future__ import annotations
@@ -83,7 +83,11 @@ def speed() -> str:
         columns.append("client_seconds_to_target")
     lines += ["| method | " + " | ".join(c.replace("_", " ") for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, r in sorted(data["methods"].items(), key=lambda kv: (kv[1]["seconds_to_target"] is None, kv[1]["seconds_to_target"] or 0)):
-        lines.append(f"| {name} | " + " | ".join("-" if r.get(c) is None else f"{r[c]:.0f}" for c in columns) + " |")
+        lines.append(f"| {name} | " + " | ".join("-" if r.get(c) is None else f"{r[c]:.0f}" if c.startswith("rounds") else f"{r[c]:.1f}" for c in columns) + " |")
+    neulite, exclusive = data["methods"]["neulite"], data["methods"]["exclusivefl"]
+    if neulite["seconds_to_target"]:
+        ratios = ", ".join(f"{c.replace('_', ' ')} {exclusive[c] / neulite[c]:.2f}x" for c in columns if neulite.get(c) and exclusive.get(c))
+        lines += ["", f"NeuLite against ExclusiveFL (how many times sooner): {ratios}."]
     o = data["overhead"]
     on = o.get("machine", data["machine"])["cpu"]
     lines += ["", f"Simulator overhead ({', '.join(o['setting'])}, {on}, alternating runs, median of {o['repeats']}): simulator {o['simulator_seconds']:.1f} s, bare PyTorch loop {o['bare_torch_seconds']:.1f} s, ratio {o['ratio']:.3f}."]
@@ -122,10 +126,27 @@ def flower() -> str:
     return "\n".join(lines)
 
 
+def tune(path: Path) -> str:
+    data = json.loads(path.read_text())
+    lines = [
+        f"Machine: {data['machine']['cpu']}, {data['machine']['cores']} cores. {data['method']} on {data['config']} "
+        f"{' '.join(data['fixed'])}, seeds {data['seeds']}; chosen: {data['chosen']}.",
+        "",
+        "| candidate | validation accuracy (median) | by seed | (test accuracy, not used to choose) |",
+        "|---|---|---|---|",
+    ]
+    for r in data["runs"]:
+        by_seed = ", ".join(f"{v:.1%}" for v in r["validation_by_seed"])
+        lines.append(f"| `{r['candidate']}` | {r['validation_accuracy']:.1%} | {by_seed} | {r['test_accuracy']:.1%} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     for name, render in (("memory", memory), ("accuracy", accuracy), ("compute", compute), ("speed", speed), ("flower", flower)):
         if (RESULTS / f"{name}.json").is_file():
             print(f"### {name}\n\n{render()}\n")
+    for path in sorted(RESULTS.glob("tune-*.json")):
+        print(f"### {path.stem}\n\n{tune(path)}\n")
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ class MethodConfig:
     empty means split `rounds` by `stage_split` ("equal", or "params": proportional to block size).
     lambda1/lambda2: the Mentor's per-block weights; empty means METHOD.md's curriculum
     interpolated to the number of blocks; lambda_scale multiplies both (the knob tuned on the
-    clients' validation splits by benchmarks/tune_lambda.py). frozen_bn_drift: let frozen blocks' BatchNorm statistics
+    clients' validation splits by `python benchmarks/tune.py lambda`). frozen_bn_drift: let frozen blocks' BatchNorm statistics
     move (the reference code's behaviour) instead of running them in eval mode.
     inherit_outputs: when a sequential schedule (NeuLite's or ProFL's) starts stage t+1, start
     Op_{t+1}'s light layers and classifier (or, at the last stage, the real head) from the

@@ -1,0 +1,91 @@
+"""Choose a setting on the clients' validation splits (never the test set).
+
+Each sweep runs one method over candidate config overrides and seeds, picks the candidate with the
+best median validation accuracy (the union of the clients' validation splits) and records the test
+accuracy only for information. Run folders under benchmarks/results/tune-runs/ make a sweep resumable.
+Writes benchmarks/results/tune-NAME.json.  Run: python benchmarks/tune.py NAME
+
+Sweeps:
+  lambda    the Mentor's λ scale on the embedded default (configs/default.toml);
+  lr        the local learning rate of the accuracy benchmark, chosen on the FedAvg oracle so that the
+            choice favours no memory-efficient method (every method then shares it);
+  schedule  NeuLite's rounds per stage on the accuracy benchmark, at the chosen learning rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from neulite.compare import machine, run_one
+from neulite.config import load_config
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+DIRICHLET = ("data.partition=dirichlet", "data.alpha=0.5")
+
+
+@dataclass(frozen=True)
+class Sweep:
+    config: Path
+    method: str
+    candidates: tuple[str, ...]  # one "key=value" override each
+    seeds: tuple[int, ...]
+    fixed: tuple[str, ...] = ()
+
+
+SWEEPS = {
+    "lambda": Sweep(ROOT / "configs" / "default.toml", "neulite", tuple(f"method.lambda_scale={s}" for s in (0.0, 0.5, 1.0, 2.0)), (0,)),
+    "lr": Sweep(HERE / "accuracy.toml", "fedavg", tuple(f"train.lr={lr}" for lr in (0.05, 0.1, 0.15, 0.2, 0.3)), (0, 1), DIRICHLET),
+    "schedule": Sweep(
+        HERE / "accuracy.toml",
+        "neulite",
+        ("method.stage_rounds=[8,8,8]", "method.stage_rounds=[6,6,12]", "method.stage_rounds=[4,8,12]", "method.stage_split=params"),
+        (0, 1),
+        DIRICHLET,
+    ),
+}
+
+
+def run_sweep(name: str) -> dict:
+    sweep = SWEEPS[name]
+    rows = []
+    for candidate in sweep.candidates:
+        cfg = load_config(sweep.config, [*sweep.fixed, candidate])
+        out = HERE / "results" / "tune-runs" / name / candidate.replace("=", "_")
+        val, test = [], []
+        for seed in sweep.seeds:
+            summary, _ = run_one(cfg, sweep.method, seed, out, Console())
+            val.append(summary["validation_accuracy"])
+            test.append(summary["final_accuracy"])
+        rows.append({"candidate": candidate, "validation_accuracy": statistics.median(val), "test_accuracy": statistics.median(test), "validation_by_seed": val})
+        print(rows[-1], flush=True)
+    best = max(rows, key=lambda r: r["validation_accuracy"])
+    return {
+        "sweep": name,
+        "method": sweep.method,
+        "config": str(sweep.config.relative_to(ROOT)),
+        "fixed": list(sweep.fixed),
+        "seeds": list(sweep.seeds),
+        "runs": rows,
+        "chosen": best["candidate"],
+        "machine": machine(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("sweep", choices=sorted(SWEEPS))
+    name = parser.parse_args().sweep
+    report = run_sweep(name)
+    (HERE / "results" / f"tune-{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"best by median validation accuracy: {report['chosen']} (machine: {report['machine']['cpu']})")
+
+
+if __name__ == "__main__":
+    main()
