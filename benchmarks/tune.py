@@ -9,7 +9,8 @@ Sweeps:
   lambda    the Mentor's λ scale on the embedded default (configs/default.toml);
   lr        the local learning rate of the accuracy benchmark, chosen on the FedAvg oracle so that the
             choice favours no memory-efficient method (every method then shares it);
-  schedule  NeuLite's rounds per stage on the accuracy benchmark, at the chosen learning rate.
+  schedule  NeuLite's rounds per stage on the accuracy benchmark, at the chosen learning rate;
+  inherit   whether a new stage starts from the previous output module, on the accuracy benchmark.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ SWEEPS = {
         (0, 1),
         DIRICHLET,
     ),
+    "inherit": Sweep(HERE / "accuracy.toml", "neulite", ("method.inherit_outputs=false", "method.inherit_outputs=true"), (0, 1), DIRICHLET),
 }
 
 
