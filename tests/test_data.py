@@ -21,8 +21,10 @@ from neulite.data import (
     random_crop_flip,
     train_val_split,
 )
+from neulite.config import load_config
 from neulite.data.datasets import FASHION_MNIST_DIR
 from neulite.errors import NeuliteError
+from neulite.federation import load_splits
 
 # ---------------------------------------------------------------- partition
 
@@ -171,6 +173,24 @@ def test_mnist5k_split_depends_on_seed_only():
     a, b, c = load_dataset("mnist5k", seed=0), load_dataset("mnist5k", seed=0), load_dataset("mnist5k", seed=1)
     assert torch.equal(a.test.x, b.test.x)
     assert not torch.equal(a.test.x, c.test.x)
+
+
+def test_train_size_takes_a_stratified_seeded_sample():
+    full = load_dataset("mnist5k")
+    a, b = (load_splits(load_config(overrides=["data.train_size=1000", f"seed={s}"])) for s in (0, 0))
+    c = load_splits(load_config(overrides=["data.train_size=1000", "seed=1"]))
+    assert len(a.train) == 1000 and len(a.test) == len(full.test)
+    assert torch.bincount(a.train.y).tolist() == (torch.bincount(full.train.y) / 4).round().int().tolist()
+    assert torch.equal(a.train.x, b.train.x) and not torch.equal(a.train.x, c.train.x)
+    rows = {tuple(r) for r in full.train.x.flatten(1)[:, 200:260].tolist()}
+    assert all(tuple(r) in rows for r in a.train.x.flatten(1)[:, 200:260].tolist())  # a subset, not new images
+
+
+def test_train_size_larger_than_the_data_set_is_named():
+    with pytest.raises(NeuliteError, match="data.train_size = 5000 exceeds the 4000 training samples"):
+        load_splits(load_config(overrides=["data.train_size=5000"]))
+    with pytest.raises(NeuliteError, match="data.train_size must be >= 0"):
+        load_config(overrides=["data.train_size=-1"])
 
 
 def test_digits():

