@@ -14,6 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from neulite.config import load_config
 from neulite.data import (
     DATASET_NAMES,
     load_dataset,
@@ -21,7 +22,6 @@ from neulite.data import (
     random_crop_flip,
     train_val_split,
 )
-from neulite.config import load_config
 from neulite.data.datasets import FASHION_MNIST_DIR
 from neulite.errors import NeuliteError
 from neulite.federation import load_splits
@@ -177,8 +177,8 @@ def test_mnist5k_split_depends_on_seed_only():
 
 def test_train_size_takes_a_stratified_seeded_sample():
     full = load_dataset("mnist5k")
-    a, b = (load_splits(load_config(overrides=["data.train_size=1000", f"seed={s}"])) for s in (0, 0))
-    c = load_splits(load_config(overrides=["data.train_size=1000", "seed=1"]))
+    seed0, seed1 = (load_config(overrides=["data.train_size=1000", f"seed={s}"]) for s in (0, 1))
+    a, b, c = load_splits(seed0), load_splits(seed0), load_splits(seed1)
     assert len(a.train) == 1000 and len(a.test) == len(full.test)
     assert torch.bincount(a.train.y).tolist() == (torch.bincount(full.train.y) / 4).round().int().tolist()
     assert torch.equal(a.train.x, b.train.x) and not torch.equal(a.train.x, c.train.x)
