@@ -1,110 +1,147 @@
-"""Render the benchmark JSON files as the Markdown tables the README shows.
+"""Write benchmarks/README.md, and the results summary in README.md, from the committed JSON.
 
-Run: python benchmarks/report.py   (reads benchmarks/results/{memory,accuracy,compute,speed,flower,tune-*}.json)
+Every figure on those pages comes from benchmarks/results/*.json (memory, accuracy, compute,
+speed, flower, tune-*), which the benchmark scripts write; nothing is typed in by hand.
+
+Run: python benchmarks/report.py           rewrite benchmarks/README.md and README.md's summary block
+     python benchmarks/report.py --check   exit 1, saying which file, if either is out of date
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
+import sys
 from pathlib import Path
+from typing import Any
 
-RESULTS = Path(__file__).parent / "results"
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+BENCH_README = HERE / "README.md"
+TOP_README = ROOT / "README.md"
 MIB = 2**20
+SUMMARY_BEGIN = "<!-- results summary: written by `python benchmarks/report.py` from benchmarks/results/*.json; edit report.py, not this block -->"
+SUMMARY_END = "<!-- end of results summary -->"
+
+# Keys that moved into their method's own config section after some sweeps ran: shown in today's
+# spelling so that a reader can paste them.
+_RENAMED = {
+    "depthfl_kd_weight": "method.depthfl.kd_weight",
+    "depthfl_temperature": "method.depthfl.temperature",
+    "profl_window": "method.profl.window",
+    "profl_threshold": "method.profl.threshold",
+    **{k: f"method.neulite.{k}" for k in (
+        "schedule", "stage_rounds", "stage_split", "mentor", "harmonizer", "lambda1", "lambda2",
+        "lambda_scale", "sigma", "frozen_bn_drift", "inherit_outputs",
+    )},
+}
+_OLD_KEY = re.compile(r"\bmethod\.(" + "|".join(sorted(_RENAMED, key=len, reverse=True)) + r")\b")
 
 
-def memory() -> str:
-    data = json.loads((RESULTS / "memory.json").read_text())
+def spell(text: str) -> str:
+    """Config overrides in today's spelling: `method.lambda_scale=1` -> `method.neulite.lambda_scale=1`."""
+    return _OLD_KEY.sub(lambda m: _RENAMED[m.group(1)], text)
+
+
+def load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def machine(m: dict[str, Any]) -> str:
+    return f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}" + (f"; {m['processes']}" if m.get("processes") else "")
+
+
+def pct(x: float) -> str:
+    return f"{x:.1%}"
+
+
+# --- the tables -----------------------------------------------------------------------------
+
+
+def _memory_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for r in data["reports"]:
+        balanced = r.get("blocks", "one per resolution stage") != "one per resolution stage"
+        rows.append({
+            "label": r["model"] + (f" ({r['blocks']})" if balanced else ""),
+            "model": r["model"], "batch": r["batch_size"], "balanced": balanced, "report": r,
+            "worst_est": r["worst_stage_fraction"],
+            "worst_meas": max(s["measured_fraction_of_full"] for s in r["stages"]),
+            "error": max(abs(s["estimate_error"]) for s in [r["full"], *r["stages"]]),
+        })
+    return rows
+
+
+def memory_table(data: dict[str, Any]) -> str:
     lines = [
-        f"Machine: {data['machine']['cpu']}, {data['machine']['cores']} cores, torch {data['machine']['torch']}. "
-        "Estimate / measurement in MiB; worst stage as a share of full-model training (estimate, measurement).",
-        "",
         "| model | batch | full model | stages (est / meas) | worst stage | largest estimate error |",
         "|---|---|---|---|---|---|",
     ]
-    for r in data["reports"]:
+    for row in _memory_rows(data):
+        r = row["report"]
         stages = ", ".join(f"{s['estimated_bytes'] / MIB:.0f} / {s['measured_bytes'] / MIB:.0f}" for s in r["stages"])
-        meas_worst = max(s["measured_fraction_of_full"] for s in r["stages"])
-        err = max(abs(s["estimate_error"]) for s in [r["full"], *r["stages"]])
-        blocks = "" if r.get("blocks", "one per resolution stage") == "one per resolution stage" else f" ({r['blocks']})"
         lines.append(
-            f"| {r['model']}{blocks} | {r['batch_size']} | {r['full']['estimated_bytes'] / MIB:.0f} / {r['full']['measured_bytes'] / MIB:.0f} "
-            f"| {stages} | {r['worst_stage_fraction']:.0%}, {meas_worst:.0%} | {err:.1%} |"
+            f"| {row['label']} | {row['batch']} | {r['full']['estimated_bytes'] / MIB:.0f} / {r['full']['measured_bytes'] / MIB:.0f} "
+            f"| {stages} | {row['worst_est']:.0%}, {row['worst_meas']:.0%} | {row['error']:.1%} |"
         )
     return "\n".join(lines)
 
 
-def _methods_table(methods: dict) -> list[str]:
+def methods_table(methods: dict[str, Any]) -> str:
     lines = [
         "| method | final accuracy (mean ± std) | best | validation accuracy | clients took part | peak client MiB | MiB up / down |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name, r in sorted(methods.items(), key=lambda kv: -kv[1]["final_accuracy_mean"]):
+    for name, r in sorted(methods.items(), key=lambda kv: (-kv[1]["final_accuracy_mean"], kv[0])):
         lines.append(
-            f"| {name} | {r['final_accuracy_mean']:.1%} ± {r['final_accuracy_std']:.1%} | {r['best_accuracy']:.1%} "
-            f"| {r['validation_accuracy']:.1%} | {r['participation']:.0%} | {r['peak_memory_bytes'] / MIB:.1f} | {r['bytes_up'] / MIB:.0f} / {r['bytes_down'] / MIB:.0f} |"
+            f"| {name} | {pct(r['final_accuracy_mean'])} ± {pct(r['final_accuracy_std'])} | {pct(r['best_accuracy'])} "
+            f"| {pct(r['validation_accuracy'])} | {r['participation']:.0%} | {r['peak_memory_bytes'] / MIB:.1f} | {r['bytes_up'] / MIB:.0f} / {r['bytes_down'] / MIB:.0f} |"
         )
-    return lines
-
-
-def accuracy() -> str:
-    data = json.loads((RESULTS / "accuracy.json").read_text())
-    out = [f"Machine: {data['machine']['cpu']}, {data['machine']['cores']} cores ({data['machine'].get('processes', '')}); seeds {data['seeds']}."]
-    out += ["", "Dirichlet(0.5) split:", ""]
-    out += _methods_table(data["methods"])
-    out += ["", "IID split:", ""]
-    out += _methods_table(data["iid"]["methods"])
-    return "\n".join(out)
-
-
-def compute() -> str:
-    data = json.loads((RESULTS / "compute.json").read_text())
-    seeds = sorted({s for r in data["methods"].values() for s in r["seeds"]})
-    out = [f"Machine: {data['machine']['cpu']}, {data['machine']['cores']} cores; seeds {seeds}.", ""]
-    out += _methods_table(data["methods"])
-    out += ["", "Per seed: " + "; ".join(f"{m} {', '.join(f'{a:.1%}' for a in r['final_accuracies'])}" for m, r in data["methods"].items())]
-    timed = {m: r for m, r in data["methods"].items() if r.get("client_seconds_to_target") is not None}
-    if timed:
-        out += [
-            "", f"Time to ExclusiveFL's final median accuracy ({data['target_accuracy']:.1%}), median over seeds; the clients' critical path sums each round's slowest client, as if the clients trained in parallel:", "",
-            "| method | rounds | simulator wall s | clients' critical path s |", "|---|---|---|---|",
-        ]
-        out += [f"| {m} | {r['rounds_to_target']:.0f} | {r['seconds_to_target']:.0f} | {r['client_seconds_to_target']:.1f} |" for m, r in timed.items()]
-    return "\n".join(out)
-
-
-def speed() -> str:
-    data = json.loads((RESULTS / "speed.json").read_text())
-    lines = [
-        f"Machine: {data['machine']['cpu']}, {data['machine']['cores']} cores. Target: ExclusiveFL's final accuracy, {data['target_accuracy']:.1%} (Dirichlet split of the accuracy benchmark, median over seeds).",
-        "",
-    ]
-    columns = ["rounds_to_target", "seconds_to_target"]
-    if any("client_seconds_to_target" in r for r in data["methods"].values()):  # recorded since the rounds report it
-        columns.append("client_seconds_to_target")
-    lines += ["| method | " + " | ".join(c.replace("_", " ") for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for name, r in sorted(data["methods"].items(), key=lambda kv: (kv[1]["seconds_to_target"] is None, kv[1]["seconds_to_target"] or 0)):
-        lines.append(f"| {name} | " + " | ".join("-" if r.get(c) is None else f"{r[c]:.0f}" if c.startswith("rounds") else f"{r[c]:.1f}" for c in columns) + " |")
-    neulite, exclusive = data["methods"]["neulite"], data["methods"]["exclusivefl"]
-    if neulite["seconds_to_target"]:
-        ratios = ", ".join(f"{c.replace('_', ' ')} {exclusive[c] / neulite[c]:.2f}x" for c in columns if neulite.get(c) and exclusive.get(c))
-        lines += ["", f"NeuLite against ExclusiveFL (how many times sooner): {ratios}."]
-    o = data["overhead"]
-    on = o.get("machine", data["machine"])["cpu"]
-    lines += ["", f"Simulator overhead ({', '.join(o['setting'])}, {on}, alternating runs, median of {o['repeats']}): simulator {o['simulator_seconds']:.1f} s, bare PyTorch loop {o['bare_torch_seconds']:.1f} s, ratio {o['ratio']:.3f}."]
     return "\n".join(lines)
 
 
-def flower() -> str:
-    data = json.loads((RESULTS / "flower.json").read_text())
-    wall, acc, parity = data["wall_seconds"], data["final_accuracy"], data["parity"]
+def per_seed(methods: dict[str, Any]) -> str:
+    return "Final accuracy per seed: " + "; ".join(f"{m} {', '.join(pct(a) for a in r['final_accuracies'])}" for m, r in methods.items()) + "."
+
+
+def time_to_target_table(methods: dict[str, Any]) -> str:
+    lines = ["| method | rounds | simulator wall s | clients' critical path s |", "|---|---|---|---|"]
+    for m, r in methods.items():
+        if r.get("client_seconds_to_target") is None:
+            lines.append(f"| {m} | - | - | - |")
+        else:
+            lines.append(f"| {m} | {r['rounds_to_target']:.0f} | {r['seconds_to_target']:.0f} | {r['client_seconds_to_target']:.1f} |")
+    return "\n".join(lines)
+
+
+def speed_table(data: dict[str, Any]) -> str:
+    columns = ["rounds_to_target", "seconds_to_target"]
+    if any("client_seconds_to_target" in r for r in data["methods"].values()):  # recorded since the rounds report it
+        columns.append("client_seconds_to_target")
+    lines = ["| method | " + " | ".join(c.replace("_", " ") for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    order = sorted(data["methods"].items(), key=lambda kv: (kv[1]["seconds_to_target"] is None, kv[1]["seconds_to_target"] or 0, kv[0]))
+    for name, r in order:
+        lines.append(f"| {name} | " + " | ".join("-" if r.get(c) is None else f"{r[c]:.0f}" if c.startswith("rounds") else f"{r[c]:.1f}" for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def speed_ratios(data: dict[str, Any]) -> dict[str, float]:
+    """How many times sooner NeuLite reaches the target than ExclusiveFL, per clock."""
+    n, e = data["methods"]["neulite"], data["methods"]["exclusivefl"]
+    clocks = ("rounds_to_target", "seconds_to_target", "client_seconds_to_target")
+    return {c: e[c] / n[c] for c in clocks if n.get(c) and e.get(c)}
+
+
+def flower_tables(data: dict[str, Any]) -> str:
+    wall, acc = data["wall_seconds"], data["final_accuracy"]
     lines = [
-        f"Machine: {data['machine']['cpu']}, {data['machine']['cores']} cores. Setting: default config with {', '.join(data['setting'])}; "
-        f"wall time of the whole call, median of {data['repeats']}.",
-        "",
         "| engine | wall seconds | final accuracy |",
         "|---|---|---|",
-        f"| in-process simulator (`neulite run`) | {wall['in_process']:.1f} | {acc['in_process'][0]:.1%} |",
-        f"| Flower simulation engine (`neulite run --engine flower`) | {wall['flower_simulation']:.1f} | {acc['flower_simulation'][0]:.1%} |",
+        f"| in-process simulator (`neulite run`) | {wall['in_process']:.1f} | {pct(acc['in_process'][0])} |",
+        f"| Flower simulation engine (`neulite run --engine flower`) | {wall['flower_simulation']:.1f} | {pct(acc['flower_simulation'][0])} |",
         "",
         "| round | stage | clients | KiB down | KiB up | whole model each way, KiB | down / whole | up / whole |",
         "|---|---|---|---|---|---|---|---|",
@@ -115,39 +152,399 @@ def flower() -> str:
             f"| {r['round']} | {r['stage']} | {r['participants']} | {r['bytes_down'] / 1024:.0f} | {r['bytes_up'] / 1024:.0f} | {whole / 1024:.0f} "
             f"| {r['bytes_down'] / whole:.0%} | {r['bytes_up'] / whole:.0%} |"
         )
-    down, up, whole = (sum(r[k] for r in data["rounds"]) for k in ("bytes_down", "bytes_up", "whole_model_bytes_each_way"))
-    lines += [
-        f"| all | | | {down / 1024:.0f} | {up / 1024:.0f} | {whole / 1024:.0f} | {down / whole:.0%} | {up / whole:.0%} |",
-        "",
-        f"Parity on {parity['setting']} (45 rounds, 20 clients): final accuracy {parity['final_accuracy']['in_process']:.1%} in-process "
-        f"({parity['wall_seconds']['in_process']:.0f} s) against {parity['final_accuracy']['flower_simulation']:.1%} on Flower "
-        f"({parity['wall_seconds']['flower_simulation']:.0f} s); same clients and bytes every round: {parity['same_sampling_and_bytes']}.",
-    ]
+    down, up, whole = flower_totals(data)
+    lines.append(f"| all | | | {down / 1024:.0f} | {up / 1024:.0f} | {whole / 1024:.0f} | {down / whole:.0%} | {up / whole:.0%} |")
     return "\n".join(lines)
 
 
-def tune(path: Path) -> str:
-    data = json.loads(path.read_text())
+def flower_totals(data: dict[str, Any]) -> tuple[int, int, int]:
+    return tuple(sum(r[k] for r in data["rounds"]) for k in ("bytes_down", "bytes_up", "whole_model_bytes_each_way"))  # type: ignore[return-value]
+
+
+def tune_table(data: dict[str, Any]) -> str:
     lines = [
-        f"Machine: {data['machine']['cpu']}, {data['machine']['cores']} cores. {data['method']} on {data['config']} "
-        f"{' '.join(data['fixed'])}, seeds {data['seeds']}; chosen: {data['chosen']}.",
-        "",
         "| candidate | validation accuracy (median) | by seed | (test accuracy, not used to choose) |",
         "|---|---|---|---|",
     ]
     for r in data["runs"]:
-        by_seed = ", ".join(f"{v:.1%}" for v in r["validation_by_seed"])
-        lines.append(f"| `{r['candidate']}` | {r['validation_accuracy']:.1%} | {by_seed} | {r['test_accuracy']:.1%} |")
+        by_seed = ", ".join(pct(v) for v in r["validation_by_seed"])
+        lines.append(f"| `{spell(r['candidate'])}` | {pct(r['validation_accuracy'])} | {by_seed} | {pct(r['test_accuracy'])} |")
     return "\n".join(lines)
 
 
-def main() -> None:
-    for name, render in (("memory", memory), ("accuracy", accuracy), ("compute", compute), ("speed", speed), ("flower", flower)):
-        if (RESULTS / f"{name}.json").is_file():
-            print(f"### {name}\n\n{render()}\n")
-    for path in sorted(RESULTS.glob("tune-*.json")):
-        print(f"### {path.stem}\n\n{tune(path)}\n")
+# --- the sections of benchmarks/README.md ---------------------------------------------------
+
+
+def _setting(cfg: dict[str, Any]) -> str:
+    d, mo, t, m, c = cfg["data"], cfg["model"], cfg["train"], cfg["method"], cfg["clients"]
+    epochs = f"{t['local_epochs']} local epoch" + ("s" if t["local_epochs"] != 1 else "")
+    budget = (f"budgets uniform in [{c['fractions'][0]}, {c['fractions'][1]}] x the full model's training peak"
+              if c["budget"] == "fraction" else f"budgets `{c['budget']}`")
+    split = {"params": "in proportion to the blocks' parameter counts", "equal": "equally"}.get(m.get("stage_split", ""), f"by `{m.get('stage_split')}`")
+    if m.get("stage_rounds"):
+        split = f"as {m['stage_rounds']}"
+    return (f"{d['name']}, {d['num_clients']} clients, {c['per_round']} a round, `{mo['name']}` at width {mo['width']}, "
+            f"{m['rounds']} rounds of {epochs} at learning rate {t['lr']} (batch {t['batch_size']}), {budget}. "
+            f"NeuLite's rounds are split over its stages {split}.")
+
+
+def memory_section(data: dict[str, Any]) -> list[str]:
+    rows = _memory_rows(data)
+    out = [
+        "## Memory: `python benchmarks/memory.py`",
+        "",
+        "Peak training memory of each NeuLite stage (Mentor and Harmonizer on) against training the whole",
+        "model, for ResNet-18/34, VGG-16 and MobileNetV2 on 32x32 inputs, 10 classes, SGD with momentum.",
+        "Each cell is *estimate / measurement* in MiB. The estimate is `neulite.memory`'s exact accounting;",
+        "the measurement runs two real training steps in a fresh process and reads the allocator's",
+        "high-water mark. \"Worst stage\" is the largest stage as a share of full-model training (by the",
+        "estimate, by the measurement). The rows marked *4 memory-balanced* cut the same layers into four",
+        "blocks of similar memory (`model.blocks = 4`) instead of one block per resolution stage.",
+        "",
+        f"Machine: {machine(data['machine'])}. Measured with {data['reports'][0]['measured_with']}.",
+        "",
+        memory_table(data),
+        "",
+    ]
+    by_key = {(r["model"], r["batch"], r["balanced"]): r for r in rows}
+    plain, balanced = by_key.get(("resnet34", 64, False)), by_key.get(("resnet34", 64, True))
+    if plain and balanced:
+        out += [
+            f"ResNet-34 at batch 64: the worst stage needs {plain['worst_est']:.0%} of full-model training by the estimate and "
+            f"{plain['worst_meas']:.0%} by the measurement; cut into 4 memory-balanced blocks, {balanced['worst_est']:.0%} and "
+            f"{balanced['worst_meas']:.0%}. Over every row the estimate is within {max(r['error'] for r in rows):.1%} of the measurement.",
+            "",
+        ]
+    return out
+
+
+def _headline(methods: dict[str, Any]) -> dict[str, Any]:
+    baselines = {m: r for m, r in methods.items() if m not in ("fedavg", "exclusivefl") and not m.startswith("neulite")}
+    best = max(sorted(baselines), key=lambda m: baselines[m]["final_accuracy_mean"])
+    acc = {m: r["final_accuracy_mean"] for m, r in methods.items()}
+    return {"neulite": acc["neulite"], "exclusivefl": acc["exclusivefl"], "fedavg": acc["fedavg"], "best": best, "best_acc": acc[best]}
+
+
+def _versus(a: float, b: float) -> str:
+    d = (a - b) * 100
+    return f"{abs(d):.1f} points {'above' if d > 0 else 'below' if d < 0 else 'level with'}"
+
+
+def _headline_sentence(methods: dict[str, Any]) -> str:
+    h = _headline(methods)
+    ablations = ", ".join(f"{m} {pct(r['final_accuracy_mean'])}" for m, r in sorted(methods.items()) if m.startswith("neulite-"))
+    return (f"Mean final accuracy: NeuLite {pct(h['neulite'])}, {_versus(h['neulite'], h['exclusivefl'])} ExclusiveFL ({pct(h['exclusivefl'])}), "
+            f"{_versus(h['neulite'], h['best_acc'])} the best other memory-feasible baseline ({h['best']}, {pct(h['best_acc'])}) and "
+            f"{_versus(h['neulite'], h['fedavg'])} the FedAvg oracle, which ignores memory ({pct(h['fedavg'])})."
+            + (f" Ablations: {ablations}." if ablations else ""))
+
+
+def accuracy_section(data: dict[str, Any]) -> list[str]:
+    cfg = data["config"]
+    runs = (len(data["methods"]) + len(data["iid"]["methods"])) * len(data["seeds"])
+    out = [
+        "## Accuracy: `python benchmarks/accuracy.py`",
+        "",
+        "Every method of `neulite compare` on the same data, clients and memory budgets",
+        "([accuracy.toml](accuracy.toml)), with Dirichlet label skew and with an IID split. Few clients",
+        "can train the full model, so ExclusiveFL learns from a small slice of the data; FedAvg is the",
+        "oracle that ignores memory. The learning rate and NeuLite's rounds per stage were chosen on the",
+        "clients' validation splits (see [Tuning](#tuning-on-the-validation-splits)).",
+        "",
+        f"Setting: {_setting(cfg)} Dirichlet α = {cfg['data']['alpha']}; seeds {data['seeds']}; {runs} runs in {data['seconds']:.0f} s.",
+        "",
+        f"Machine: {machine(data['machine'])}.",
+        "",
+        f"### Dirichlet({cfg['data']['alpha']}) split",
+        "",
+        methods_table(data["methods"]),
+        "",
+        _headline_sentence(data["methods"]),
+        "",
+    ]
+    if (RESULTS / "accuracy-dirichlet.png").is_file():
+        out += ["![Accuracy by round, Dirichlet split](results/accuracy-dirichlet.png)", ""]
+    out += ["### IID split", "", methods_table(data["iid"]["methods"]), "", _headline_sentence(data["iid"]["methods"]), ""]
+    if (RESULTS / "accuracy-iid.png").is_file():
+        out += ["![Accuracy by round, IID split](results/accuracy-iid.png)", ""]
+    return out
+
+
+def compute_section(data: dict[str, Any]) -> list[str]:
+    seeds = sorted({s for r in data["methods"].values() for s in r["seeds"]})
+    return [
+        "## Accuracy at the default compute: `python benchmarks/compute.py`",
+        "",
+        "The accuracy question at the compute the method is meant to have: `configs/default.toml` (the",
+        "embedded default, full-width model, more rounds and local epochs than the accuracy benchmark),",
+        "for the FedAvg oracle and every memory-feasible baseline, one run at a time on all cores. The",
+        "NeuLite ablations stay in the accuracy benchmark.",
+        "",
+        f"Setting: {_setting(data['config'])} Dirichlet α = {data['config']['data']['alpha']}; seeds {seeds}.",
+        "",
+        f"Machine: {machine(data['machine'])}.",
+        "",
+        methods_table(data["methods"]),
+        "",
+        _headline_sentence(data["methods"]),
+        "",
+        per_seed(data["methods"]),
+        "",
+        f"Time to ExclusiveFL's final median accuracy ({pct(data['target_accuracy'])}), median over seeds. The simulator trains the",
+        "sampled clients one after another; the clients' critical path sums each round's slowest client, which is",
+        "what a federation whose clients train in parallel waits for:",
+        "",
+        time_to_target_table(data["methods"]),
+        "",
+    ]
+
+
+def speed_section(data: dict[str, Any]) -> list[str]:
+    o = data["overhead"]
+    ratios = speed_ratios(data)
+    out = [
+        "## Speed: `python benchmarks/speed.py`",
+        "",
+        "Time for each method to reach ExclusiveFL's final accuracy on the Dirichlet split of the accuracy",
+        "benchmark (its runs read back, not repeated), median over seeds, on three clocks: rounds; the",
+        "simulator's wall time, which trains the sampled clients one after another and so measures the total",
+        "client work; and the clients' critical path, the sum of each round's slowest client. A `-` means",
+        "most seeds never reached the target. The second part times the simulator against a bare PyTorch",
+        "loop doing the same local steps, alternating the two so that drift in the machine's speed hits",
+        "both alike (`python benchmarks/speed.py --overhead-only` re-measures only this).",
+        "",
+        f"Machine: {machine(data['machine'])}. Target: ExclusiveFL's final accuracy, {pct(data['target_accuracy'])} (median over seeds).",
+        "",
+        speed_table(data),
+        "",
+    ]
+    if ratios:
+        out += ["NeuLite against ExclusiveFL (how many times sooner): " + ", ".join(f"{c.replace('_', ' ')} {v:.2f}x" for c, v in ratios.items()) + ".", ""]
+    on = machine(o.get("machine", data["machine"]))
+    out += [
+        f"Simulator overhead ({', '.join(f'`{s}`' for s in o['setting'])}; {on}; median of {o['repeats']} alternating runs): "
+        f"simulator {o['simulator_seconds']:.1f} s, bare PyTorch loop {o['bare_torch_seconds']:.1f} s, ratio {o['ratio']:.3f}.",
+        "",
+    ]
+    return out
+
+
+def flower_section(data: dict[str, Any]) -> list[str]:
+    parity = data["parity"]
+    down, up, whole = flower_totals(data)
+    return [
+        "## Flower: `python benchmarks/flower.py`",
+        "",
+        "The same small NeuLite experiment through the in-process simulator and through Flower's simulation",
+        "engine (Ray, one supernode per client); wall time is the whole call as a user sees it, Ray start-up",
+        "included. The bytes are the tensors sent, the same through either engine, against sending the",
+        "whole model (with its scaffolding) both ways, as the paper's reference code does. Then the default",
+        "experiment through both engines, for final-accuracy parity. Ray's workers train single-threaded",
+        "while the in-process simulator uses every core, so the two differ by floating-point rounding; with",
+        "equal thread counts they agree to the bit (`tests/test_flower_simulation.py`).",
+        "",
+        f"Machine: {machine(data['machine'])}. Setting: default config with {', '.join(f'`{s}`' for s in data['setting'])}; "
+        f"wall time median of {data['repeats']}.",
+        "",
+        flower_tables(data),
+        "",
+        f"Over the run NeuLite sent {down / whole:.0%} of the whole model's bytes down and {up / whole:.0%} back up.",
+        "",
+        f"Parity on `{parity['setting']}`: final accuracy {pct(parity['final_accuracy']['in_process'])} in-process "
+        f"({parity['wall_seconds']['in_process']:.0f} s) against {pct(parity['final_accuracy']['flower_simulation'])} on Flower "
+        f"({parity['wall_seconds']['flower_simulation']:.0f} s); same clients and bytes every round: {'yes' if parity['same_sampling_and_bytes'] else 'no'}.",
+        "",
+    ]
+
+
+SWEEPS = {
+    "lr": "The local learning rate of the accuracy benchmark, chosen on the FedAvg oracle so that the choice favours no memory-efficient method; every method then shares it.",
+    "schedule": "NeuLite's rounds per stage on the accuracy benchmark, at the chosen learning rate (applies to every `neulite*` variant).",
+    "lambda": "The Mentor's λ scale (`method.neulite.lambda_scale`, which multiplies both curricula) on the embedded default.",
+    "inherit": "Whether a new stage starts from the previous output module (`method.neulite.inherit_outputs`) on the accuracy benchmark.",
+}
+
+
+def tune_paths() -> list[Path]:
+    """The committed sweeps, in SWEEPS' order (lr and schedule set up the accuracy benchmark), then any others by name."""
+    order = {name: i for i, name in enumerate(SWEEPS)}
+    return sorted(RESULTS.glob("tune-*.json"), key=lambda p: (order.get(p.stem.removeprefix("tune-"), len(order)), p.name))
+
+
+def tune_section(paths: list[Path]) -> list[str]:
+    out = [
+        "## Tuning on the validation splits",
+        "",
+        "`python benchmarks/tune.py lr|schedule|lambda|inherit`. Every setting chosen for a benchmark was",
+        "chosen on the union of the clients' validation splits, never on the test set: each sweep runs one",
+        "method over candidate overrides and seeds and picks the best median validation accuracy; the test",
+        "accuracy is recorded for information only. Config keys are shown in today's spelling (the JSON keeps",
+        "the spelling the sweep ran with).",
+        "",
+    ]
+    for path in paths:
+        data = json.loads(path.read_text())
+        sweep = data.get("sweep", path.stem.removeprefix("tune-"))
+        fixed = " ".join(f"`{spell(f)}`" for f in data["fixed"])
+        out += [
+            f"### `{sweep}`",
+            "",
+            f"{SWEEPS.get(sweep, '').strip()} Method `{data['method']}` on `{data['config']}`{' with ' + fixed if fixed else ''}, "
+            f"seeds {data['seeds']}; picked: `{spell(data['chosen'])}`. Machine: {machine(data['machine'])}.",
+            "",
+            tune_table(data),
+            "",
+        ]
+        if sweep == "lambda":
+            out += _lambda_note(data)
+    return out
+
+
+def _lambda_note(data: dict[str, Any]) -> list[str]:
+    acc, compute = load("accuracy"), load("compute")
+    if not acc or not compute:
+        return []
+    splits = [acc["methods"], acc["iid"]["methods"]]
+    on = sum(s["neulite"]["validation_accuracy"] for s in splits) / len(splits)
+    off = sum(s["neulite-no-mentor"]["validation_accuracy"] for s in splits) / len(splits)
+    val_n = "one seed" if len(data["seeds"]) == 1 else f"{len(data['seeds'])} seeds"
+    return [
+        f"This sweep is {val_n} on a model near saturation, where the candidates differ by a few validation samples, so it does "
+        f"not decide. On the accuracy benchmark, where the model is far from saturated, NeuLite's validation accuracy averaged over "
+        f"the two splits is {pct(on)} with the Mentor at scale {acc['config']['method']['lambda_scale']} against {pct(off)} "
+        f"without it (`neulite-no-mentor`), so the default stays at `method.neulite.lambda_scale = {compute['config']['method']['lambda_scale']}`.",
+        "",
+    ]
+
+
+INTRO = [
+    "# Benchmarks",
+    "",
+    "<!-- Written by `python benchmarks/report.py` from results/*.json: edit report.py, not this file. -->",
+    "",
+    "Every figure on this page is rendered by [report.py](report.py) from the JSON that the benchmark",
+    "scripts wrote and that is committed in [results/](results). To redo a benchmark, run its script (it",
+    "rewrites its JSON; the long ones keep per-run folders in `results/*-runs/` and resume after an",
+    "interruption), then `python benchmarks/report.py` to rewrite this page and the summary in the",
+    "top-level README. `python benchmarks/report.py --check`, and `tests/test_benchmarks_readme.py`, fail",
+    "when this page no longer matches the JSON. All runs are on CPU.",
+    "",
+]
+
+
+def index(available: dict[str, dict[str, Any] | None], tunes: list[Path]) -> list[str]:
+    rows = [
+        ("memory", "`python benchmarks/memory.py`", "per-stage peak training memory against the whole model, estimated and measured"),
+        ("accuracy", "`python benchmarks/accuracy.py`", "final accuracy of every method under memory heterogeneity, Dirichlet and IID, 3 seeds"),
+        ("compute", "`python benchmarks/compute.py`", "the same question at the embedded default's compute"),
+        ("speed", "`python benchmarks/speed.py`", "time to ExclusiveFL's final accuracy; the simulator's overhead"),
+        ("flower", "`python benchmarks/flower.py`", "in-process simulator against Flower's engine: time, accuracy, bytes"),
+    ]
+    out = ["| command | measures | results | machine |", "|---|---|---|---|"]
+    for name, command, what in rows:
+        if available.get(name):
+            out.append(f"| {command} | {what} | [{name}.json](results/{name}.json) | {machine(available[name]['machine'])} |")
+    for path in tunes:
+        data = json.loads(path.read_text())
+        out.append(f"| `python benchmarks/tune.py {data['sweep']}` | a setting chosen on validation splits | "
+                   f"[{path.name}](results/{path.name}) | {machine(data['machine'])} |")
+    return out + [""]
+
+
+def render_benchmarks() -> str:
+    """The whole text of benchmarks/README.md."""
+    data = {name: load(name) for name in ("memory", "accuracy", "compute", "speed", "flower")}
+    tunes = tune_paths()
+    out = INTRO + index(data, tunes)
+    for name, section in (("memory", memory_section), ("accuracy", accuracy_section), ("compute", compute_section),
+                          ("speed", speed_section), ("flower", flower_section)):
+        if data[name]:
+            out += section(data[name])
+    if tunes:
+        out += tune_section(tunes)
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+# --- the summary in README.md ---------------------------------------------------------------
+
+
+def render_summary() -> str:
+    """The headline figures for README.md's results section (between SUMMARY_BEGIN and SUMMARY_END)."""
+    out: list[str] = []
+    if mem := load("memory"):
+        rows = {(r["model"], r["batch"], r["balanced"]): r for r in _memory_rows(mem)}
+        plain, balanced = rows.get(("resnet34", 64, False)), rows.get(("resnet34", 64, True))
+        if plain and balanced:
+            out.append(
+                f"- **Memory** (`python benchmarks/memory.py`): training ResNet-34 at batch 64 one stage at a time needs at most "
+                f"{plain['worst_meas']:.0%} of full-model training memory (measured; {balanced['worst_meas']:.0%} with "
+                f"`model.blocks = 4`). The estimate that decides eligibility is within "
+                f"{max(r['error'] for r in _memory_rows(mem)):.1%} of the measurement."
+            )
+    if acc := load("accuracy"):
+        d, i = _headline(acc["methods"]), _headline(acc["iid"]["methods"])
+        out.append(
+            f"- **Accuracy under memory heterogeneity** (`python benchmarks/accuracy.py`, {len(acc['seeds'])} seeds, "
+            f"Dirichlet({acc['config']['data']['alpha']})): NeuLite {pct(d['neulite'])} against ExclusiveFL {pct(d['exclusivefl'])}, "
+            f"the best other memory-feasible baseline ({d['best']}) {pct(d['best_acc'])} and the FedAvg oracle, which ignores memory, "
+            f"{pct(d['fedavg'])}. On the IID split: NeuLite {pct(i['neulite'])}, ExclusiveFL {pct(i['exclusivefl'])}, "
+            f"{i['best']} {pct(i['best_acc'])}, FedAvg {pct(i['fedavg'])}."
+        )
+    if comp := load("compute"):
+        m = comp["methods"]
+        h = _headline(m)
+        out.append(
+            f"- **At the default's compute** (`python benchmarks/compute.py`): NeuLite {pct(m['neulite']['final_accuracy_mean'])} "
+            f"± {pct(m['neulite']['final_accuracy_std'])}, ExclusiveFL {pct(m['exclusivefl']['final_accuracy_mean'])} "
+            f"± {pct(m['exclusivefl']['final_accuracy_std'])}, the best other memory-feasible baseline ({h['best']}) {pct(h['best_acc'])}, "
+            f"FedAvg {pct(h['fedavg'])} ({len(m['neulite']['seeds'])} seeds)."
+        )
+    if (speed := load("speed")) and (r := speed_ratios(speed)):
+        clocks = {"rounds_to_target": "in rounds", "client_seconds_to_target": "on the clients' critical path",
+                  "seconds_to_target": "in simulator time (the simulator runs the clients one after another)"}
+        parts = [f"{r[c]:.2f}x sooner {words}" for c, words in clocks.items() if c in r]
+        out.append(f"- **Speed** (`python benchmarks/speed.py`): NeuLite reaches ExclusiveFL's final accuracy {', '.join(parts[:-1])} and {parts[-1]}."
+                   if len(parts) > 1 else f"- **Speed** (`python benchmarks/speed.py`): NeuLite reaches ExclusiveFL's final accuracy {parts[0]}.")
+    if fl := load("flower"):
+        p = fl["parity"]
+        down, up, whole = flower_totals(fl)
+        out.append(
+            f"- **Flower** (`python benchmarks/flower.py`): the default experiment ends at {pct(p['final_accuracy']['in_process'])} "
+            f"in-process and {pct(p['final_accuracy']['flower_simulation'])} on Flower's engine, with the same clients and bytes every "
+            f"round; over {len(fl['rounds'])} rounds the clients receive {down / whole:.0%} and return {up / whole:.0%} of the bytes "
+            f"that sending the whole model would cost."
+        )
+    return "\n".join(out) + "\n"
+
+
+def splice(readme: str, summary: str) -> str:
+    """README text with the block between the markers replaced by `summary`."""
+    begin, end = readme.find(SUMMARY_BEGIN), readme.find(SUMMARY_END)
+    if begin < 0 or end < begin:
+        raise SystemExit(f"{TOP_README}: the results summary markers are missing; put\n{SUMMARY_BEGIN}\n{SUMMARY_END}\nwhere the summary goes")
+    return readme[: begin + len(SUMMARY_BEGIN)] + "\n" + summary + readme[end:]
+
+
+def expected() -> dict[Path, str]:
+    """Each generated file's path and the text it should hold."""
+    return {BENCH_README: render_benchmarks(), TOP_README: splice(TOP_README.read_text(), render_summary())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a generated file is out of date")
+    args = parser.parse_args(argv)
+    want = expected()
+    stale = [path for path, text in want.items() if not path.is_file() or path.read_text() != text]
+    if args.check:
+        for path in stale:
+            print(f"{path.relative_to(ROOT)} is out of date with benchmarks/results/*.json: run python benchmarks/report.py", file=sys.stderr)
+        return 1 if stale else 0
+    for path in stale:
+        path.write_text(want[path])
+        print(f"wrote {path.relative_to(ROOT)}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
