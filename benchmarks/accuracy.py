@@ -22,7 +22,8 @@ from pathlib import Path
 from rich.console import Console
 
 from neulite.compare import compare, machine
-from neulite.config import METHODS, load_config
+from neulite.algorithms.registry import METHODS
+from neulite.config import load_config
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"

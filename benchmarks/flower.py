@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from neulite.algorithms.payload import nbytes
-from neulite.algorithms.registry import build_method
+from neulite.models.arrays import nbytes
+from neulite.algorithms.registry import build_network
 from neulite.compare import machine
 from neulite.config import load_config
 from neulite.flower.simulation import simulate
-from neulite.runner import run_experiment
+from neulite.simulation import run_experiment
 
 HERE = Path(__file__).parent
 OUT = HERE / "results" / "flower.json"
@@ -61,7 +61,7 @@ def main() -> None:
     cfg = load_config(overrides=SETTING)
     runs = {"in_process": [timed(run_experiment, cfg) for _ in range(REPEATS)], "flower_simulation": [timed(simulate, cfg) for _ in range(REPEATS)]}
     with torch.device("meta"):  # only the tensors' sizes are needed
-        net, _ = build_method(cfg, (1, 28, 28), 10)
+        net = build_network(cfg, (1, 28, 28), 10)
     model_bytes = nbytes(net.model.state_dict())
     rows = runs["flower_simulation"][0][2]
     report = {

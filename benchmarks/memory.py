@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 from neulite.compare import machine
-from neulite.memory import MIB, memory_report
+from neulite.memory import MIB
+from neulite.memory_report import memory_report
 
 MODELS = (("resnet18", 0), ("resnet34", 0), ("vgg16", 0), ("mobilenetv2", 0), ("resnet34", 4))
 BATCHES = (32, 64, 128)

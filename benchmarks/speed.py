@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from rich.console import Console
 
 from neulite.compare import compare, machine
-from neulite.config import METHODS, load_config
+from neulite.algorithms.registry import METHODS
+from neulite.config import load_config
 from neulite.server import client_seed
 from neulite.simulation import Simulation
 

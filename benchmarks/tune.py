@@ -41,16 +41,16 @@ class Sweep:
 
 
 SWEEPS = {
-    "lambda": Sweep(ROOT / "configs" / "default.toml", "neulite", tuple(f"method.lambda_scale={s}" for s in (0.0, 0.5, 1.0, 2.0)), (0,)),
+    "lambda": Sweep(ROOT / "configs" / "default.toml", "neulite", tuple(f"method.neulite.lambda_scale={s}" for s in (0.0, 0.5, 1.0, 2.0)), (0,)),
     "lr": Sweep(HERE / "accuracy.toml", "fedavg", tuple(f"train.lr={lr}" for lr in (0.05, 0.1, 0.15, 0.2, 0.3)), (0, 1), DIRICHLET),
     "schedule": Sweep(
         HERE / "accuracy.toml",
         "neulite",
-        ("method.stage_rounds=[8,8,8]", "method.stage_rounds=[6,6,12]", "method.stage_rounds=[4,8,12]", "method.stage_split=params"),
+        ("method.neulite.stage_rounds=[8,8,8]", "method.neulite.stage_rounds=[6,6,12]", "method.neulite.stage_rounds=[4,8,12]", "method.neulite.stage_split=params"),
         (0, 1),
         DIRICHLET,
     ),
-    "inherit": Sweep(HERE / "accuracy.toml", "neulite", ("method.inherit_outputs=false", "method.inherit_outputs=true"), (0, 1), DIRICHLET),
+    "inherit": Sweep(HERE / "accuracy.toml", "neulite", ("method.neulite.inherit_outputs=false", "method.neulite.inherit_outputs=true"), (0, 1), DIRICHLET),
 }
 
 

@@ -12,13 +12,13 @@ from torch import nn
 from neulite.algorithms.allsmall import AllSmall
 from neulite.algorithms.depthfl import DepthFL, DepthNet, DepthPlan, depthfl_loss
 from neulite.algorithms.fedrolex import FedRolex
-from neulite.algorithms.heterofl import HeteroFL
+from neulite.algorithms.heterofl import HeteroFL, bn_statistics
+from neulite.algorithms.local import cross_entropy_loss
 from neulite.algorithms.payload import ClientResult
 from neulite.algorithms.profl import ProFL
 from neulite.algorithms.submodel import WIDTHS, scatter_average, width_net, window
 from neulite.config import load_config
 from neulite.data import TensorDataset
-from neulite.federation import Client
 from neulite.memory import estimate
 from neulite.models.blocks import BlockModel
 from neulite.models.stage_net import StageNet
@@ -62,10 +62,15 @@ def test_fedrolex_window_rolls_with_the_round_and_wraps():
         assert torch.equal(task.arrays[stem], state[stem][rows])  # image channels (dim 1) whole
         assert torch.equal(task.arrays[head], state[head][:, [(rnd + i) % 64 for i in range(32)]])  # classes whole
     # the round-14 window (wrapping past the end) goes back where it came from
-    rolex.aggregate_train(plan, [ClientResult({k: v + 1 for k, v in task.arrays.items()}, 10)])
+    rolex.aggregate_train(14, plan, [ClientResult({k: v + 1 for k, v in task.arrays.items()}, 10)])
     changed = (rolex.net.state_dict()[stem] != state[stem]).flatten(1).any(1)
     assert changed.nonzero().flatten().tolist() == sorted(rows)
     assert torch.allclose(rolex.net.state_dict()[stem][rows], state[stem][rows] + 1)
+
+
+def _calibrate(method: HeteroFL, *datasets: TensorDataset) -> None:
+    task = method.calibration_task()
+    method.calibrate([method.client_calibrate(task, d) for d in datasets])
 
 
 def test_heterofl_evaluation_uses_client_data_statistics_and_keeps_batchnorm_static():
@@ -76,17 +81,31 @@ def test_heterofl_evaluation_uses_client_data_statistics_and_keeps_batchnorm_sta
     data = TensorDataset(torch.randn(300, 1, 28, 28) + y.view(-1, 1, 1, 1) * 0.3, y, 10)
     perm = torch.randperm(300)
     shuffled = TensorDataset(data.x[perm], data.y[perm], 10)
-    with pytest.raises(RuntimeError, match="setup"):
+    with pytest.raises(RuntimeError, match="calibrate"):
         method.evaluate(method.final_plan(), data)
-    method.setup([Client(0, shuffled, shuffled, 10**12)])
+    _calibrate(method, shuffled)
     sorted_result = method.evaluate(method.final_plan(), data)
     assert sorted_result == pytest.approx(method.evaluate(method.final_plan(), shuffled))
     other = HeteroFL(_small_cnn(), load_config(overrides=["method.name=heterofl"]))
     other.net.load_state_dict(method.net.state_dict())
-    scaled = TensorDataset(data.x[:30] * 5, data.y[:30], 10)
-    other.setup([Client(0, scaled, scaled, 10**12)])
+    _calibrate(other, TensorDataset(data.x[:30] * 5, data.y[:30], 10))
     assert other.evaluate(other.final_plan(), data) != method.evaluate(method.final_plan(), data), "statistics come from the calibration data"
     assert set(method.net.state_dict()) == keys
+
+
+def test_heterofl_pools_the_clients_statistics_exactly():
+    """Two clients' means and second moments pool to the statistics of their union (checked at the
+    first BatchNorm, whose input does not depend on how the data is batched)."""
+    method = HeteroFL(_small_cnn(), load_config(overrides=["method.name=heterofl"]))
+    x = torch.randn(300, 1, 28, 28) * 2 + 1
+    a, b = TensorDataset(x[:100], torch.zeros(100, dtype=torch.long), 10), TensorDataset(x[100:], torch.zeros(200, dtype=torch.long), 10)
+    _calibrate(method, a, b)
+    union = bn_statistics(method.net.model, TensorDataset(x, torch.zeros(300, dtype=torch.long), 10))
+    first = "blocks.0.stem.bn"
+    for kind in ("mean", "second_moment"):
+        assert torch.allclose(method._statistics[f"{first}.{kind}"], union[f"{first}.{kind}"], rtol=1e-4, atol=1e-5)
+    spec = method.calibration_spec()
+    assert spec[f"{first}.mean"] == ((16,), torch.float32) and len(spec) == len(union)
 
 
 # ------------------------------------------------------------------------------------------ DepthFL
@@ -143,7 +162,7 @@ def _train_to(method: ProFL, theta: torch.Tensor) -> int:
     params = list(method.net.get_submodule(prefix).named_parameters())
     for (name, p), part in zip(params, theta.split([p.numel() for _, p in params])):
         arrays[f"{prefix}.{name}"] = part.view_as(p)
-    method.aggregate_train(plan, [ClientResult(arrays, 1)])
+    method.aggregate_train(0, plan, [ClientResult(arrays, 1)])
     return plan.stage
 
 
@@ -175,23 +194,22 @@ def test_profl_steady_drift_waits_for_the_cap_and_the_run_ends_on_time():
 
 # ------------------------------------------------------------------------------------------ AllSmall
 
-DATA = TensorDataset(torch.randn(8, 1, 28, 28), torch.arange(8), 10)
-
-
-def _clients(budgets: list[int]) -> list[Client]:
-    return [Client(i, DATA, DATA, b) for i, b in enumerate(budgets)]
+def _budgets(budgets: list[int]) -> dict[int, int]:
+    return dict(enumerate(budgets))
 
 
 def test_allsmall_takes_the_widest_width_the_weakest_client_fits():
     cfg = load_config(overrides=["method.name=allsmall"])
     net = _small_cnn()
-    peaks = {w: estimate(m, m.plan(0), cfg.train.batch_size).total for w in WIDTHS for m in [width_net(cfg, net, w)]}
+    peaks = {w: estimate(m, m.full_plan(), cfg.train.batch_size, cross_entropy_loss).total for w in WIDTHS for m in [width_net(cfg, net, w)]}
     assert peaks[1 / 2] > peaks[1 / 4]
     method = AllSmall(net, cfg)
-    method.setup(_clients([10**12, peaks[1 / 4] + 1, 10**11]))
+    method.setup(_budgets([10**12, peaks[1 / 4] + 1, 10**11]))
     assert method.width == 1 / 4 and method.net.model.head.fc.in_features == 16
-    assert method.assign(method.plan(1), peaks[1 / 4]) == 0
-    method.setup(_clients([1]))  # nothing fits: the narrowest model, and whoever it does not fit sits out
+    level = method.assign(method.plan(1), peaks[1 / 4])
+    assert level == WIDTHS.index(1 / 4)  # the level tells a client which width to build
+    assert method.client_net(level).model.head.fc.in_features == 16
+    method.setup(_budgets([1]))  # nothing fits: the narrowest model, and whoever it does not fit sits out
     assert method.width == 1 / 16
     assert method.assign(method.plan(1), peaks[1 / 16] - 1) is None
 

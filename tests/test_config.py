@@ -2,19 +2,19 @@ from pathlib import Path
 
 import pytest
 
-from neulite.config import Config, load_config
+from neulite.config import Config, config_to_toml, load_config
 from neulite.errors import NeuliteError
-from neulite.results import config_to_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_and_overrides():
-    cfg = load_config(overrides=["train.lr=0.1", "method.stage_rounds=[1, 2, 3]", "data.name=digits", "method.mentor=false"])
+    cfg = load_config(overrides=["train.lr=0.1", "method.neulite.stage_rounds=[1, 2, 3]", "data.name=digits", "method.neulite.mentor=false"])
     assert cfg.train.lr == 0.1
-    assert cfg.method.stage_rounds == (1, 2, 3)
+    assert cfg.method.section("neulite").stage_rounds == (1, 2, 3)
     assert cfg.data.name == "digits"
-    assert cfg.method.mentor is False
+    assert cfg.method.section("neulite").mentor is False
+    assert cfg.method.section("depthfl").kd_weight == 1.0  # sections not given keep their defaults
 
 
 @pytest.mark.parametrize(
@@ -27,7 +27,12 @@ def test_defaults_and_overrides():
         ("method.name=fedprox", "method.name = 'fedprox' is not one of"),
         ("data.partition=zipf", "data.partition"),
         ("train.batch_size=1", "train.batch_size must be >= 2"),
-        ("method.mentor=1", "method.mentor must be true or false"),
+        ("method.neulite.mentor=1", "method.neulite.mentor must be true or false"),
+        ("method.neulite.sigmaa=1", "unknown key 'method.neulite.sigmaa'"),
+        ("method.mentor=false", "unknown key 'method.mentor' (did you mean method.neulite.mentor?)"),
+        ("method.fedprox.mu=0.1", "unknown key 'method.fedprox'"),
+        ("method.depthfl.temperature=0", "method.depthfl.temperature must be > 0"),
+        ("method.profl.window=1", "method.profl.window must be >= 2"),
         ("clients.per_round=50", "exceeds data.num_clients"),
         ("noequals", "expected section.key=value"),
     ],
@@ -49,10 +54,12 @@ def test_missing_and_invalid_files(tmp_path: Path):
 
 
 def test_resolved_config_round_trips(tmp_path: Path):
-    cfg = load_config(overrides=["method.lambda1=[0.4, 0.2, 0.0]", "data.root=/x y"])
+    cfg = load_config(overrides=["method.neulite.lambda1=[0.4, 0.2, 0.0]", "data.root=/x y", "method.profl.threshold=0.25"])
     path = tmp_path / "c.toml"
     path.write_text(config_to_toml(cfg))
+    assert "[method.profl]\nwindow = 3\nthreshold = 0.25\n" in path.read_text()
     assert load_config(path) == cfg
+    assert load_config(path) != Config()
 
 
 def test_shipped_configs_load():

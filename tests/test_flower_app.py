@@ -8,7 +8,8 @@ import tomllib
 
 from neulite.config import Config, load_config
 from neulite.errors import NeuliteError
-from neulite.federation import MB, simulated_budgets
+from neulite.federation import simulated_budgets
+from neulite.memory import MIB
 
 pytest.importorskip("flwr")
 from flwr.app import Context, RecordDict  # noqa: E402
@@ -47,12 +48,12 @@ def _context(node_config: dict, **overrides) -> Context:
 
 def test_a_node_reports_its_configured_budget_else_the_budget_model_or_its_free_memory():
     cfg = load_config(overrides=["data.num_clients=4", "clients.per_round=2"])
-    assert client_app.node_budget(_context({"partition-id": 2, "budget-mb": 18}), cfg, 2, 10 * MB) == (18 * MB, "node-config")
-    assert client_app.node_budget(_context({"partition-id": 2}), cfg, 2, 10 * MB) == (simulated_budgets(cfg, 10 * MB)[2], "fraction")
+    assert client_app.node_budget(_context({"partition-id": 2, "budget-mb": 18}), cfg, 2, 10 * MIB) == (18 * MIB, "node-config")
+    assert client_app.node_budget(_context({"partition-id": 2}), cfg, 2, 10 * MIB) == (simulated_budgets(cfg, 10 * MIB)[2], "fraction")
     measured = cfg.replace(clients=cfg.clients.__class__(per_round=2, budget="measured"))
-    budget, source = client_app.node_budget(_context({"partition-id": 2}), measured, 2, 10 * MB)
-    assert source == "measured" and budget > 64 * MB  # this machine's available memory
+    budget, source = client_app.node_budget(_context({"partition-id": 2}), measured, 2, 10 * MIB)
+    assert source == "measured" and budget > 64 * MIB  # this machine's available memory
     with pytest.raises(NeuliteError, match="budget-mb must be a positive number"):
-        client_app.node_budget(_context({"partition-id": 2, "budget-mb": -1}), cfg, 2, 10 * MB)
+        client_app.node_budget(_context({"partition-id": 2, "budget-mb": -1}), cfg, 2, 10 * MIB)
     with pytest.raises(NeuliteError, match=r"partition-id must be an integer in \[0, 4\)"):
         client_app.partition_id(_context({"partition-id": 4}), cfg)

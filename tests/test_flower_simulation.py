@@ -9,7 +9,7 @@ import torch
 
 from neulite.config import load_config
 from neulite.errors import NeuliteError
-from neulite.runner import run_experiment
+from neulite.simulation import run_experiment
 
 pytest.importorskip("flwr")
 from flwr.app import ArrayRecord, Context, Message  # noqa: E402
@@ -30,8 +30,10 @@ def _rows(path):
     return [{k: v for k, v in r.items() if k in ("round", "stage", "eligible", "participants", "bytes_down", "bytes_up")} for r in rows]
 
 
-def test_flower_simulation_matches_the_in_process_simulator(tmp_path):
-    cfg = load_config(overrides=SMALL)
+@pytest.mark.parametrize("name", ["neulite", "heterofl"])
+def test_flower_simulation_matches_the_in_process_simulator(tmp_path, name: str):
+    """On Ray: NeuLite, and HeteroFL, whose evaluations query every node for BatchNorm statistics."""
+    cfg = load_config(overrides=[*SMALL, f"method.name={name}"])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # Ray's workers train single-threaded; match them for comparable floating point
     try:

@@ -4,7 +4,8 @@ back; malformed replies are rejected naming the problem. No Flower runtime neede
 import pytest
 import torch
 
-from neulite.algorithms.payload import ClientResult, nbytes
+from neulite.algorithms.payload import ClientResult
+from neulite.models.arrays import nbytes
 from neulite.config import load_config
 from neulite.errors import NeuliteError
 from neulite.simulation import Simulation
@@ -18,7 +19,7 @@ SMALL = ["data.num_clients=4", "clients.per_round=2", "train.local_epochs=1", "m
 
 def test_each_stage_sends_down_only_prefix_and_trained_parts_and_up_only_trained_parts():
     sim = Simulation(load_config(overrides=SMALL))
-    state = sim.net.state_dict()
+    state = sim.method.net.state_dict()
     full_bytes = nbytes(state)
     for rnd in (1, 2, 3):
         configured = sim.server.configure(rnd)
@@ -28,16 +29,16 @@ def test_each_stage_sends_down_only_prefix_and_trained_parts_and_up_only_trained
             record = encode_task(task)
             sent = record.array_records["arrays"]
             frozen = [f"model.blocks.{i}." for i in range(rnd - 1)]
-            assert list(sent.keys()) == sim.net.down_names(plan)
+            assert list(sent.keys()) == sim.method.net.down_names(plan)
             assert all(any(n.startswith(p) for n in sent.keys()) for p in frozen)  # the frozen prefix goes down
             assert nbytes(decode_task(record).arrays) == nbytes(task.arrays) < full_bytes
             received = decode_task(record)
-            assert received.plan == plan and received.seed == task.seed and (received.lambda1, received.lambda2) == (task.lambda1, task.lambda2)
+            assert received.plan == plan and received.seed == task.seed and received.config == task.config and set(task.config) == {"lambda1", "lambda2", "level"}
             assert all(torch.equal(received.arrays[n], task.arrays[n]) for n in task.arrays)
 
             result = sim.method.client_update(received, sim.clients[cid].train, augment=False)
             reply = decode_result(encode_result(result), sim.method.reply_spec(task))
-            up = sim.net.up_names(plan)
+            up = sim.method.net.up_names(plan)
             assert sorted(reply.arrays) == sorted(up)
             assert nbytes(reply.arrays) == sum(state[n].numel() * state[n].element_size() for n in up)
             first_block = [n for n in state if n.startswith("model.blocks.0.")]

@@ -1,10 +1,16 @@
+import ast
+import inspect
+
 import pytest
 from torch import nn
 
+import neulite.memory
+from neulite.algorithms.local import cross_entropy_loss
+from neulite.algorithms.registry import build_method, build_network
+from neulite.config import load_config
 from neulite.memory import estimate, measure
 from neulite.models.blocks import BlockModel, ClassifierHead
 from neulite.models.stage_net import StageNet
-from neulite.models.zoo import build_model
 
 F32 = 4
 
@@ -23,7 +29,7 @@ def test_estimate_matches_a_hand_count_on_a_toy_model():
     int64 targets are counted as the batch, not as activations.
     """
     net = toy_net()
-    est = estimate(net, net.plan(0), batch_size=5)
+    est = estimate(net, net.full_plan(), 5, cross_entropy_loss)
     assert est.weights == est.gradients == est.optimizer == 101 * F32
     assert est.batch == 5 * 4 * F32 + 5 * 8
     assert est.activations == (5 * 8 + 5 * 6 + 5 * 3 + 1) * F32
@@ -35,7 +41,7 @@ def test_frozen_prefix_keeps_nothing_for_backward():
     prefix transient (2 x 5x8 floats), and Linear2 saves the prefix output once."""
     net = toy_net()
     plan = net.plan(2)
-    est = estimate(net, plan, batch_size=5)
+    est = estimate(net, plan, 5, cross_entropy_loss)
     assert est.frozen_forward == 2 * 5 * 8 * F32
     assert est.gradients == (8 * 6 + 6 * 3 + 3) * F32
     assert est.weights == 101 * F32  # the client holds the frozen block too
@@ -43,16 +49,26 @@ def test_frozen_prefix_keeps_nothing_for_backward():
 
 
 def test_stages_need_less_than_full_model_for_resnet():
-    net = StageNet(build_model("resnet18", (3, 32, 32), 10, width=0.5))
-    full = estimate(net, net.plan(0), 32).total
-    stages = [estimate(net, net.plan(t, harmonize=True, mentor=True), 32).total for t in range(1, 5)]
-    assert max(stages) < 0.6 * full
+    cfg = load_config(overrides=["model.name=resnet18", "model.width=0.5"])
+    net = build_network(cfg, (3, 32, 32), 10)
+    full = estimate(net, net.full_plan(), 32, cross_entropy_loss).total
+    method = build_method(cfg, net)
+    assert max(method.memory(p).total for p in method.plans()) < 0.6 * full
 
 
-@pytest.mark.parametrize("stage", [0, 1, 3])
-def test_estimate_holds_against_measured_allocator_peak(stage: int):
-    net = StageNet(build_model("small_cnn", (1, 28, 28), 10))
-    plan = net.plan(stage, harmonize=stage > 0, mentor=stage > 0)
-    est = estimate(net, plan, 32).total
-    real = measure(net, plan, 32)
+def test_the_memory_module_depends_on_models_only():
+    imported = {node.module for node in ast.walk(ast.parse(inspect.getsource(neulite.memory))) if isinstance(node, ast.ImportFrom)}
+    assert all(not m.startswith("neulite.") or m.startswith("neulite.models") or m == "neulite.saved_tensors" for m in imported), imported
+
+
+@pytest.mark.parametrize(("method", "stage"), [("fedavg", 0), ("neulite", 1), ("neulite", 3), ("depthfl", 0)])
+def test_estimate_of_each_methods_step_holds_against_the_measured_allocator_peak(method: str, stage: int):
+    """The step a method's clients really run (NeuLite's Mentor terms, DepthFL's exits and
+    distillation at the deepest level), estimated and measured."""
+    cfg = load_config(overrides=[f"method.name={method}"])
+    m = build_method(cfg, build_network(cfg, (1, 28, 28), 10))
+    plan = m.depth_plan(0) if method == "depthfl" else m.plans()[max(stage - 1, 0)]
+    assert plan.stage == (3 if method == "depthfl" else stage)
+    est = m.memory(plan).total
+    real = measure(m.net, plan, cfg.train.batch_size, m.loss(m.task_config(plan)))
     assert abs(est - real) / real < 0.15, (est, real)

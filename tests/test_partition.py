@@ -8,7 +8,7 @@ from neulite.config import load_config
 from neulite.errors import NeuliteError
 from neulite.memory import estimate
 from neulite.models.blocks import BlockModel, ClassifierHead
-from neulite.models.partition import balanced_cuts, rebalance, unit_costs, units
+from neulite.models.balance import balanced_cuts, rebalance, unit_costs, units
 from neulite.models.stage_net import StageNet
 from neulite.models.zoo import build_model
 
@@ -76,7 +76,7 @@ def test_config_blocks_reaches_the_model():
     from neulite.simulation import Simulation
 
     sim = Simulation(load_config(overrides=["model.blocks=2", "data.num_clients=4", "clients.per_round=2"]))
-    assert sim.net.num_stages == 2
+    assert sim.method.net.num_stages == 2
     with pytest.raises(NeuliteError, match="model.blocks"):
         load_config(overrides=["model.blocks=-1"])
 

@@ -6,24 +6,23 @@ import copy
 import pytest
 import torch
 
-from neulite.algorithms.registry import build_method
 from neulite.config import load_config
 from neulite.errors import NeuliteError
-from neulite.memory import estimate
+from neulite.experiment import build_experiment
 from neulite.server import Server
 from neulite.simulation import Simulation
 
 
 def _server(budgets_of_full: dict[int, float], *overrides: str) -> Server:
     cfg = load_config(overrides=["data.num_clients=4", "clients.per_round=4", "method.rounds=3", *overrides])
-    net, method = build_method(cfg, (1, 28, 28), 10)
-    full = estimate(net, net.plan(0), cfg.train.batch_size).total
-    return Server(method, {cid: int(f * full) for cid, f in budgets_of_full.items()}, cfg, full)
+    experiment = build_experiment(cfg)
+    full = experiment.full_peak
+    return Server(experiment.method, {cid: int(f * full) for cid, f in budgets_of_full.items()}, cfg, full, query=lambda task: {})
 
 
 def test_a_node_that_fits_no_stage_is_never_sent_work():
     server = _server({0: 0.05, 1: 0.5, 2: 0.9, 3: 1.2})
-    assert server.able() == [1, 2, 3]
+    assert server.fitting_clients() == [1, 2, 3]
     sent = {cid for rnd in (1, 2, 3) for cid in server.configure(rnd).tasks}
     assert 0 not in sent and sent == {1, 2, 3}
     peaks = {p.stage: server.method.memory(p).total for p in server.method.plans()}
@@ -60,7 +59,7 @@ def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 @pytest.mark.parametrize("inherit", [True, False])
 def test_a_new_stage_starts_from_the_output_module_that_stood_in_for_it(inherit: bool):
-    server = _server({0: 1.2, 1: 1.2}, f"method.inherit_outputs={str(inherit).lower()}")
+    server = _server({0: 1.2, 1: 1.2}, f"method.neulite.inherit_outputs={str(inherit).lower()}")
     net = server.method.net
     server.configure(1)
     _perturb(net.outputs[0])
@@ -73,13 +72,13 @@ def test_a_new_stage_starts_from_the_output_module_that_stood_in_for_it(inherit:
 
 
 def test_a_resumed_stage_is_not_warm_started_again():
-    server = _server({0: 1.2, 1: 1.2}, "method.inherit_outputs=true", "method.rounds=6")
+    server = _server({0: 1.2, 1: 1.2}, "method.neulite.inherit_outputs=true", "method.rounds=6")
     net = server.method.net
     for rnd in (1, 2, 3):
         server.configure(rnd)
         _perturb(net.outputs[0] if rnd < 3 else net.outputs[1])
     trained = copy.deepcopy(net.outputs[1].state_dict())
-    resumed = _server({0: 1.2, 1: 1.2}, "method.inherit_outputs=true", "method.rounds=6")
+    resumed = _server({0: 1.2, 1: 1.2}, "method.neulite.inherit_outputs=true", "method.rounds=6")
     resumed.load_state_dict(server.state_dict())
     resumed.configure(4)
     assert all(torch.equal(v, trained[k]) for k, v in resumed.method.net.outputs[1].state_dict().items())

@@ -1,15 +1,17 @@
 import copy
+import functools
 
 import numpy as np
 import pytest
 import torch
 
-from neulite.algorithms.local import local_update, stage_loss
-from neulite.algorithms.neulite import DEFAULT_LAMBDA1, DEFAULT_LAMBDA2, curriculum, stage_round_budget
-from neulite.algorithms.payload import ClientResult, ClientTask, assign_arrays, nbytes, weighted_average
+from neulite.algorithms.local import local_update
+from neulite.algorithms.neulite import DEFAULT_LAMBDA1, DEFAULT_LAMBDA2, curriculum, neulite_loss, stage_round_budget
+from neulite.algorithms.payload import ClientResult, ClientTask, weighted_average
 from neulite.config import TrainConfig, load_config
 from neulite.data import TensorDataset
 from neulite.errors import NeuliteError
+from neulite.models.arrays import assign_arrays, nbytes
 from neulite.models.stage_net import StageNet
 from neulite.models.zoo import build_model
 from neulite.simulation import Simulation
@@ -26,13 +28,10 @@ def test_a_stage_round_leaves_frozen_state_bit_identical(harmonize: bool):
     net = StageNet(build_model("small_cnn", (1, 28, 28), 10))
     plan = net.plan(2, harmonize=harmonize, mentor=True)
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    task = ClientTask(1, plan, {n: net.state_dict()[n] for n in net.down_names(plan)}, 0.3, 0.3, seed=1)
+    task = ClientTask(1, plan, {n: net.state_dict()[n] for n in net.down_names(plan)}, seed=1)
     client = copy.deepcopy(net).to("meta")
-
-    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return stage_loss(client, plan, x, y, 0.3, 0.3, 5.0)[0]
-
-    result = local_update(client, task, _data(), TrainConfig(batch_size=16), augment=False, loss_fn=loss_fn)
+    loss = functools.partial(neulite_loss, lambda1=0.3, lambda2=0.3, sigma=5.0)
+    result = local_update(client, task, _data(), TrainConfig(batch_size=16), augment=False, loss=loss)
     after = client.state_dict()
     trained = set(result.arrays)
     assert trained == set(net.up_names(plan))
@@ -72,7 +71,7 @@ def test_curriculum_and_stage_budgets():
 
 
 def test_sequential_and_cyclic_schedules():
-    seq = Simulation(load_config(overrides=[*SMALL, "method.stage_rounds=[2, 1, 3]", "method.rounds=6"]))
+    seq = Simulation(load_config(overrides=[*SMALL, "method.neulite.stage_rounds=[2, 1, 3]", "method.rounds=6"]))
     assert [seq.method.plan(r).stage for r in range(1, 7)] == [1, 1, 2, 3, 3, 3]
     cyc = Simulation(load_config(overrides=[*SMALL, "method.name=neulite-cyclic", "method.rounds=6"]))
     assert [cyc.method.plan(r).stage for r in range(1, 7)] == [1, 2, 3, 1, 2, 3]

@@ -13,12 +13,12 @@ from rich.table import Table
 
 from neulite.config import load_config
 from neulite.errors import NeuliteError
-from neulite.federation import MB
+from neulite.memory import MIB
 
 
 def _run(args: argparse.Namespace) -> None:
     from neulite.results import ResultsDir
-    from neulite.runner import run_experiment
+    from neulite.simulation import run_experiment
 
     if args.resume:
         if args.out is None:
@@ -40,7 +40,7 @@ def _run(args: argparse.Namespace) -> None:
 
 def _compare(args: argparse.Namespace) -> None:
     from neulite.compare import compare
-    from neulite.config import METHODS
+    from neulite.algorithms.registry import METHODS
 
     cfg = load_config(args.config, args.set)
     methods = args.methods.split(",") if args.methods else list(METHODS)
@@ -57,7 +57,7 @@ def _compare(args: argparse.Namespace) -> None:
 
 
 def _memory(args: argparse.Namespace) -> None:
-    from neulite.memory import memory_report
+    from neulite.memory_report import memory_report
 
     shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape.replace(",", "").isdigit() else ()
     if len(shape) != 3:
@@ -75,8 +75,8 @@ def _memory(args: argparse.Namespace) -> None:
         m = r["measured_bytes"]
         table.add_row(
             "full model" if r["stage"] == 0 else f"stage {r['stage']}",
-            f"{r['estimated_bytes'] / MB:.1f}",
-            "-" if m is None else f"{m / MB:.1f}",
+            f"{r['estimated_bytes'] / MIB:.1f}",
+            "-" if m is None else f"{m / MIB:.1f}",
             "-" if m is None else f"{r['estimated_bytes'] / m:.3f}",
             f"{r['estimated_bytes'] / full['estimated_bytes']:.0%}",
         )

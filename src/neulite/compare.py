@@ -20,11 +20,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from neulite.config import Config, load_config
+from neulite.config import Config, config_to_toml, load_config
 from neulite.errors import NeuliteError
-from neulite.federation import MB
-from neulite.results import ResultsDir, config_to_toml
-from neulite.runner import run_experiment
+from neulite.memory import MIB
+from neulite.results import ResultsDir
+from neulite.simulation import run_experiment
 
 
 def machine() -> dict[str, Any]:
@@ -140,12 +140,12 @@ COLUMNS = [
     ("final acc (mean ± std)", lambda m, r: f"{r['final_accuracy_mean']:.1%} ± {r['final_accuracy_std']:.1%}"),
     ("best acc", lambda m, r: f"{r['best_accuracy']:.1%}"),
     ("clients took part", lambda m, r: f"{r['participation']:.0%}"),
-    ("peak client MiB", lambda m, r: f"{r['peak_memory_bytes'] / MB:.1f}"),
+    ("peak client MiB", lambda m, r: f"{r['peak_memory_bytes'] / MIB:.1f}"),
     ("rounds to target", lambda m, r: "-" if r["rounds_to_target"] is None else f"{r['rounds_to_target']:.0f}"),
     ("s to target", lambda m, r: "-" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.0f}"),
     ("client s to target", lambda m, r: "-" if r.get("client_seconds_to_target") is None else f"{r['client_seconds_to_target']:.0f}"),
     ("wall s", lambda m, r: f"{r['wall_seconds']:.0f}"),
-    ("MiB up / down", lambda m, r: f"{r['bytes_up'] / MB:.0f} / {r['bytes_down'] / MB:.0f}"),
+    ("MiB up / down", lambda m, r: f"{r['bytes_up'] / MIB:.0f} / {r['bytes_down'] / MIB:.0f}"),
 ]
 
 

@@ -1,13 +1,16 @@
 """The experiment config: TOML in, validated dataclasses out, one-line errors for anything wrong.
 
 Every section is a frozen dataclass whose `__post_init__` checks its own values; `load_config`
-rejects unknown sections and keys by name. `--set section.key=value` overrides use TOML syntax for
-the value (strings may be left unquoted).
+rejects unknown sections and keys by name. A method's own knobs live in its table
+`[method.SECTION]` (e.g. `[method.neulite]`), whose dataclass the method registry names.
+`--set section.key=value` overrides use TOML syntax for the value (strings may be left unquoted).
+`config_to_toml` writes a config back so that `load_config` reads the same config.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 import types
 import typing
@@ -20,13 +23,14 @@ from neulite.errors import NeuliteError
 from neulite.models.zoo import MODEL_NAMES
 
 
-def _check(cond: bool, msg: str) -> None:
+def check(cond: bool, msg: str) -> None:
+    """Fail with a one-line `bad config: msg` unless `cond` (for every section's validation)."""
     if not cond:
         raise NeuliteError(f"bad config: {msg}")
 
 
-def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
-    _check(value in options, f"{key} = {value!r} is not one of {', '.join(options)}")
+def choice(key: str, value: str, options: tuple[str, ...]) -> None:
+    check(value in options, f"{key} = {value!r} is not one of {', '.join(options)}")
 
 
 @dataclass(frozen=True)
@@ -43,15 +47,15 @@ class DataConfig:
     train_size: int = 0  # 0: the whole training set; N: a class-stratified sample of N (seeded by `seed`)
 
     def __post_init__(self) -> None:
-        _choice("data.name", self.name, DATASET_NAMES)
-        _check(self.num_clients >= 1, "data.num_clients must be >= 1")
-        _choice("data.partition", self.partition, ("iid", "dirichlet", "shards"))
-        _check(self.alpha > 0, "data.alpha must be > 0")
-        _check(self.shards_per_client >= 1, "data.shards_per_client must be >= 1")
-        _check(0 <= self.val_fraction < 1, "data.val_fraction must be in [0, 1)")
-        _choice("data.on_small", self.on_small, ("error", "clamp"))
-        _choice("data.augment", self.augment, ("auto", "on", "off"))
-        _check(self.train_size >= 0, "data.train_size must be >= 0 (0 = the whole training set)")
+        choice("data.name", self.name, DATASET_NAMES)
+        check(self.num_clients >= 1, "data.num_clients must be >= 1")
+        choice("data.partition", self.partition, ("iid", "dirichlet", "shards"))
+        check(self.alpha > 0, "data.alpha must be > 0")
+        check(self.shards_per_client >= 1, "data.shards_per_client must be >= 1")
+        check(0 <= self.val_fraction < 1, "data.val_fraction must be in [0, 1)")
+        choice("data.on_small", self.on_small, ("error", "clamp"))
+        choice("data.augment", self.augment, ("auto", "on", "off"))
+        check(self.train_size >= 0, "data.train_size must be >= 0 (0 = the whole training set)")
 
 
 @dataclass(frozen=True)
@@ -64,9 +68,9 @@ class ModelConfig:
     blocks: int = 0
 
     def __post_init__(self) -> None:
-        _choice("model.name", self.name, MODEL_NAMES)
-        _check(self.width > 0, "model.width must be > 0")
-        _check(self.blocks >= 0, "model.blocks must be >= 0")
+        choice("model.name", self.name, MODEL_NAMES)
+        check(self.width > 0, "model.width must be > 0")
+        check(self.blocks >= 0, "model.blocks must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -80,68 +84,48 @@ class TrainConfig:
     weight_decay: float = 5e-4
 
     def __post_init__(self) -> None:
-        _check(self.local_epochs >= 1, "train.local_epochs must be >= 1")
-        _check(self.batch_size >= 2, "train.batch_size must be >= 2 (BatchNorm needs two samples)")
-        _check(self.lr > 0, "train.lr must be > 0")
-        _check(0 <= self.momentum < 1, "train.momentum must be in [0, 1)")
-        _check(self.weight_decay >= 0, "train.weight_decay must be >= 0")
-
-
-METHODS = (
-    "neulite", "neulite-cyclic", "neulite-no-mentor", "neulite-no-harmonizer", "neulite-plain",
-    "fedavg", "exclusivefl", "allsmall", "heterofl", "fedrolex", "depthfl", "profl",
-)
+        check(self.local_epochs >= 1, "train.local_epochs must be >= 1")
+        check(self.batch_size >= 2, "train.batch_size must be >= 2 (BatchNorm needs two samples)")
+        check(self.lr > 0, "train.lr must be > 0")
+        check(0 <= self.momentum < 1, "train.momentum must be in [0, 1)")
+        check(self.weight_decay >= 0, "train.weight_decay must be >= 0")
 
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """Which algorithm, and the knobs of progressive training.
+    """Which algorithm, for how many communication rounds, and every method's own knobs.
 
-    rounds: total communication rounds. stage_rounds: explicit rounds per stage (sequential);
-    empty means split `rounds` by `stage_split` ("equal", or "params": proportional to block size).
-    lambda1/lambda2: the Mentor's per-block weights; empty means METHOD.md's curriculum
-    interpolated to the number of blocks; lambda_scale multiplies both (the knob tuned on the
-    clients' validation splits by `python benchmarks/tune.py lambda`). frozen_bn_drift: let frozen blocks' BatchNorm statistics
-    move (the reference code's behaviour) instead of running them in eval mode.
-    inherit_outputs: when a sequential schedule (NeuLite's or ProFL's) starts stage t+1, start
-    Op_{t+1}'s light layers and classifier (or, at the last stage, the real head) from the
-    matching layers of Op_t, which stood in for the same blocks, instead of from scratch.
-    depthfl_kd_weight: weight of DepthFL's mutual self-distillation (0 = exits learn from labels
-    only); depthfl_temperature: the softening of the exits' outputs in its KL terms.
-    profl_window: rounds W over which ProFL measures a block's effective movement;
-    profl_threshold: the block counts as converged (next stage) once that movement is below it.
+    `sections` holds one validated options record per registered `[method.SECTION]` table (the
+    defaults where the config gives none), so a config can be run with any method; a method
+    reads its own with `section(name)`.
     """
 
     name: str = "neulite"
     rounds: int = 45
-    schedule: str = "sequential"
-    stage_rounds: tuple[int, ...] = ()
-    stage_split: str = "equal"
-    mentor: bool = True
-    harmonizer: bool = True
-    lambda1: tuple[float, ...] = ()
-    lambda2: tuple[float, ...] = ()
-    lambda_scale: float = 1.0
-    sigma: float = 5.0
-    frozen_bn_drift: bool = False
-    inherit_outputs: bool = False
-    depthfl_kd_weight: float = 1.0
-    depthfl_temperature: float = 1.0
-    profl_window: int = 3
-    profl_threshold: float = 0.5
+    sections: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
-        _choice("method.name", self.name, METHODS)
-        _check(self.rounds >= 1, "method.rounds must be >= 1")
-        _choice("method.schedule", self.schedule, ("sequential", "cyclic"))
-        _choice("method.stage_split", self.stage_split, ("equal", "params"))
-        _check(all(r >= 1 for r in self.stage_rounds), "method.stage_rounds entries must be >= 1")
-        _check(self.sigma > 0, "method.sigma must be > 0")
-        _check(self.lambda_scale >= 0, "method.lambda_scale must be >= 0")
-        _check(self.depthfl_kd_weight >= 0, "method.depthfl_kd_weight must be >= 0")
-        _check(self.depthfl_temperature > 0, "method.depthfl_temperature must be > 0")
-        _check(self.profl_window >= 2, "method.profl_window must be >= 2 (one round has no path to compare)")
-        _check(0 < self.profl_threshold <= 1, "method.profl_threshold must be in (0, 1]")
+        # imported here: the registry imports every method, and the methods import this module
+        from neulite.algorithms.registry import METHODS, SECTIONS
+
+        choice("method.name", self.name, tuple(METHODS))
+        check(self.rounds >= 1, "method.rounds must be >= 1")
+        given = dict(self.sections)
+        unknown = sorted(set(given) - set(SECTIONS))
+        check(not unknown, f"unknown table [method.{unknown[0] if unknown else ''}] (valid: {', '.join(SECTIONS)})")
+        for key, options in given.items():
+            check(isinstance(options, SECTIONS[key]), f"[method.{key}] must be a {SECTIONS[key].__name__}")
+        object.__setattr__(self, "sections", tuple((key, given.get(key, cls())) for key, cls in SECTIONS.items()))
+
+    def section(self, name: str) -> Any:
+        """The options of the `[method.NAME]` table."""
+        return dict(self.sections)[name]
+
+    def with_section(self, name: str, **changes: Any) -> MethodConfig:
+        """A copy with some of `[method.NAME]`'s options changed."""
+        sections = dict(self.sections)
+        sections[name] = dataclasses.replace(sections[name], **changes)
+        return dataclasses.replace(self, sections=tuple(sections.items()))
 
 
 @dataclass(frozen=True)
@@ -163,13 +147,13 @@ class ClientsConfig:
     min_replies: int = 1
 
     def __post_init__(self) -> None:
-        _check(self.per_round >= 1, "clients.per_round must be >= 1")
-        _check(1 <= self.min_replies <= self.per_round, "clients.min_replies must be between 1 and clients.per_round")
-        _choice("clients.budget", self.budget, ("uniform", "tiers", "fraction", "measured"))
-        _check(len(self.budget_mb) == 2 and 0 < self.budget_mb[0] <= self.budget_mb[1], "clients.budget_mb must be [low, high] with 0 < low <= high")
-        _check(len(self.fractions) == 2 and 0 < self.fractions[0] <= self.fractions[1], "clients.fractions must be [low, high] with 0 < low <= high")
-        _check(len(self.tiers_mb) >= 1 and len(self.tiers_mb) == len(self.tier_weights), "clients.tiers_mb and clients.tier_weights must be non-empty and of equal length")
-        _check(all(w >= 0 for w in self.tier_weights) and sum(self.tier_weights) > 0, "clients.tier_weights must be non-negative with a positive sum")
+        check(self.per_round >= 1, "clients.per_round must be >= 1")
+        check(1 <= self.min_replies <= self.per_round, "clients.min_replies must be between 1 and clients.per_round")
+        choice("clients.budget", self.budget, ("uniform", "tiers", "fraction", "measured"))
+        check(len(self.budget_mb) == 2 and 0 < self.budget_mb[0] <= self.budget_mb[1], "clients.budget_mb must be [low, high] with 0 < low <= high")
+        check(len(self.fractions) == 2 and 0 < self.fractions[0] <= self.fractions[1], "clients.fractions must be [low, high] with 0 < low <= high")
+        check(len(self.tiers_mb) >= 1 and len(self.tiers_mb) == len(self.tier_weights), "clients.tiers_mb and clients.tier_weights must be non-empty and of equal length")
+        check(all(w >= 0 for w in self.tier_weights) and sum(self.tier_weights) > 0, "clients.tier_weights must be non-negative with a positive sum")
 
 
 @dataclass(frozen=True)
@@ -177,7 +161,7 @@ class EvalConfig:
     every: int = 1
 
     def __post_init__(self) -> None:
-        _check(self.every >= 1, "eval.every must be >= 1")
+        check(self.every >= 1, "eval.every must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -191,10 +175,13 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        _check(self.clients.per_round <= self.data.num_clients, f"clients.per_round ({self.clients.per_round}) exceeds data.num_clients ({self.data.num_clients})")
+        check(self.clients.per_round <= self.data.num_clients, f"clients.per_round ({self.clients.per_round}) exceeds data.num_clients ({self.data.num_clients})")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Nested plain values, as the TOML file has them (method sections as `method.SECTION` tables)."""
+        out = dataclasses.asdict(self)
+        out["method"].update(dict(out["method"].pop("sections")))
+        return out
 
     def replace(self, **sections: Any) -> Config:
         return dataclasses.replace(self, **sections)
@@ -204,38 +191,56 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Convert a TOML value to the field's type, or fail naming the key."""
     origin = typing.get_origin(hint)
     if origin is tuple:
-        _check(isinstance(value, (list, tuple)), f"{key} must be a list, got {value!r}")
+        check(isinstance(value, (list, tuple)), f"{key} must be a list, got {value!r}")
         args = typing.get_args(hint)
         item = args[0]
         return tuple(_coerce(key, v, item) for v in value)
     if origin in (typing.Union, types.UnionType):
         return value
     if hint is bool:
-        _check(isinstance(value, bool), f"{key} must be true or false, got {value!r}")
+        check(isinstance(value, bool), f"{key} must be true or false, got {value!r}")
         return value
     if hint is int:
-        _check(isinstance(value, int) and not isinstance(value, bool), f"{key} must be an integer, got {value!r}")
+        check(isinstance(value, int) and not isinstance(value, bool), f"{key} must be an integer, got {value!r}")
         return value
     if hint is float:
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), f"{key} must be a number, got {value!r}")
+        check(isinstance(value, (int, float)) and not isinstance(value, bool), f"{key} must be a number, got {value!r}")
         return float(value)
     if hint is str:
-        _check(isinstance(value, str), f"{key} must be a string, got {value!r}")
+        check(isinstance(value, str), f"{key} must be a string, got {value!r}")
         return value
     return value
 
 
-def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+def _build_method(raw: dict[str, Any]) -> MethodConfig:
+    from neulite.algorithms.registry import SECTIONS
+
+    plain = {k: v for k, v in raw.items() if k not in SECTIONS}
+    sections = []
+    for key, cls in SECTIONS.items():
+        if key in raw:
+            check(isinstance(raw[key], dict), f"method.{key} must be a table")
+            sections.append((key, _build(cls, raw[key], f"method.{key}.")))
+    for key in plain:
+        owners = [name for name, cls in SECTIONS.items() if key in {f.name for f in dataclasses.fields(cls)}]
+        check(key in ("name", "rounds") or not owners, f"unknown key 'method.{key}' (did you mean method.{owners[0] if owners else ''}.{key}?)")
+    return _build(MethodConfig, plain, "method.", extra=tuple(SECTIONS), sections=tuple(sections))
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str, extra: tuple[str, ...] = (), **fixed: Any) -> Any:
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
+    names = {f.name for f in dataclasses.fields(cls)} - set(fixed)
+    kwargs: dict[str, Any] = dict(fixed)
     for key, value in raw.items():
         full = f"{prefix}{key}"
         if key not in names:
-            raise NeuliteError(f"bad config: unknown key {full!r} (valid: {', '.join(sorted(names))})")
+            raise NeuliteError(f"bad config: unknown key {full!r} (valid: {', '.join(sorted(names | set(extra)))})")
         hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            _check(isinstance(value, dict), f"{full} must be a table")
+        if hint is MethodConfig:
+            check(isinstance(value, dict), f"{full} must be a table")
+            kwargs[key] = _build_method(value)
+        elif dataclasses.is_dataclass(hint):
+            check(isinstance(value, dict), f"{full} must be a table")
             kwargs[key] = _build(hint, value, f"{full}.")
         else:
             kwargs[key] = _coerce(full, value, hint)
@@ -272,3 +277,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 raise NeuliteError(f"bad override {item!r}: {k} is not a section")
         table[keys[-1]] = value
     return _build(Config, raw, "")
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, str):
+        return json.dumps(v)
+    return repr(v)
+
+
+def _toml_table(name: str, table: dict[str, Any]) -> str:
+    plain = "".join(f"{k} = {_toml_value(v)}\n" for k, v in table.items() if not isinstance(v, dict))
+    head = f"\n[{name}]\n" if name else ""
+    nested = "".join(_toml_table(f"{name}.{k}" if name else k, v) for k, v in table.items() if isinstance(v, dict))
+    return head + plain + nested
+
+
+def config_to_toml(cfg: Config) -> str:
+    """The config as a TOML file that `load_config` reads back to an equal config."""
+    return _toml_table("", cfg.to_dict())

@@ -15,8 +15,7 @@ import torch
 
 from neulite.config import ClientsConfig, Config
 from neulite.data import DataSplits, TensorDataset, load_dataset, partition, subsample, train_val_split
-
-MB = 2**20
+from neulite.memory import MIB
 
 
 @dataclass(frozen=True)
@@ -50,11 +49,11 @@ def draw_budgets(cfg: ClientsConfig, n: int, full_peak: int, rng: np.random.Gene
         return [available_memory()] * n
     if cfg.budget == "uniform":
         mb = rng.uniform(*cfg.budget_mb, size=n)
-        return [int(v * MB) for v in mb]
+        return [int(v * MIB) for v in mb]
     if cfg.budget == "tiers":
         p = np.asarray(cfg.tier_weights, dtype=float)
         mb = rng.choice(np.asarray(cfg.tiers_mb), size=n, p=p / p.sum())
-        return [int(v * MB) for v in mb]
+        return [int(v * MIB) for v in mb]
     return [int(f * full_peak) for f in rng.uniform(*cfg.fractions, size=n)]
 
 

@@ -1,10 +1,11 @@
 """Peak training memory of one client step: an exact-accounting estimate and a real measurement.
 
-The estimate runs one forward pass at the real batch size and counts, with
-`saved_tensors_hooks`, every storage autograd keeps for backward (each once, parameters left
-out). Weights are exactly the tensors the client receives; gradients and optimizer state follow
-from the trainable parameters. The measurement is the allocator's high-water mark of two real
-training steps seen by torch.profiler (or torch.cuda.max_memory_allocated on a GPU).
+Both run the step a method's clients really run: its loss (`StepLoss`, given by the method) on
+the stage's plan. The estimate follows every storage the forward and backward create until it is
+freed (`LiveTensorBytes`) on top of what stays resident: exactly the tensors the client receives,
+the optimizer's momentum and the batch. The saved-for-backward bytes are counted in the same pass,
+as a diagnostic. The measurement is the allocator's high-water mark of real training steps seen by
+torch.profiler (or torch.cuda.max_memory_allocated on a GPU), in a fresh process.
 """
 
 from __future__ import annotations
@@ -12,32 +13,34 @@ from __future__ import annotations
 import copy
 import multiprocessing
 import weakref
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from neulite.algorithms.local import make_optimizer, prepare, stage_loss
-from neulite.algorithms.payload import assign_arrays, extract_arrays
-from neulite.config import TrainConfig
+from neulite.models.arrays import assign_arrays, extract_arrays
 from neulite.models.stage_net import StageNet, StagePlan
-from neulite.models.zoo import build_model
 from neulite.saved_tensors import SavedTensorCounter
 
 MIB = 2**20
+
+StepLoss = Callable[[StageNet, StagePlan, torch.Tensor, torch.Tensor], torch.Tensor]
+"""A method's training objective for one batch: (net, plan, x, y) -> scalar loss. Must pickle
+(a module-level function, or a `functools.partial` of one) so `measure` can run it in a fresh process."""
 
 
 @dataclass(frozen=True)
 class MemoryBreakdown:
     """Bytes of one training step's peak, by what holds them.
 
-    `activations` are the tensors autograd saves for backward; `frozen_forward` the transient
-    peak of the no-grad prefix; `training` the live peak of forward + backward over the resident
-    state (saved activations, activation gradients, parameter gradients, kernel workspaces), which
-    is what the step's peak is made of.
+    `training` is the live peak of forward + backward over the resident state (saved activations,
+    activation gradients, parameter gradients, kernel workspaces): with the resident weights,
+    momentum and batch it makes the step's peak (`total`). `activations` (what autograd saves for
+    backward) and `frozen_forward` (the transient peak of the no-grad prefix) are diagnostics:
+    parts of that peak, reported to show where it comes from.
     """
 
     weights: int
@@ -96,16 +99,12 @@ class LiveTensorBytes(TorchDispatchMode):
         self._seen.discard(ptr)
 
 
-def estimate(
-    net: StageNet, plan: StagePlan, batch_size: int, *, mentor_active: bool | None = None, sigma: float = 5.0, bn_drift: bool = False
-) -> MemoryBreakdown:
-    """Account for the peak of a training step of `plan` at `batch_size` (fp32, SGD with momentum)."""
+def estimate(net: StageNet, plan: StagePlan, batch_size: int, loss: StepLoss) -> MemoryBreakdown:
+    """Account for the peak of one training step of `plan` with `loss` at `batch_size` (fp32, SGD with momentum)."""
     work = copy.deepcopy(net)
-    params = prepare(work, plan, bn_drift)
+    params = work.prepare(plan)
     x = torch.randn(batch_size, *work.model.input_shape)
     y = torch.randint(0, work.model.num_classes, (batch_size,))
-    mentor = plan.mentor if mentor_active is None else mentor_active
-    lam = 1.0 if mentor else 0.0
     n_frozen = 0 if plan.full else plan.stage - 1
     with torch.no_grad(), LiveTensorBytes() as prefix:
         h = x
@@ -113,12 +112,10 @@ def estimate(
             h = block(h)
         del h
     counter = SavedTensorCounter([*work.parameters(), x, y])
-    with counter.hooks():
-        stage_loss(work, plan, x, y, lam, lam, sigma)
-    with LiveTensorBytes() as step:
-        loss, _ = stage_loss(work, plan, x, y, lam, lam, sigma)
-        loss.backward()
-        del loss
+    with LiveTensorBytes() as step, counter.hooks():
+        value = loss(work, plan, x, y)
+        value.backward()
+        del value
     trainable = sum(_bytes(p) for p in params)
     weights = sum(_bytes(t) for t in extract_arrays(work, work.down_names(plan)).values())
     return MemoryBreakdown(
@@ -142,9 +139,7 @@ def _peak_from_profile(prof: profile) -> int:
     return peak
 
 
-def measure(
-    net: StageNet, plan: StagePlan, batch_size: int, *, mentor_active: bool | None = None, sigma: float = 5.0, device: str = "cpu", steps: int = 2
-) -> int:
+def measure(net: StageNet, plan: StagePlan, batch_size: int, loss: StepLoss, *, device: str = "cpu", steps: int = 2) -> int:
     """The real peak bytes of `steps` training steps of a client that received only its tensors.
 
     Runs in a fresh process: the CPU profiler's memory events are only complete in a process's
@@ -152,32 +147,27 @@ def measure(
     """
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(1) as pool:
-        return pool.apply(_measure_here, (net, plan, batch_size, mentor_active, sigma, device, steps))
+        return pool.apply(_measure_here, (net, plan, batch_size, loss, device, steps))
 
 
-def _measure_here(
-    net: StageNet, plan: StagePlan, batch_size: int, mentor_active: bool | None, sigma: float, device: str, steps: int
-) -> int:
+def _measure_here(net: StageNet, plan: StagePlan, batch_size: int, loss: StepLoss, device: str, steps: int) -> int:
     """The client starts from a meta-device skeleton, so the weights it holds are exactly its
     payload; everything it allocates from then on is inside the measured window."""
     arrays = {k: v.to(device) for k, v in extract_arrays(net, net.down_names(plan)).items()}
     skeleton = copy.deepcopy(net).to("meta")
-    mentor = plan.mentor if mentor_active is None else mentor_active
-    lam = 1.0 if mentor else 0.0
-    cfg = TrainConfig(batch_size=batch_size)
 
     def run() -> None:
         assign_arrays(skeleton, arrays)
-        params = prepare(skeleton, plan, False)
-        optimizer = make_optimizer(params, cfg)
+        params = skeleton.prepare(plan)
+        optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)  # the default client optimizer
         xb = torch.randn(batch_size, *net.model.input_shape, device=device)
         yb = torch.randint(0, net.model.num_classes, (batch_size,), device=device)
         for _ in range(steps):
-            loss, _ = stage_loss(skeleton, plan, xb, yb, lam, lam, sigma)
-            loss.backward()
+            value = loss(skeleton, plan, xb, yb)
+            value.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            del loss
+            del value
 
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -189,39 +179,3 @@ def _measure_here(
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run()
     return _peak_from_profile(prof)
-
-
-def memory_report(
-    model: str, batch_size: int, input_shape: tuple[int, ...], num_classes: int = 10, width: float = 1.0, blocks: int = 0, *, with_measurement: bool = True
-) -> dict[str, Any]:
-    """Per-stage NeuLite peaks (Mentor and Harmonizer on) next to full-model training, estimated and measured."""
-    net = StageNet(build_model(model, input_shape, num_classes, width, blocks))  # type: ignore[arg-type]
-    plans = [net.plan(0)] + [net.plan(t, harmonize=True, mentor=True) for t in range(1, net.num_stages + 1)]
-    rows = []
-    for plan in plans:
-        est = estimate(net, plan, batch_size)
-        real = measure(net, plan, batch_size) if with_measurement else None
-        rows.append({
-            "stage": plan.stage,
-            "estimated_bytes": est.total,
-            "measured_bytes": real,
-            "estimate_error": None if real is None else est.total / real - 1.0,
-            "breakdown": est.as_dict(),
-        })
-    full, stages = rows[0], rows[1:]
-    for r in stages:
-        r["fraction_of_full"] = r["estimated_bytes"] / full["estimated_bytes"]
-        if r["measured_bytes"] is not None:
-            r["measured_fraction_of_full"] = r["measured_bytes"] / full["measured_bytes"]
-    worst = max(r["fraction_of_full"] for r in stages)
-    return {
-        "model": model,
-        "blocks": "one per resolution stage" if not blocks else f"{blocks} memory-balanced",
-        "batch_size": batch_size,
-        "input_shape": list(input_shape),
-        "full": full,
-        "stages": stages,
-        "worst_stage_fraction": worst,
-        "reduction_percent": 100.0 * (1.0 - worst),
-        "measured_with": "torch.profiler allocator events, fresh process, 2 training steps" if with_measurement else None,
-    }

@@ -1,4 +1,5 @@
-"""The results folder: resolved config, per-round metrics, checkpoints, the final model, plots, summary.
+"""The results folder and the run bookkeeping every driver shares: resolved config, per-round
+metrics, checkpoints, the final model, plots, summary.
 
 Written as the run goes (metrics appended and a checkpoint replaced atomically every round), so a
 crash loses at most the round in flight and `neulite run --resume DIR` carries on from there.
@@ -10,33 +11,19 @@ import csv
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
+from rich.table import Table
 
-from neulite.config import Config, load_config
+from neulite.config import Config, config_to_toml, load_config
 from neulite.errors import NeuliteError
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, str):
-        return json.dumps(v)
-    return repr(v)
-
-
-def config_to_toml(cfg: Config) -> str:
-    lines, tables = [], []
-    for key, value in cfg.to_dict().items():
-        if isinstance(value, dict):
-            tables.append(f"\n[{key}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in value.items()))
-        else:
-            lines.append(f"{key} = {_toml_value(value)}\n")
-    return "".join(lines) + "".join(tables)
+from neulite.memory import MIB
+from neulite.models.stage_net import FULL_MODEL
+from neulite.server import RoundRecord, Server
 
 
 class ResultsDir:
@@ -137,7 +124,7 @@ def plot_memory(memory_rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     labels = [r["label"] for r in memory_rows]
-    values = [r["estimated_bytes"] / 2**20 for r in memory_rows]
+    values = [r["estimated_bytes"] / MIB for r in memory_rows]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.bar(labels, values, color=["tab:red" if r["label"] == "full" else "tab:blue" for r in memory_rows])
     ax.set(ylabel="peak training memory (MiB)", title="peak memory per stage vs full-model training")
@@ -145,3 +132,81 @@ def plot_memory(memory_rows: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+class RunLog:
+    """The results folder of a running experiment: resumes from its checkpoint, logs every round."""
+
+    def __init__(self, cfg: Config, out: str | Path, *, resume: bool, console: Console) -> None:
+        self.cfg, self.console = cfg, console
+        self.folder = ResultsDir(out)
+        self.state = self.folder.load_checkpoint() if resume else None
+        self.first_round, elapsed = 1, 0.0
+        if self.state is not None:
+            self.first_round, elapsed = self.state["round"] + 1, self.state["wall_seconds"]
+            self.folder.rewrite_metrics(self.folder.read_metrics(self.state["round"]))
+            console.print(f"resuming {out} after round {self.state['round']}")
+        else:
+            self.folder.start(cfg)
+        self.rows = self.folder.read_metrics()
+        self.start = time.perf_counter() - elapsed
+
+    def resume(self, server: Server) -> None:
+        """Restore the server from the checkpoint, if this run resumes one."""
+        if self.state is not None:
+            server.load_state_dict(self.state["simulation"])
+
+    def record(self, record: RoundRecord, server: Server) -> None:
+        """Append the round's metrics and replace the checkpoint (atomically)."""
+        row = record.as_dict()
+        self.rows.append(row)
+        self.folder.append_metrics(row)
+        self.folder.save_checkpoint({"round": record.round, "wall_seconds": time.perf_counter() - self.start, "simulation": server.state_dict()})
+        if not self.console.is_terminal:  # a log file gets one line per round instead of progress bars
+            stage = "full model" if record.stage == FULL_MODEL else f"stage {record.stage}"
+            self.console.print(
+                f"round {record.round}/{self.cfg.method.rounds} {stage}: {record.participants}/{record.eligible} eligible clients trained, "
+                f"test accuracy {record.accuracy:.3f}, {record.wall_seconds:.1f} s",
+                soft_wrap=True,
+            )
+
+    def finish(self, server: Server, final: tuple[float, float], validation_accuracy: float, **extra: Any) -> dict[str, Any]:
+        """Write the model, metrics table, plots and summary.json; returns the summary."""
+        rows, method = self.rows, server.method
+        budgets = server.budgets.values()
+        accuracy, loss = final
+        mem = server.memory_rows()
+        summary = {
+            "method": self.cfg.method.name,
+            "final_accuracy": accuracy,
+            "final_loss": loss,
+            "validation_accuracy": validation_accuracy,
+            "best_accuracy": max((r["accuracy"] for r in rows if r["accuracy"] == r["accuracy"]), default=accuracy),
+            "rounds": self.cfg.method.rounds,
+            "wall_seconds": time.perf_counter() - self.start,
+            "num_clients": len(budgets),
+            "participation": len(server.participated) / len(budgets),
+            "full_model_clients": sum(b >= server.full_peak for b in budgets) / len(budgets),
+            "peak_memory_bytes": max(method.memory(p).total for p in method.plans()),
+            "full_model_peak_bytes": server.full_peak,
+            "bytes_down": sum(r["bytes_down"] for r in rows),
+            "bytes_up": sum(r["bytes_up"] for r in rows),
+            "stages": mem,
+            **method.summary(),
+            **extra,
+        }
+        self.folder.finish(rows, method.final_model(), summary, mem)
+        self.console.print(summary_table(summary))
+        return summary
+
+
+def summary_table(summary: dict[str, Any]) -> Table:
+    table = Table(title=f"neulite run: {summary['method']}", show_header=False)
+    table.add_row("final test accuracy (full model)", f"{summary['final_accuracy']:.2%}")
+    table.add_row("rounds / wall time", f"{summary['rounds']} / {summary['wall_seconds']:.0f} s")
+    table.add_row("clients that took part", f"{summary['participation']:.0%} of {summary['num_clients']}")
+    table.add_row("clients that fit full-model training", f"{summary['full_model_clients']:.0%}")
+    for row in summary["stages"]:
+        table.add_row(f"peak memory, {row['label']}", f"{row['estimated_bytes'] / MIB:.1f} MiB ({row['clients_fit']} clients fit)")
+    table.add_row("bytes down / up", f"{summary['bytes_down'] / MIB:.1f} / {summary['bytes_up'] / MIB:.1f} MiB")
+    return table

@@ -1,7 +1,7 @@
-"""Counting the activations autograd saves for backward: the memory accounting's core measure.
+"""Counting the activations autograd saves for backward.
 
-Shared by the memory estimate (a stage's saved activations) and the block partitioner (each
-layer's share of them), so both count the same way.
+The block partitioner's cost measure (each layer's share of them) and a diagnostic of the memory
+estimate (a stage's saved activations), so both count the same way.
 """
 
 from __future__ import annotations

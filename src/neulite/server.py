@@ -9,24 +9,30 @@ so the same config and seed sample the same clients whichever driver moves the b
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from neulite.algorithms.base import Method
-from neulite.algorithms.payload import ClientResult, ClientTask, nbytes
+from neulite.algorithms.payload import ClientResult, ClientTask
 from neulite.config import Config
 from neulite.data import TensorDataset
 from neulite.errors import NeuliteError
-from neulite.federation import MB
+from neulite.memory import MIB
+from neulite.models.arrays import nbytes
 from neulite.models.stage_net import StagePlan
+
+Query = Callable[[ClientTask], Mapping[int, ClientResult]]
+"""How a driver asks every client to answer a task outside training (HeteroFL's calibration):
+the replies that arrived, by client id, already checked."""
 
 
 @dataclass(frozen=True)
 class RoundRecord:
-    """Per-round metrics; `accuracy`/`loss` are the round's stage model on the test set (NaN when not evaluated).
+    """Per-round metrics; `accuracy`/`loss` are the round's stage model on the test set (NaN when not
+    evaluated); `stage` is the stage trained (0: the whole model).
 
     `slowest_client_seconds` is the longest local training a client reported: the round's length on
     the clients' side when they train in parallel, as in a real federation (the in-process
@@ -74,10 +80,14 @@ class Server:
         `clients.per_round` (sample size), `seed` (sampling), `eval.every` and `method.rounds`.
     full_peak : int
         Bytes full-model training needs: the yardstick reported next to the stage peaks.
+    query : Query
+        The driver's way to ask every client for a calibration reply before an evaluation, for
+        methods that need one (`Method.calibration_task`).
     """
 
-    def __init__(self, method: Method, budgets: Mapping[int, int], cfg: Config, full_peak: int) -> None:
+    def __init__(self, method: Method, budgets: Mapping[int, int], cfg: Config, full_peak: int, query: Query) -> None:
         self.method = method
+        self.query = query
         self.budgets = dict(sorted(budgets.items()))
         self.cfg = cfg
         self.full_peak = full_peak
@@ -89,7 +99,7 @@ class Server:
         levels = [(cid, self.method.assign(plan, budget)) for cid, budget in self.budgets.items()]
         return [(cid, level) for cid, level in levels if level is not None]
 
-    def able(self) -> list[int]:
+    def fitting_clients(self) -> list[int]:
         """The clients that fit at least one stage: the only ones ever sent work (or asked to validate)."""
         plans = self.method.plans()
         return [cid for cid, budget in self.budgets.items() if any(self.method.assign(p, budget) is not None for p in plans)]
@@ -102,42 +112,53 @@ class Server:
                 peak = self.method.memory(plan).total
                 what = "full-model training" if plan.full else f"stage {plan.stage}"
                 raise NeuliteError(
-                    f"budget no stage fits: {what} needs {peak / MB:.1f} MB at batch {self.cfg.train.batch_size}, "
-                    f"the largest client budget is {largest / MB:.1f} MB (raise the budgets or lower train.batch_size)"
+                    f"budget no stage fits: {what} needs {peak / MIB:.1f} MiB at batch {self.cfg.train.batch_size}, "
+                    f"the largest client budget is {largest / MIB:.1f} MiB (raise the budgets or lower train.batch_size)"
                 )
 
-    def configure(self, rnd: int) -> Round:
-        """Sample up to `clients.per_round` eligible clients and build each one's task."""
+    def configure(self, number: int) -> Round:
+        """Sample up to `clients.per_round` eligible clients and build each one's task for round `number`."""
         started = time.perf_counter()
-        plan = self.method.plan(rnd)
+        plan = self.method.plan(number)
         self.method.begin_round(plan)
         eligible = self.eligible(plan)
         k = min(self.cfg.clients.per_round, len(eligible))
         chosen = [eligible[i] for i in sorted(self._rng.choice(len(eligible), size=k, replace=False))]
-        tasks = {cid: self.method.configure_train(rnd, plan, level, client_seed(self.cfg.seed, rnd, cid)) for cid, level in chosen}
-        return Round(rnd, plan, len(eligible), tasks, started)
+        tasks = {cid: self.method.configure_train(number, plan, level, client_seed(self.cfg.seed, number, cid)) for cid, level in chosen}
+        return Round(number, plan, len(eligible), tasks, started)
 
-    def aggregate(self, rnd: Round, results: Mapping[int, ClientResult], test: TensorDataset) -> RoundRecord:
+    def aggregate(self, configured: Round, results: Mapping[int, ClientResult], test: TensorDataset) -> RoundRecord:
         """Merge the replies that arrived, evaluate when due, and report the round."""
-        needed = min(self.cfg.clients.min_replies, len(rnd.tasks))
+        number, plan = configured.number, configured.plan
+        needed = min(self.cfg.clients.min_replies, len(configured.tasks))
         if len(results) < needed:
             raise NeuliteError(
-                f"round {rnd.number}: {len(results)} of {len(rnd.tasks)} sampled clients returned a usable result, "
+                f"round {number}: {len(results)} of {len(configured.tasks)} sampled clients returned a usable result, "
                 f"fewer than clients.min_replies={needed}; stopping (the last checkpoint is kept)"
             )
-        self.method.aggregate_train(rnd.plan, list(results.values()))
+        self.method.aggregate_train(number, plan, list(results.values()))
         self.participated.update(results)
         acc = loss = float("nan")
-        if rnd.number % self.cfg.eval.every == 0 or rnd.number == self.cfg.method.rounds:
-            acc, loss = self.method.evaluate(rnd.plan, test)
+        if number % self.cfg.eval.every == 0 or number == self.cfg.method.rounds:
+            acc, loss = self.evaluate(plan, test)
         weights = [r.num_examples for r in results.values()]
         train_loss = float(np.average([r.metrics["train_loss"] for r in results.values()], weights=weights))
         return RoundRecord(
-            rnd.number, rnd.plan.stage, rnd.eligible, len(results), acc, loss, train_loss,
-            sum(nbytes(t.arrays) for t in rnd.tasks.values()), sum(nbytes(r.arrays) for r in results.values()),
-            time.perf_counter() - rnd.started, self.method.memory(rnd.plan).total,
+            number, plan.stage, configured.eligible, len(results), acc, loss, train_loss,
+            sum(nbytes(t.arrays) for t in configured.tasks.values()), sum(nbytes(r.arrays) for r in results.values()),
+            time.perf_counter() - configured.started, self.method.memory(plan).total,
             max((r.metrics["train_seconds"] for r in results.values() if "train_seconds" in r.metrics), default=float("nan")),
         )
+
+    def evaluate(self, plan: StagePlan, data: TensorDataset) -> tuple[float, float]:
+        """(accuracy, loss) of `plan`'s model on `data`, after the calibration query the method may need."""
+        task = self.method.calibration_task()
+        if task is not None:
+            replies = self.query(task)
+            if not replies:
+                raise NeuliteError(f"{self.cfg.method.name} cannot evaluate: no client answered the calibration query")
+            self.method.calibrate(list(replies.values()))
+        return self.method.evaluate(plan, data)
 
     def memory_rows(self) -> list[dict[str, Any]]:
         """Estimated peak of each stage the method trains (and of full-model training), with how many clients fit it."""

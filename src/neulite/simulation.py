@@ -2,25 +2,28 @@
 
 The server decides who trains what; this driver hands each sampled client its `ClientTask`, runs
 the method's client update on that client's own data and gives the replies back. Flower's driver
-makes the same calls over the network.
+makes the same calls over the network. `run_experiment` is the whole run: rounds, progress,
+results folder.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
 
-import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from neulite.algorithms.payload import ClientResult
-from neulite.algorithms.registry import build_method
+from neulite.algorithms.payload import ClientResult, ClientTask
 from neulite.config import Config
-from neulite.data import TensorDataset
 from neulite.errors import NeuliteError
-from neulite.federation import Client, augment_enabled, load_splits, make_clients
-from neulite.memory import estimate
+from neulite.experiment import build_experiment
+from neulite.federation import Client, augment_enabled, make_clients
 from neulite.models.stage_net import StagePlan
-from neulite.server import RoundRecord, Server
+from neulite.results import RunLog
+from neulite.server import RoundRecord
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +33,15 @@ class Simulation:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        torch.manual_seed(cfg.seed)
-        self.splits = load_splits(cfg)
-        self.net, self.method = build_method(cfg, self.splits.input_shape, self.splits.train.num_classes)
-        # the full model's peak is the yardstick for budgets, whatever network the method trains
-        full_peak = estimate(self.net, self.net.plan(0), cfg.train.batch_size).total
-        self.clients = make_clients(cfg, self.splits, full_peak)
-        self.method.setup(self.clients)
+        experiment = build_experiment(cfg)
+        self.splits, self.method = experiment.splits, experiment.method
+        self.clients = make_clients(cfg, self.splits, experiment.full_peak)
         self.augment = augment_enabled(cfg, self.splits)
-        self.server = Server(self.method, {c.cid: c.budget for c in self.clients}, cfg, full_peak)
-        self.server.check_feasible()
+        self.server = experiment.server({c.cid: c.budget for c in self.clients}, self.query)
+
+    def query(self, task: ClientTask) -> Mapping[int, ClientResult]:
+        """Every client's calibration reply for `task` (see `Server.query`)."""
+        return {c.cid: self.method.client_calibrate(task, c.train) for c in self.clients}
 
     def eligible(self, plan: StagePlan) -> list[tuple[Client, int]]:
         """The clients that can take part in a stage, each with the capacity level it would train."""
@@ -60,12 +62,37 @@ class Simulation:
 
     def final_accuracy(self) -> tuple[float, float]:
         """(accuracy, loss) of the deployable model on the global test set."""
-        return self.method.evaluate(self.method.final_plan(), self.splits.test)
+        return self.server.evaluate(self.method.final_plan(), self.splits.test)
 
     def validation_accuracy(self) -> float:
-        """Accuracy of the deployable model on the union of the validation splits of the clients
-        that fit some stage (for tuning; Flower asks the same nodes)."""
-        vals = [self.clients[cid].val for cid in self.server.able() if len(self.clients[cid].val)]
+        """Accuracy of the deployable model on the validation splits of the clients that fit some
+        stage, each client evaluating its own (for tuning; Flower asks the same nodes the same way)."""
+        task = self.method.evaluation_task()
+        vals = [self.clients[cid].val for cid in self.server.fitting_clients() if len(self.clients[cid].val)]
         if not vals:
             return float("nan")
-        return self.method.evaluate(self.method.final_plan(), TensorDataset.concat(vals))[0]
+        correct = sum(self.method.client_evaluate(task, val)[0] * len(val) for val in vals)
+        return correct / sum(len(val) for val in vals)
+
+
+def run_experiment(cfg: Config, out: str | Path, *, resume: bool = False, console: Console | None = None) -> dict[str, Any]:
+    """Run (or, with `resume`, continue from its checkpoint) an experiment; returns the summary."""
+    console = console or Console(quiet=True)
+    sim = Simulation(cfg)  # everything is built and checked before the results folder is touched
+    run = RunLog(cfg, out, resume=resume, console=console)
+    run.resume(sim.server)
+    rounds = cfg.method.rounds
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=console, transient=True,
+    ) as progress:
+        round_bar = progress.add_task("rounds", total=rounds, completed=run.first_round - 1)
+        client_bar = progress.add_task("clients", total=cfg.clients.per_round)
+        for rnd in range(run.first_round, rounds + 1):
+            plan = sim.method.plan(rnd)
+            stage = "full model" if plan.full else f"stage {plan.stage}/{plan.num_stages}"
+            progress.update(round_bar, description=f"round {rnd} ({stage})")
+            progress.reset(client_bar, total=min(cfg.clients.per_round, len(sim.eligible(plan))))
+            run.record(sim.run_round(rnd, on_client=lambda: progress.advance(client_bar)), sim.server)
+            progress.advance(round_bar)
+    return run.finish(sim.server, sim.final_accuracy(), sim.validation_accuracy())

@@ -1,28 +1,31 @@
 """The server side of a federated algorithm, as the hooks a driver calls each round.
 
 Modelled on Flower's strategies: a method decides which stage a round trains (`plan`), what a
-client receives (`configure_train`) and how replies are merged (`aggregate_train`). It never
-samples clients, moves bytes or touches data: that is the driver's job.
+client receives (`configure_train`), the one training step its clients run (`loss`), and how
+replies are merged (`aggregate_train`). It owns its network. It never samples clients, moves
+bytes or touches data: that is the driver's job.
 """
 
 from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from neulite.algorithms.evaluate import evaluate
-from neulite.algorithms.local import local_update, stage_loss
-from neulite.algorithms.payload import ClientResult, ClientTask, assign_arrays, weighted_average
+from neulite.algorithms.local import cross_entropy_loss, local_update
+from neulite.algorithms.payload import ClientResult, ClientTask, ConfigValue, weighted_average
 from neulite.config import Config
 from neulite.data.datasets import TensorDataset
-from neulite.federation import Client
-from neulite.memory import MemoryBreakdown, estimate
+from neulite.memory import MemoryBreakdown, StepLoss, estimate
+from neulite.models.arrays import assign_arrays
 from neulite.models.blocks import BlockModel
 from neulite.models.stage_net import StageNet, StagePlan
+
+Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
 class Method(ABC):
@@ -31,15 +34,12 @@ class Method(ABC):
     Parameters
     ----------
     net : StageNet
-        The global model with its scaffolding; the method owns and updates it.
+        The global model with its scaffolding; from here on the method owns it (and may rebuild it).
     cfg : Config
-        The whole experiment config (the method reads `method` and `train`).
+        The whole experiment config (the method reads `method`, its own `[method.SECTION]` and `train`).
     """
 
     respects_memory: bool = True
-    # True when `setup` needs the clients themselves (their data or every budget) before a client
-    # skeleton exists: such methods run in the in-process simulator only, not over a network
-    setup_needs_clients: bool = False
 
     def __init__(self, net: StageNet, cfg: Config) -> None:
         self.net = net
@@ -55,10 +55,9 @@ class Method(ABC):
     def plans(self) -> list[StagePlan]:
         """Every distinct stage this method trains, in order."""
 
-    def setup(self, clients: Sequence[Client]) -> None:
-        """Adapt to the federation before the first round (AllSmall sizes its model to the
-        smallest budget; HeteroFL takes BatchNorm statistics from the clients' data, as the paper
-        has the server query them)."""
+    def setup(self, budgets: Mapping[int, int]) -> None:
+        """Adapt to the federation before the first round, from the budgets the clients reported
+        (AllSmall sizes its model to the smallest)."""
 
     def begin_round(self, plan: StagePlan) -> None:
         """Server-side preparation before a round of `plan` is configured (e.g. warm-starting a new stage)."""
@@ -70,18 +69,25 @@ class Method(ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned."""
 
-    def lambdas(self, plan: StagePlan) -> tuple[float, float]:
-        return 0.0, 0.0
+    def summary(self) -> dict[str, Any]:
+        """Method-specific facts for the run's summary.json (e.g. NeuLite's λ curricula)."""
+        return {}
+
+    def task_config(self, plan: StagePlan) -> dict[str, ConfigValue]:
+        """The method's own knobs that a client of `plan` needs (sent as the task's config record)."""
+        return {}
+
+    def loss(self, config: Mapping[str, ConfigValue]) -> StepLoss:
+        """The objective of one client step for a task's config: what `client_update` trains and
+        what the memory estimate runs. The default is the stage model's cross-entropy."""
+        return cross_entropy_loss
 
     def memory(self, plan: StagePlan) -> MemoryBreakdown:
-        """Estimated training peak of `plan` at the configured batch size (cached)."""
+        """Estimated training peak of `plan`'s client step at the configured batch size (cached)."""
         if plan not in self._memory:
-            self._memory[plan] = estimate(self.net, plan, self.cfg.train.batch_size, sigma=self.cfg.method.sigma, bn_drift=self.bn_drift)
+            step = self.loss(self.task_config(plan))
+            self._memory[plan] = estimate(self.net, plan, self.cfg.train.batch_size, step)
         return self._memory[plan]
-
-    @property
-    def bn_drift(self) -> bool:
-        return False
 
     def assign(self, plan: StagePlan, budget: int) -> int | None:
         """The capacity level a client with `budget` bytes trains in this stage; None: it cannot take part."""
@@ -92,8 +98,7 @@ class Method(ABC):
     def configure_train(self, rnd: int, plan: StagePlan, level: int, seed: int) -> ClientTask:
         state = self.net.state_dict()
         arrays = {name: state[name] for name in self.net.down_names(plan)}
-        lambda1, lambda2 = self.lambdas(plan)
-        return ClientTask(rnd, plan, arrays, lambda1, lambda2, seed, level)
+        return ClientTask(rnd, plan, arrays, seed, {**self.task_config(plan), "level": level})
 
     def client_net(self, level: int) -> StageNet:
         """The client-side skeleton for a level: the network's structure on the meta device, no memory."""
@@ -101,32 +106,60 @@ class Method(ABC):
             self._client_nets[level] = copy.deepcopy(self.net).to("meta")
         return self._client_nets[level]
 
-    def reply_spec(self, task: ClientTask) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    def reply_spec(self, task: ClientTask) -> Spec:
         """Name -> (shape, dtype) of exactly the tensors a client must return for `task`."""
         net = self.client_net(task.level)
-        return {n: (tuple(t.shape), t.dtype) for n in net.up_names(task.plan, self.bn_drift) for t in [net.get_parameter_or_buffer(n)]}
+        return {n: (tuple(t.shape), t.dtype) for n in net.up_names(task.plan) for t in [net.get_parameter_or_buffer(n)]}
 
     def client_update(self, task: ClientTask, data: TensorDataset, *, augment: bool) -> ClientResult:
         """The client half: train on local data what the task asks, return what was trained."""
         net = self.client_net(task.level)
-        sigma = self.cfg.method.sigma
+        return local_update(net, task, data, self.cfg.train, augment=augment, loss=self.loss(task.config))
 
-        def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return stage_loss(net, task.plan, x, y, task.lambda1, task.lambda2, sigma)[0]
-
-        return local_update(net, task, data, self.cfg.train, augment=augment, loss_fn=loss_fn, bn_drift=self.bn_drift)
-
-    def aggregate_train(self, plan: StagePlan, results: list[ClientResult]) -> None:
+    def aggregate_train(self, rnd: int, plan: StagePlan, results: Sequence[ClientResult]) -> None:
+        """Merge the replies of round `rnd` into the global model."""
         assign_arrays(self.net, weighted_average(results))
+
+    def calibration_task(self) -> ClientTask | None:
+        """A query the server sends every client before evaluating (HeteroFL's static BatchNorm
+        statistics), or None when evaluation needs nothing from the clients."""
+        return None
+
+    def calibration_spec(self) -> Spec:
+        """Name -> (shape, dtype) of exactly the tensors a calibration reply must hold."""
+        raise NotImplementedError(f"{type(self).__name__} asks no calibration")
+
+    def client_calibrate(self, task: ClientTask, data: TensorDataset) -> ClientResult:
+        """The client half of `calibration_task`."""
+        raise NotImplementedError(f"{type(self).__name__} asks no calibration")
+
+    def calibrate(self, results: Sequence[ClientResult]) -> None:
+        """Take the clients' calibration replies (before the next `evaluate`)."""
 
     def evaluate(self, plan: StagePlan, data: TensorDataset) -> tuple[float, float]:
         """(accuracy, loss) of the model a round's stage trains; `final_plan()` for the deployable one."""
         return evaluate(self.net, plan, data)
 
+    def evaluation_task(self) -> ClientTask:
+        """The deployable model as a task for clients to validate on their own data."""
+        plan = self.final_plan()
+        state = self.net.state_dict()
+        return ClientTask(0, plan, {name: state[name] for name in self.net.down_names(plan)}, config={"level": self.final_level()})
+
+    def client_evaluate(self, task: ClientTask, data: TensorDataset) -> tuple[float, float]:
+        """The client half of validation: (accuracy, loss) of `evaluation_task`'s model on `data`."""
+        net = self.client_net(task.level)
+        assign_arrays(net, task.arrays)
+        return evaluate(net, task.plan, data)
+
     def final_model(self) -> BlockModel:
         """The deployable network: the blocks and the real head, without scaffolding."""
         return self.net.model
 
+    def final_level(self) -> int:
+        """The capacity level whose client skeleton holds the deployable model."""
+        return 0
+
     def final_plan(self) -> StagePlan:
         """The plan whose forward is the deployable model (for evaluation)."""
-        return self.net.plan(0)
+        return self.net.full_plan()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,12 +11,24 @@ import torch
 import torch.nn.functional as F
 
 from neulite.algorithms.base import Method
-from neulite.algorithms.local import local_update
-from neulite.algorithms.payload import ClientResult, ClientTask
-from neulite.config import Config
+from neulite.algorithms.payload import ClientResult, ClientTask, ConfigValue
+from neulite.config import Config, check
 from neulite.data.datasets import TensorDataset
-from neulite.memory import MemoryBreakdown
+from neulite.memory import MemoryBreakdown, StepLoss
 from neulite.models.stage_net import StageNet, StagePlan
+
+
+@dataclass(frozen=True)
+class DepthFLOptions:
+    """The `[method.depthfl]` table: kd_weight weighs the mutual self-distillation (0 = exits learn
+    from labels only); temperature softens the exits' outputs in its KL terms."""
+
+    kd_weight: float = 1.0
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        check(self.kd_weight >= 0, "method.depthfl.kd_weight must be >= 0")
+        check(self.temperature > 0, "method.depthfl.temperature must be > 0")
 
 
 @dataclass(frozen=True)
@@ -47,8 +61,8 @@ class DepthNet(StageNet):
         return x, logits
 
     def stage_forward(self, x: torch.Tensor, plan: StagePlan) -> tuple[torch.Tensor, torch.Tensor]:
-        """For a DepthPlan: (last feature map, the exits' mean logits); its graph holds every exit,
-        which is what `estimate` must see. Other plans: StageNet's forward."""
+        """For a DepthPlan: (last feature map, the exits' mean logits: the ensemble DepthFL
+        evaluates). Other plans: StageNet's forward."""
         if not isinstance(plan, DepthPlan):
             return super().stage_forward(x, plan)
         z, logits = self.exits(x, plan.stage)
@@ -73,6 +87,13 @@ def depthfl_loss(logits: list[torch.Tensor], y: torch.Tensor, kd_weight: float, 
     return loss
 
 
+def depthfl_step_loss(
+    net: DepthNet, plan: StagePlan, x: torch.Tensor, y: torch.Tensor, *, kd_weight: float, temperature: float
+) -> torch.Tensor:
+    """`depthfl_loss` over the exits of the plan's prefix: the step a DepthFL client trains."""
+    return depthfl_loss(net.exits(x, plan.stage)[1], y, kd_weight, temperature)
+
+
 class DepthFL(Method):
     """Each client trains the deepest prefix of the network that its memory allows.
 
@@ -89,13 +110,16 @@ class DepthFL(Method):
     net : StageNet
         The global model; its output modules are rebuilt as the exits.
     cfg : Config
-        method.depthfl_kd_weight (default 1.0; 0 trains each exit on cross-entropy alone) and
-        method.depthfl_temperature (default 1.0) set the distillation; `train` the local training.
+        `[method.depthfl]` (`DepthFLOptions`) sets the distillation; `train` the local training.
     """
 
     def __init__(self, net: StageNet, cfg: Config) -> None:
         super().__init__(DepthNet(net.model), cfg)
+        self.options: DepthFLOptions = cfg.method.section("depthfl")
         self.trained_depth = 1
+
+    def loss(self, config: Mapping[str, ConfigValue]) -> StepLoss:
+        return functools.partial(depthfl_step_loss, kd_weight=self.options.kd_weight, temperature=self.options.temperature)
 
     def final_plan(self) -> StagePlan:
         return DepthPlan(self.trained_depth, self.net.num_stages)
@@ -114,10 +138,10 @@ class DepthFL(Method):
         return DepthPlan(t - level, t)
 
     def plan(self, rnd: int) -> StagePlan:
-        return self.net.plan(0)
+        return self.net.full_plan()
 
     def plans(self) -> list[StagePlan]:
-        return [self.net.plan(0)]
+        return [self.net.full_plan()]
 
     def memory(self, plan: StagePlan) -> MemoryBreakdown:
         """A round's peak is that of its deepest level (every block and exit)."""
@@ -130,17 +154,8 @@ class DepthFL(Method):
     def configure_train(self, rnd: int, plan: StagePlan, level: int, seed: int) -> ClientTask:
         return super().configure_train(rnd, self.depth_plan(level), level, seed)
 
-    def client_update(self, task: ClientTask, data: TensorDataset, *, augment: bool) -> ClientResult:
-        """Local training with DepthFL's loss over the exits of the task's prefix."""
-        m, net, depth = self.cfg.method, self.client_net(task.level), task.plan.stage
-
-        def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return depthfl_loss(net.exits(x, depth)[1], y, m.depthfl_kd_weight, m.depthfl_temperature)
-
-        return local_update(net, task, data, self.cfg.train, augment=augment, loss_fn=loss_fn)
-
-    def aggregate_train(self, plan: StagePlan, results: list[ClientResult]) -> None:
+    def aggregate_train(self, rnd: int, plan: StagePlan, results: Sequence[ClientResult]) -> None:
         """Each tensor is averaged over the clients whose prefix holds it; remembers the deepest block trained (for evaluation)."""
         blocks = {int(n.split(".")[2]) for r in results for n in r.arrays if n.startswith("model.blocks.")}
         self.trained_depth = max(self.trained_depth, max(blocks) + 1)
-        super().aggregate_train(plan, results)
+        super().aggregate_train(rnd, plan, results)

@@ -22,7 +22,7 @@ class FedAvg(Method):
         self.respects_memory = exclusive
 
     def plan(self, rnd: int) -> StagePlan:
-        return self.net.plan(0)
+        return self.net.full_plan()
 
     def plans(self) -> list[StagePlan]:
-        return [self.net.plan(0)]
+        return [self.net.full_plan()]

@@ -14,5 +14,5 @@ class FedRolex(HeteroFL):
     extraction, element-wise averaging, static BatchNorm and the parameters are HeteroFL's.
     """
 
-    def offset(self, rnd: int) -> int:
+    def window_start(self, rnd: int) -> int:
         return rnd

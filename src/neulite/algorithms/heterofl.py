@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TypeVar
@@ -10,14 +9,15 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from neulite.algorithms.base import Method
+from neulite.algorithms.base import Method, Spec
 from neulite.algorithms.evaluate import evaluate
-from neulite.algorithms.payload import ClientResult, ClientTask, assign_arrays
+from neulite.algorithms.local import cross_entropy_loss
+from neulite.algorithms.payload import ClientResult, ClientTask, weighted_average
 from neulite.algorithms.submodel import WIDTHS, extract, scatter_average, width_net
 from neulite.config import Config
 from neulite.data.datasets import TensorDataset
-from neulite.federation import Client
 from neulite.memory import MemoryBreakdown, estimate
+from neulite.models.arrays import assign_arrays
 from neulite.models.stage_net import StageNet, StagePlan
 
 M = TypeVar("M", bound=nn.Module)
@@ -37,35 +37,52 @@ def static_bn(module: M) -> M:
     return module
 
 
-@contextmanager
-def data_statistics(model: nn.Module, data: TensorDataset, batch_size: int = 500) -> Iterator[None]:
-    """Give `model`'s static BatchNorms the mean and variance of `data` for the duration.
+def bn_statistics(model: nn.Module, data: TensorDataset, batch_size: int = 500) -> dict[str, torch.Tensor]:
+    """Per static BatchNorm of `model`: the mean and second moment (E[x²]) of its input over `data`.
 
-    One no-grad pass in shuffled batches, cumulatively averaged: each sample is then normalised the
-    same way whatever batch it is evaluated in, and a class-sorted data set does not skew the
-    statistics (per-batch statistics of a sorted test set would be per-class statistics).
+    One no-grad pass in shuffled batches, every BatchNorm normalising with its batch's statistics
+    (as sBN trains) while the batches' means and variances are averaged; the second moment lets the
+    server pool several clients' statistics exactly (`pooled_statistics`). A class-sorted data set
+    does not skew them: each sample is normalised the same way whatever batch it lands in.
     """
-    norms = [m for m in model.modules() if isinstance(m, _NORMS)]
-    momenta = [bn.momentum for bn in norms]
-    for bn in norms:
+    norms = {name: m for name, m in model.named_modules() if isinstance(m, _NORMS)}
+    was_training, momenta = model.training, [bn.momentum for bn in norms.values()]
+    for bn in norms.values():
         bn.track_running_stats, bn.momentum = True, None
         bn.running_mean = torch.zeros(bn.num_features)
         bn.running_var = torch.ones(bn.num_features)
         bn.num_batches_tracked = torch.tensor(0)
-    was_training = model.training
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
     try:
         model.train()
         with torch.no_grad():
             for start in range(0, len(data), batch_size):
                 model(data.x[order[start : start + batch_size]])
+        stats = {}
+        for name, bn in norms.items():
+            stats[f"{name}.mean"] = bn.running_mean.clone()
+            stats[f"{name}.second_moment"] = bn.running_var + bn.running_mean**2
+        return stats
+    finally:
+        static_bn(model)
+        for bn, momentum in zip(norms.values(), momenta):
+            bn.momentum = momentum
         model.train(was_training)
+
+
+@contextmanager
+def pooled_statistics(model: nn.Module, stats: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Normalise `model`'s static BatchNorms with the given pooled mean and second moment for the duration."""
+    norms = {name: m for name, m in model.named_modules() if isinstance(m, _NORMS)}
+    for name, bn in norms.items():
+        mean = stats[f"{name}.mean"]
+        bn.track_running_stats = True
+        bn.running_mean, bn.running_var = mean, (stats[f"{name}.second_moment"] - mean**2).clamp_min(0)
+        bn.num_batches_tracked = torch.tensor(0)
+    try:
         yield
     finally:
         static_bn(model)
-        for bn, momentum in zip(norms, momenta):
-            bn.momentum = momentum
-        model.train(was_training)
 
 
 class HeteroFL(Method):
@@ -76,9 +93,10 @@ class HeteroFL(Method):
     the window of channels of every tensor that makes the width-w model, trains it and returns it;
     the server averages every element over the clients that trained it (data-size weighted), and
     elements nobody trained keep their value. BatchNorm is static (`static_bn`): no running
-    statistics are kept, sent or averaged; evaluation normalises with statistics of the clients'
-    training data (`data_statistics`, the paper's query of the clients after training), and the
-    final model normalises with batch statistics.
+    statistics are kept, sent or averaged; before the server evaluates, it queries every client
+    for the statistics of its training data under the current model (`calibration_task`, the
+    paper's query of the clients after training) and normalises with their pooled values; the
+    final model, and a client validating it, normalise with batch statistics.
 
     Parameters
     ----------
@@ -90,33 +108,26 @@ class HeteroFL(Method):
         batch size of the memory estimates).
     """
 
-    setup_needs_clients = True
-
     def __init__(self, net: StageNet, cfg: Config) -> None:
-        super().__init__(static_bn(copy.deepcopy(net)), cfg)
+        super().__init__(static_bn(net), cfg)
         self._level_memory: dict[int, MemoryBreakdown] = {}
-        self._offset = 0
-        self._clients: Sequence[Client] = ()
-        self._calibration: TensorDataset | None = None
+        self._statistics: dict[str, torch.Tensor] | None = None
 
-    def setup(self, clients: Sequence[Client]) -> None:
-        self._clients, self._calibration = clients, None
-
-    def offset(self, rnd: int) -> int:
+    def window_start(self, rnd: int) -> int:
         """Where every channel window starts in round `rnd`: at the leading channel."""
         return 0
 
     def plan(self, rnd: int) -> StagePlan:
-        return self.net.plan(0)
+        return self.net.full_plan()
 
     def plans(self) -> list[StagePlan]:
-        return [self.net.plan(0)]
+        return [self.net.full_plan()]
 
     def level_memory(self, level: int) -> MemoryBreakdown:
         """Training peak of the width-`WIDTHS[level]` sub-model at the configured batch size."""
         if level not in self._level_memory:
             net = self.net if level == 0 else static_bn(width_net(self.cfg, self.net, WIDTHS[level]))
-            self._level_memory[level] = estimate(net, net.plan(0), self.cfg.train.batch_size)
+            self._level_memory[level] = estimate(net, net.full_plan(), self.cfg.train.batch_size, cross_entropy_loss)
         return self._level_memory[level]
 
     def memory(self, plan: StagePlan) -> MemoryBreakdown:
@@ -132,18 +143,32 @@ class HeteroFL(Method):
         return self._client_nets[level]
 
     def configure_train(self, rnd: int, plan: StagePlan, level: int, seed: int) -> ClientTask:
-        self._offset = self.offset(rnd)
         sub = self.client_net(level)
         shapes = {name: sub.get_parameter_or_buffer(name).shape for name in sub.down_names(plan)}
-        return ClientTask(rnd, plan, extract(self.net.state_dict(), shapes, self._offset), seed=seed, level=level)
+        return ClientTask(rnd, plan, extract(self.net.state_dict(), shapes, self.window_start(rnd)), seed, {"level": level})
 
-    def aggregate_train(self, plan: StagePlan, results: list[ClientResult]) -> None:
-        assign_arrays(self.net, scatter_average(self.net.state_dict(), results, self._offset))
+    def aggregate_train(self, rnd: int, plan: StagePlan, results: Sequence[ClientResult]) -> None:
+        assign_arrays(self.net, scatter_average(self.net.state_dict(), results, self.window_start(rnd)))
+
+    def calibration_task(self) -> ClientTask:
+        plan = self.final_plan()
+        state = self.net.state_dict()
+        return ClientTask(0, plan, {name: state[name] for name in self.net.down_names(plan)})
+
+    def calibration_spec(self) -> Spec:
+        norms = [(name, m) for name, m in self.client_net(0).model.named_modules() if isinstance(m, _NORMS)]
+        return {f"{name}.{kind}": ((m.num_features,), torch.float32) for name, m in norms for kind in ("mean", "second_moment")}
+
+    def client_calibrate(self, task: ClientTask, data: TensorDataset) -> ClientResult:
+        net = self.client_net(0)
+        assign_arrays(net, task.arrays)
+        return ClientResult(bn_statistics(net.model, data), len(data))
+
+    def calibrate(self, results: Sequence[ClientResult]) -> None:
+        self._statistics = weighted_average([r for r in results if r.num_examples > 0])
 
     def evaluate(self, plan: StagePlan, data: TensorDataset) -> tuple[float, float]:
-        if not self._clients:
-            raise RuntimeError("HeteroFL.evaluate needs setup() first: BatchNorm statistics come from the clients' data")
-        if self._calibration is None:  # gathered at the first evaluation, not at start-up
-            self._calibration = TensorDataset.concat([c.train for c in self._clients])
-        with data_statistics(self.net.model, self._calibration):
+        if self._statistics is None:
+            raise RuntimeError("HeteroFL.evaluate needs calibrate() first: BatchNorm statistics come from the clients' data")
+        with pooled_statistics(self.net.model, self._statistics):
             return evaluate(self.net, plan, data)

@@ -2,18 +2,77 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from neulite.algorithms.base import Method
-from neulite.config import Config
+from neulite.algorithms.hsic import nhsic
+from neulite.algorithms.payload import ConfigValue
+from neulite.config import Config, check, choice
 from neulite.errors import NeuliteError
+from neulite.memory import StepLoss
 from neulite.models.stage_net import StageNet, StagePlan
 
 DEFAULT_LAMBDA1 = (0.5, 0.3, 0.1, 0.0)
 DEFAULT_LAMBDA2 = (0.1, 0.3, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class NeuLiteOptions:
+    """The `[method.neulite]` table, shared by every `neulite*` variant.
+
+    schedule: "sequential" (a fixed round budget per stage) or "cyclic" (stage 1, 2, .., T, 1, ..
+    every round: the reference code). stage_rounds: explicit rounds per stage (sequential); empty
+    means split method.rounds by `stage_split` ("equal", or "params": proportional to block size).
+    mentor / harmonizer: switch the Curriculum Mentor / Training Harmonizer. lambda1/lambda2: the
+    Mentor's per-block weights; empty means the curriculum (`DEFAULT_LAMBDA1`/`DEFAULT_LAMBDA2`)
+    interpolated to the number of blocks; lambda_scale multiplies both (tuned on the clients'
+    validation splits by `python benchmarks/tune.py lambda`). sigma: the nHSIC kernel width.
+    frozen_bn_drift: let frozen blocks' BatchNorm statistics move (the reference code's behaviour)
+    instead of running them in eval mode. inherit_outputs: when stage t+1 starts, start Op_{t+1}'s
+    light layers and classifier (or, at the last stage, the real head) from the matching layers
+    of Op_t, which stood in for the same blocks, instead of from scratch.
+    """
+
+    schedule: str = "sequential"
+    stage_rounds: tuple[int, ...] = ()
+    stage_split: str = "equal"
+    mentor: bool = True
+    harmonizer: bool = True
+    lambda1: tuple[float, ...] = ()
+    lambda2: tuple[float, ...] = ()
+    lambda_scale: float = 1.0
+    sigma: float = 5.0
+    frozen_bn_drift: bool = False
+    inherit_outputs: bool = False
+
+    def __post_init__(self) -> None:
+        choice("method.neulite.schedule", self.schedule, ("sequential", "cyclic"))
+        choice("method.neulite.stage_split", self.stage_split, ("equal", "params"))
+        check(all(r >= 1 for r in self.stage_rounds), "method.neulite.stage_rounds entries must be >= 1")
+        check(self.sigma > 0, "method.neulite.sigma must be > 0")
+        check(self.lambda_scale >= 0, "method.neulite.lambda_scale must be >= 0")
+
+
+def neulite_loss(
+    net: StageNet, plan: StagePlan, x: torch.Tensor, y: torch.Tensor, *, lambda1: float, lambda2: float, sigma: float
+) -> torch.Tensor:
+    """Cross-entropy minus the Mentor's weighted dependence terms: nHSIC(Z_t, X) and nHSIC(P_t(Z_t), Y)."""
+    z, logits = net.stage_forward(x, plan)
+    loss = F.cross_entropy(logits, y)
+    if plan.mentor and lambda1:
+        loss = loss - lambda1 * nhsic(z, x, sigma)
+    if plan.mentor and lambda2:
+        onehot = F.one_hot(y, net.model.num_classes).float()
+        loss = loss - lambda2 * nhsic(net.projections[plan.stage - 1](z), onehot, sigma)
+    return loss
 
 
 def curriculum(values: tuple[float, ...], num_stages: int) -> tuple[float, ...]:
@@ -40,42 +99,37 @@ class NeuLite(Method):
 
     Parameters
     ----------
-    schedule : {"sequential", "cyclic"}
-        sequential: a fixed round budget per stage (method.stage_rounds, or method.rounds split by
-        method.stage_split). cyclic: stage = 1, 2, .., T, 1, 2, .. every round (the reference code).
-    mentor : bool
-        Add the nHSIC terms with per-block weights lambda1 (input) and lambda2 (label).
-    harmonizer : bool
-        Keep the tail of block t-1 trainable at stage t (Op_t always imitates the missing blocks).
+    net : StageNet
+        The global model with its output modules and projection heads.
+    cfg : Config
+        method.rounds and the `[method.neulite]` options (`NeuLiteOptions`).
+    **variant
+        `NeuLiteOptions` fields that a registered variant fixes (e.g. `schedule="cyclic"` for
+        neulite-cyclic, `mentor=False` for neulite-no-mentor), overriding the config.
     """
 
-    def __init__(self, net: StageNet, cfg: Config, *, schedule: str, mentor: bool, harmonizer: bool) -> None:
+    def __init__(self, net: StageNet, cfg: Config, **variant: Any) -> None:
         super().__init__(net, cfg)
-        m = cfg.method
+        m = dataclasses.replace(cfg.method.section("neulite"), **variant)
         t = net.num_stages
-        self.schedule = schedule
-        self.mentor = mentor
-        self.harmonizer = harmonizer
+        self.options = m
+        self.schedule, self.mentor, self.harmonizer = m.schedule, m.mentor, m.harmonizer
         self.lambda1 = tuple(m.lambda_scale * v for v in (m.lambda1 or curriculum(DEFAULT_LAMBDA1, t)))
         self.lambda2 = tuple(m.lambda_scale * v for v in (m.lambda2 or curriculum(DEFAULT_LAMBDA2, t)))
         if len(self.lambda1) != t or len(self.lambda2) != t:
-            raise NeuliteError(f"bad config: method.lambda1 and method.lambda2 need {t} values (one per block), got {len(self.lambda1)} and {len(self.lambda2)}")
+            raise NeuliteError(f"bad config: method.neulite.lambda1 and method.neulite.lambda2 need {t} values (one per block), got {len(self.lambda1)} and {len(self.lambda2)}")
         if m.stage_rounds:
             if len(m.stage_rounds) != t:
-                raise NeuliteError(f"bad config: method.stage_rounds needs {t} values (one per block), got {len(m.stage_rounds)}")
+                raise NeuliteError(f"bad config: method.neulite.stage_rounds needs {t} values (one per block), got {len(m.stage_rounds)}")
             self.stage_rounds = list(m.stage_rounds)
         else:
             sizes = [sum(p.numel() for p in b.parameters()) for b in net.model.blocks]
-            self.stage_rounds = stage_round_budget(m.rounds, [1.0] * t if m.stage_split == "equal" else sizes)
+            self.stage_rounds = stage_round_budget(cfg.method.rounds, [1.0] * t if m.stage_split == "equal" else sizes)
         self._ends = np.cumsum(self.stage_rounds)
         self._started = 1  # the latest stage begun (checkpointed: a resumed run must not warm-start twice)
 
-    @property
-    def bn_drift(self) -> bool:
-        return self.cfg.method.frozen_bn_drift
-
     def _plan(self, stage: int) -> StagePlan:
-        return self.net.plan(stage, harmonize=self.harmonizer, mentor=self.mentor)
+        return self.net.plan(stage, harmonize=self.harmonizer, mentor=self.mentor, bn_drift=self.options.frozen_bn_drift)
 
     def plan(self, rnd: int) -> StagePlan:
         t = self.net.num_stages
@@ -86,15 +140,22 @@ class NeuLite(Method):
     def plans(self) -> list[StagePlan]:
         return [self._plan(s) for s in range(1, self.net.num_stages + 1)]
 
-    def lambdas(self, plan: StagePlan) -> tuple[float, float]:
+    def task_config(self, plan: StagePlan) -> dict[str, ConfigValue]:
+        """The Mentor's weights for the stage (0 without the Mentor)."""
         if not self.mentor:
-            return 0.0, 0.0
-        return self.lambda1[plan.stage - 1], self.lambda2[plan.stage - 1]
+            return {"lambda1": 0.0, "lambda2": 0.0}
+        return {"lambda1": self.lambda1[plan.stage - 1], "lambda2": self.lambda2[plan.stage - 1]}
+
+    def loss(self, config: Mapping[str, ConfigValue]) -> StepLoss:
+        return functools.partial(neulite_loss, lambda1=float(config["lambda1"]), lambda2=float(config["lambda2"]), sigma=self.options.sigma)
+
+    def summary(self) -> dict[str, Any]:
+        return {"lambda1": list(self.lambda1), "lambda2": list(self.lambda2)}
 
     def begin_round(self, plan: StagePlan) -> None:
         if self.schedule != "sequential" or plan.stage <= self._started:
             return
-        if self.cfg.method.inherit_outputs:
+        if self.options.inherit_outputs:
             for stage in range(self._started + 1, plan.stage + 1):
                 self._inherit(stage)
         self._started = plan.stage

@@ -6,28 +6,34 @@ up; what is inside is decided by the algorithm.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from neulite.errors import NeuliteError
+from neulite.models.arrays import Arrays
 from neulite.models.stage_net import StagePlan
 
-Arrays = dict[str, torch.Tensor]
+ConfigValue = int | float | bool | str
 
 
 @dataclass(frozen=True)
 class ClientTask:
-    """Everything a client needs for one round: what the stage trains, its tensors, the Mentor's weights."""
+    """Everything a client needs for one round: what the stage trains, its tensors, and the
+    method's own knobs for this client (`config`, like Flower's ConfigRecord: NeuLite's Mentor
+    weights, a sub-model's capacity level, ...)."""
 
     round: int
     plan: StagePlan
     arrays: Arrays
-    lambda1: float = 0.0
-    lambda2: float = 0.0
     seed: int = 0
-    level: int = 0  # the client's capacity level for methods with sub-models (width or depth); 0 = full
+    config: Mapping[str, ConfigValue] = field(default_factory=dict)
+
+    @property
+    def level(self) -> int:
+        """The client's capacity level for methods with sub-models (width or depth); 0 = the full model."""
+        return int(self.config.get("level", 0))
 
 
 @dataclass(frozen=True)
@@ -35,41 +41,6 @@ class ClientResult:
     arrays: Arrays
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
-
-
-def nbytes(arrays: Arrays) -> int:
-    return sum(t.numel() * t.element_size() for t in arrays.values())
-
-
-def assign_arrays(net: nn.Module, arrays: Arrays) -> None:
-    """Copy received tensors into `net`, materialising meta-device placeholders.
-
-    Only the received tensors become real memory, so a client built on the meta device holds
-    exactly its stage's share of the model. Unknown names or wrong shapes are a malformed message.
-    """
-    reference = net.state_dict(keep_vars=True)
-    for name, value in arrays.items():
-        if name not in reference:
-            raise NeuliteError(f"malformed message: unknown tensor {name!r}")
-        current = reference[name]
-        if tuple(current.shape) != tuple(value.shape):
-            raise NeuliteError(f"malformed message: {name!r} has shape {tuple(value.shape)}, expected {tuple(current.shape)}")
-        module_name, _, attr = name.rpartition(".")
-        module = net.get_submodule(module_name)
-        if current.is_meta:
-            data = value.detach().clone()
-            if isinstance(current, nn.Parameter):
-                module._parameters[attr] = nn.Parameter(data, requires_grad=current.requires_grad)
-            else:
-                module._buffers[attr] = data
-        else:
-            with torch.no_grad():
-                current.copy_(value)
-
-
-def extract_arrays(net: nn.Module, names: list[str]) -> Arrays:
-    state = net.state_dict()
-    return {n: state[n].detach().clone() for n in names}
 
 
 def weighted_average(results: list[ClientResult]) -> Arrays:

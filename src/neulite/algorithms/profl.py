@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from neulite.algorithms.neulite import NeuLite, stage_round_budget
 from neulite.algorithms.payload import ClientResult
-from neulite.config import Config
+from neulite.config import Config, check
 from neulite.models.stage_net import StageNet, StagePlan
+
+
+@dataclass(frozen=True)
+class ProFLOptions:
+    """The `[method.profl]` table: window W is the rounds over which a block's effective movement
+    is measured; the block counts as converged (next stage) once that movement is below
+    `threshold`. inherit_outputs as in `[method.neulite]`."""
+
+    window: int = 3
+    threshold: float = 0.5
+    inherit_outputs: bool = False
+
+    def __post_init__(self) -> None:
+        check(self.window >= 2, "method.profl.window must be >= 2 (one round has no path to compare)")
+        check(0 < self.threshold <= 1, "method.profl.threshold must be in (0, 1]")
 
 
 def effective_movement(start: torch.Tensor, end: torch.Tensor, steps: list[float]) -> float:
@@ -33,15 +50,15 @@ class ProFL(NeuLite):
     net : StageNet
         The global model with its output modules.
     cfg : Config
-        method.profl_window (W, default 3) and method.profl_threshold (default 0.5);
-        method.rounds bounds the schedule.
+        `[method.profl]` (`ProFLOptions`); method.rounds bounds the schedule.
     """
 
     def __init__(self, net: StageNet, cfg: Config) -> None:
-        super().__init__(net, cfg, schedule="sequential", mentor=False, harmonizer=False)
-        m = cfg.method
-        share = stage_round_budget(m.rounds, [1.0] * net.num_stages)
-        self.window, self.threshold = m.profl_window, m.profl_threshold
+        p: ProFLOptions = cfg.method.section("profl")
+        super().__init__(net, cfg, schedule="sequential", stage_rounds=(), stage_split="equal", mentor=False, harmonizer=False,
+                         frozen_bn_drift=False, inherit_outputs=p.inherit_outputs)
+        share = stage_round_budget(cfg.method.rounds, [1.0] * net.num_stages)
+        self.window, self.threshold = p.window, p.threshold
         self.cap = [2 * s for s in share]
         self.reserve = [sum(max(1, s // 2) for s in share[k + 1 :]) for k in range(len(share))]
         self.stage, self.in_stage, self.done = 1, 0, 0
@@ -54,9 +71,9 @@ class ProFL(NeuLite):
     def _block(self, stage: int) -> torch.Tensor:
         return torch.cat([p.detach().flatten() for p in self.net.model.blocks[stage - 1].parameters()])
 
-    def aggregate_train(self, plan: StagePlan, results: list[ClientResult]) -> None:
+    def aggregate_train(self, rnd: int, plan: StagePlan, results: Sequence[ClientResult]) -> None:
         before = self._block(plan.stage)
-        super().aggregate_train(plan, results)
+        super().aggregate_train(rnd, plan, results)
         after = self._block(plan.stage)
         self._starts = [*self._starts, before][-self.window :]
         self._steps = [*self._steps, float((after - before).norm())][-self.window :]

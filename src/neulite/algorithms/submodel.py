@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from neulite.algorithms.payload import Arrays, ClientResult
+from neulite.algorithms.payload import ClientResult
+from neulite.models.arrays import Arrays
 from neulite.config import Config
 from neulite.models.stage_net import StageNet
 from neulite.models.zoo import build_model

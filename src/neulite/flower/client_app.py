@@ -1,9 +1,11 @@
 """The Flower ClientApp: a node's data shard, memory budget and the core client update.
 
-Three message types:
-  query    (profiling, once before training): reply with the node's partition id, budget and data size;
-  train    a `ClientTask` in, the core `Method.client_update` on the node's shard, the trained tensors out;
-  evaluate the deployable model's accuracy on the node's validation split.
+Four message types:
+  query            (profiling, once before training): the node's partition id, budget and data size;
+  query.calibrate  a `ClientTask` in, `Method.client_calibrate` on the node's training shard (HeteroFL's
+                   BatchNorm statistics), its reply out;
+  train            a `ClientTask` in, the core `Method.client_update` on the node's shard, the trained tensors out;
+  evaluate         `Method.client_evaluate` of the deployable model on the node's validation split.
 
 A node finds its shard from its node config (`partition-id`, as Flower's simulation engine sets
 it or `flower-supernode --node-config` gives it). Its budget is `budget-mb` from the node config,
@@ -23,21 +25,14 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from neulite.algorithms.base import Method
-from neulite.algorithms.evaluate import evaluate as evaluate_plan
-from neulite.algorithms.payload import assign_arrays
-from neulite.algorithms.registry import build_method
+from neulite.algorithms.registry import build_method, build_network
 from neulite.config import Config
 from neulite.data import TensorDataset
 from neulite.errors import NeuliteError
-from neulite.federation import (
-    MB,
-    augment_enabled,
-    client_shards,
-    load_splits,
-    simulated_budgets,
-)
+from neulite.federation import augment_enabled, client_shards, load_splits, simulated_budgets
 from neulite.flower.run_config import parse_run_config
-from neulite.flower.wire import decode_plan, decode_task, encode_result
+from neulite.flower.wire import decode_task, encode_result
+from neulite.memory import MIB
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +62,7 @@ def load_node(cfg: Config, cid: int) -> Node:
     splits = load_splits(cfg)
     train, val = client_shards(cfg, splits)[cid]
     with torch.device("meta"):
-        _, method = build_method(cfg, splits.input_shape, splits.train.num_classes)
-    if method.setup_needs_clients:
-        raise NeuliteError(f"{cfg.method.name} needs every client's data or budget at set-up; run it with `neulite run`")
+        method = build_method(cfg, build_network(cfg, splits.input_shape, splits.train.num_classes))
     return Node(cid, train, val, augment_enabled(cfg, splits), method)
 
 
@@ -79,7 +72,7 @@ def node_budget(context: Context, cfg: Config, cid: int, full_peak: int) -> tupl
     if budget_mb is not None:
         if not isinstance(budget_mb, (int, float)) or budget_mb <= 0:
             raise NeuliteError(f"node config budget-mb must be a positive number, got {budget_mb!r}")
-        return int(budget_mb * MB), "node-config"
+        return int(budget_mb * MIB), "node-config"
     return simulated_budgets(cfg, full_peak)[cid], cfg.clients.budget
 
 
@@ -101,6 +94,12 @@ def make_client_app(run_config: dict[str, Any] | None = None) -> ClientApp:
         reply = ConfigRecord({"partition-id": node.cid, "budget-bytes": budget, "budget-source": source, "num-examples": len(node.train)})
         return Message(RecordDict({"profile": reply}), reply_to=msg)
 
+    @app.query("calibrate")
+    def calibrate(msg: Message, context: Context) -> Message:
+        _, node = node_of(context)
+        result = node.method.client_calibrate(decode_task(msg.content), node.train)
+        return Message(encode_result(result), reply_to=msg)
+
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         _, node = node_of(context)
@@ -111,10 +110,8 @@ def make_client_app(run_config: dict[str, Any] | None = None) -> ClientApp:
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         _, node = node_of(context)
-        plan = decode_plan(msg.content.config_records["config"])
-        net = node.method.client_net(0)
-        assign_arrays(net, dict(msg.content.array_records["arrays"].to_torch_state_dict()))
-        accuracy, loss = evaluate_plan(net, plan, node.val) if len(node.val) else (0.0, 0.0)
+        task = decode_task(msg.content)
+        accuracy, loss = node.method.client_evaluate(task, node.val) if len(node.val) else (0.0, 0.0)
         metrics = MetricRecord({"accuracy": accuracy, "loss": loss, "num-examples": len(node.val)})
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 

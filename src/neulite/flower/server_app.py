@@ -6,19 +6,15 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
-from neulite.algorithms.registry import build_method
 from neulite.errors import NeuliteError
-from neulite.federation import load_splits
+from neulite.experiment import build_experiment
 from neulite.flower.run_config import parse_run_config
-from neulite.flower.strategy import NeuliteStrategy, profile_nodes
-from neulite.memory import estimate
-from neulite.runner import RunLog
-from neulite.server import Server
+from neulite.flower.strategy import NeuliteStrategy, NodeQuery, profile_nodes
+from neulite.results import RunLog
 
 log = logging.getLogger(__name__)
 
@@ -43,23 +39,18 @@ def make_server_app(run_config: dict[str, Any] | None = None) -> ServerApp:
 def run(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     """The whole experiment on `grid`; returns the summary."""
     cfg, driver = parse_run_config(run_config)
-    torch.manual_seed(cfg.seed)
-    splits = load_splits(cfg)
-    net, method = build_method(cfg, splits.input_shape, splits.train.num_classes)
-    if method.setup_needs_clients:
-        raise NeuliteError(f"{cfg.method.name} needs every client's data or budget at set-up; run it with `neulite run`")
-    full_peak = estimate(net, net.plan(0), cfg.train.batch_size).total
+    experiment = build_experiment(cfg)
     min_nodes = driver.min_nodes or cfg.data.num_clients
-    found = profile_nodes(grid, full_peak, min_nodes=min_nodes, wait=driver.node_wait)
-    server = Server(method, {cid: budget for cid, (_, budget) in found.items()}, cfg, full_peak)
-    server.check_feasible()
-    console = Console(force_terminal=False, soft_wrap=True)
-    results = RunLog(cfg, driver.out, resume=driver.resume, console=console)
-    results.resume(server)
-    strategy = NeuliteStrategy(server, {cid: node for cid, (node, _) in found.items()}, splits.test, results.record, results.first_round)
-    strategy.start(grid, ArrayRecord(), num_rounds=cfg.method.rounds - results.first_round + 1, timeout=driver.round_timeout)
-    final = method.evaluate(method.final_plan(), splits.test)
-    return results.finish(server, final, strategy.validation_accuracy, driver="flower", nodes=len(found))
+    found = profile_nodes(grid, experiment.full_peak, min_nodes=min_nodes, wait=driver.node_wait)
+    nodes = {cid: node for cid, (node, _) in found.items()}
+    query = NodeQuery(grid, nodes, experiment.method, timeout=driver.round_timeout)
+    server = experiment.server({cid: budget for cid, (_, budget) in found.items()}, query)
+    run_log = RunLog(cfg, driver.out, resume=driver.resume, console=Console(force_terminal=False, soft_wrap=True))
+    run_log.resume(server)
+    strategy = NeuliteStrategy(server, nodes, experiment.splits.test, run_log.record, run_log.first_round)
+    strategy.start(grid, ArrayRecord(), num_rounds=cfg.method.rounds - run_log.first_round + 1, timeout=driver.round_timeout)
+    final = server.evaluate(experiment.method.final_plan(), experiment.splits.test)
+    return run_log.finish(server, final, strategy.validation_accuracy, driver="flower", nodes=len(found))
 
 
 app = make_server_app()

@@ -7,11 +7,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from neulite.config import Config
+from neulite.config import Config, config_to_toml
 from neulite.errors import NeuliteError
 from neulite.flower.client_app import make_client_app
 from neulite.flower.server_app import make_server_app
-from neulite.results import config_to_toml
 
 
 def run_config_for(cfg: Config, out: str | Path, *, resume: bool = False) -> dict[str, Any]:

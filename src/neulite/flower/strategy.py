@@ -23,11 +23,12 @@ from flwr.app import (
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from neulite.algorithms.payload import ClientResult
+from neulite.algorithms.base import Method
+from neulite.algorithms.payload import ClientResult, ClientTask
 from neulite.data import TensorDataset
 from neulite.errors import NeuliteError
-from neulite.federation import MB
-from neulite.flower.wire import decode_result, encode_plan, encode_task
+from neulite.flower.wire import decode_result, encode_task
+from neulite.memory import MIB
 from neulite.server import Round, RoundRecord, Server
 
 log = logging.getLogger(__name__)
@@ -61,10 +62,36 @@ def profile_nodes(grid: Grid, full_peak: int, *, min_nodes: int, wait: float) ->
             log.warning("node %d left out: partition %d is already held by node %d", node, cid, found[cid][0])
         else:
             found[cid] = (node, budget)
-            log.info("node %d: partition %d, budget %.1f MiB (%s)", node, cid, budget / MB, profile.get("budget-source"))
+            log.info("node %d: partition %d, budget %.1f MiB (%s)", node, cid, budget / MIB, profile.get("budget-source"))
     if len(found) < min_nodes:
         raise NeuliteError(f"only {len(found)} of {min_nodes} nodes answered the profiling query; stopping before training")
     return dict(sorted(found.items()))
+
+
+class NodeQuery:
+    """`Server.query` over Flower: the task as a `query.calibrate` message to every node, each
+    reply checked against the method's calibration spec (a node that fails or replies badly is
+    left out and logged)."""
+
+    def __init__(self, grid: Grid, nodes: dict[int, int], method: Method, timeout: float) -> None:
+        self.grid, self.nodes, self.method, self.timeout = grid, nodes, method, timeout
+
+    def __call__(self, task: ClientTask) -> dict[int, ClientResult]:
+        cids = {node: cid for cid, node in self.nodes.items()}
+        content = encode_task(task)
+        messages = [Message(content, dst_node_id=node, message_type="query.calibrate") for node in self.nodes.values()]
+        spec = self.method.calibration_spec()
+        results: dict[int, ClientResult] = {}
+        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+            cid = cids.get(reply.metadata.src_node_id)
+            if cid is None or cid in results or reply.has_error():
+                log.warning("calibration reply from node %d left out", reply.metadata.src_node_id)
+                continue
+            try:
+                results[cid] = decode_result(reply.content, spec, required=())
+            except NeuliteError as exc:
+                log.warning("calibration reply of partition %d left out: %s", cid, exc)
+        return results
 
 
 class NeuliteStrategy(Strategy):
@@ -93,7 +120,7 @@ class NeuliteStrategy(Strategy):
     ) -> None:
         self.server, self.nodes, self.test = server, nodes, test
         self.cids = {node: cid for cid, node in nodes.items()}
-        self.on_round, self.offset, self.validate = on_round, first_round - 1, validate
+        self.on_round, self.rounds_before, self.validate = on_round, first_round - 1, validate
         self.round: Round | None = None
         self.validation_accuracy = float("nan")
 
@@ -103,13 +130,14 @@ class NeuliteStrategy(Strategy):
                  [p.stage for p in m.plans()])
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        self.round = self.server.configure(server_round + self.offset)
+        self.round = self.server.configure(server_round + self.rounds_before)
         return [Message(encode_task(task), dst_node_id=self.nodes[cid], message_type=MessageType.TRAIN) for cid, task in self.round.tasks.items()]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check each reply against its task; aggregate the usable ones (the global model lives in the method)."""
         rnd = self.round
-        assert rnd is not None, "aggregate_train before configure_train"
+        if rnd is None:
+            raise RuntimeError("aggregate_train before configure_train")
         results: dict[int, ClientResult] = {}
         for reply in replies:
             cid = self.cids.get(reply.metadata.src_node_id)
@@ -129,16 +157,10 @@ class NeuliteStrategy(Strategy):
         return None, MetricRecord({"train_loss": record.train_loss, "participants": record.participants, "accuracy": record.accuracy})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        if not self.validate or server_round + self.offset != self.server.cfg.method.rounds:
+        if not self.validate or server_round + self.rounds_before != self.server.cfg.method.rounds:
             return []
-        method = self.server.method
-        plan = method.final_plan()
-        state = method.net.state_dict()
-        record = RecordDict({
-            "arrays": ArrayRecord(torch_state_dict={n: state[n] for n in method.net.down_names(plan)}),
-            "config": ConfigRecord(encode_plan(plan)),
-        })
-        return [Message(record, dst_node_id=self.nodes[cid], message_type=MessageType.EVALUATE) for cid in self.server.able()]
+        record = encode_task(self.server.method.evaluation_task())
+        return [Message(record, dst_node_id=self.nodes[cid], message_type=MessageType.EVALUATE) for cid in self.server.fitting_clients()]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Validation accuracy of the deployable model, weighted by the nodes' validation sizes."""

@@ -1,8 +1,9 @@
 """What travels between the Flower ServerApp and ClientApps, as Flower records.
 
-A task goes down as `RecordDict{"arrays": only the stage's tensors, "config": the stage plan, λ
-values, seed and capacity level}`; a result comes up as `{"arrays": only the trained tensors,
-"metrics": num-examples and train_loss}`. Decoding a reply checks it against what the task asked
+A task goes down as `RecordDict{"arrays": only the stage's tensors, "config": round, seed and the
+stage plan, "method-config": the method's own knobs}`; a result comes up as `{"arrays": only the
+trained tensors, "metrics": num-examples and train_loss}`. Plans are rebuilt by type name from
+`StagePlan.types`, where every kind of plan registers itself, so this format knows no method. Decoding a reply checks it against what the task asked
 for, so a malformed reply is a `NeuliteError` naming the problem, never a crash inside aggregation.
 """
 
@@ -10,16 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from neulite.algorithms.depthfl import DepthPlan
-from neulite.algorithms.payload import Arrays, ClientResult, ClientTask, check_result
+from neulite.algorithms.base import Spec
+from neulite.algorithms.payload import ClientResult, ClientTask, check_result
 from neulite.errors import NeuliteError
+from neulite.models.arrays import Arrays
 from neulite.models.stage_net import StagePlan
-
-PLAN_TYPES = {cls.__name__: cls for cls in (StagePlan, DepthPlan)}
-Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
 def encode_plan(plan: StagePlan) -> dict[str, int | bool | str]:
@@ -27,7 +25,7 @@ def encode_plan(plan: StagePlan) -> dict[str, int | bool | str]:
 
 
 def decode_plan(config: ConfigRecord) -> StagePlan:
-    cls = PLAN_TYPES.get(str(config.get("plan-type")))
+    cls = StagePlan.types.get(str(config.get("plan-type")))
     if cls is None:
         raise NeuliteError(f"malformed task: unknown plan type {config.get('plan-type')!r}")
     return cls(**{f.name: config[f"plan-{f.name}"] for f in dataclasses.fields(cls)})
@@ -40,17 +38,17 @@ def _arrays(record: RecordDict) -> Arrays:
 
 
 def encode_task(task: ClientTask) -> RecordDict:
-    config = ConfigRecord({
-        "round": task.round, "lambda1": task.lambda1, "lambda2": task.lambda2, "seed": task.seed, "level": task.level,
-        **encode_plan(task.plan),
+    config = ConfigRecord({"round": task.round, "seed": task.seed, **encode_plan(task.plan)})
+    return RecordDict({
+        "arrays": ArrayRecord(torch_state_dict=task.arrays), "config": config, "method-config": ConfigRecord(dict(task.config)),
     })
-    return RecordDict({"arrays": ArrayRecord(torch_state_dict=task.arrays), "config": config})
 
 
 def decode_task(record: RecordDict) -> ClientTask:
     try:
         c = record.config_records["config"]
-        return ClientTask(int(c["round"]), decode_plan(c), _arrays(record), float(c["lambda1"]), float(c["lambda2"]), int(c["seed"]), int(c["level"]))
+        method_config = dict(record.config_records["method-config"])
+        return ClientTask(int(c["round"]), decode_plan(c), _arrays(record), int(c["seed"]), method_config)
     except KeyError as exc:
         raise NeuliteError(f"malformed task: missing {exc}") from None
 
@@ -60,14 +58,15 @@ def encode_result(result: ClientResult) -> RecordDict:
     return RecordDict({"arrays": ArrayRecord(torch_state_dict=result.arrays), "metrics": metrics})
 
 
-def decode_result(record: RecordDict, spec: Spec) -> ClientResult:
-    """The reply as a `ClientResult`, checked against `spec` (the tensors the task asked for)."""
+def decode_result(record: RecordDict, spec: Spec, required: tuple[str, ...] = ("train_loss",)) -> ClientResult:
+    """The reply as a `ClientResult`, checked against `spec` (the tensors the task asked for) and
+    holding the `required` metrics."""
     metrics = record.metric_records.get("metrics")
     if metrics is None or "num-examples" not in metrics:
         raise NeuliteError("malformed reply: no 'metrics' record with num-examples")
     values = {k: float(v) for k, v in metrics.items() if k != "num-examples" and isinstance(v, (int, float))}
     result = ClientResult(_arrays(record), int(metrics["num-examples"]), values)
-    if "train_loss" not in values:
-        raise NeuliteError("malformed reply: no train_loss metric")
+    if missing := [k for k in required if k not in values]:
+        raise NeuliteError(f"malformed reply: no {missing[0]} metric")
     check_result(result, spec)
     return result

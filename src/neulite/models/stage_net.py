@@ -8,6 +8,7 @@ which of them a stage freezes and which it trains.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -16,18 +17,35 @@ from neulite.models.blocks import BlockModel, tail_modules
 from neulite.models.output_modules import OutputModule, ProjectionHead
 
 
+FULL_MODEL = 0  # the `stage` of a plan that trains the whole model (plain FedAvg)
+
+
 @dataclass(frozen=True)
 class StagePlan:
-    """What stage t of T trains. stage = 0 means the whole model (plain FedAvg)."""
+    """What stage t of T trains (`FULL_MODEL`: the whole model).
+
+    harmonize: the tail of block t-1 trains too (the Training Harmonizer); mentor: the projection
+    head P_t trains (the Curriculum Mentor's label term); bn_drift: the frozen blocks' BatchNorm
+    statistics move and are returned (the reference code's behaviour) instead of staying fixed.
+    Subclasses (a method's own kinds of plan) register themselves by class name, so that the wire
+    format can rebuild any plan without knowing the methods.
+    """
 
     stage: int
     num_stages: int
     harmonize: bool = False
     mentor: bool = False
+    bn_drift: bool = False
+
+    types: ClassVar[dict[str, type[StagePlan]]] = {}
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        StagePlan.types[cls.__name__] = cls
 
     @property
     def full(self) -> bool:
-        return self.stage == 0
+        return self.stage == FULL_MODEL
 
     def frozen_modules(self) -> tuple[str, ...]:
         return () if self.full else tuple(f"model.blocks.{i}" for i in range(self.stage - 1))
@@ -43,6 +61,9 @@ class StagePlan:
         if self.mentor:
             names.append(f"projections.{t - 1}")
         return tuple(names)
+
+
+StagePlan.types[StagePlan.__name__] = StagePlan
 
 
 def _prefixed(names: tuple[str, ...], key: str) -> bool:
@@ -63,8 +84,12 @@ class StageNet(nn.Module):
     def num_stages(self) -> int:
         return self.model.num_blocks
 
-    def plan(self, stage: int, harmonize: bool = False, mentor: bool = False) -> StagePlan:
-        return StagePlan(stage, self.num_stages, harmonize, mentor)
+    def plan(self, stage: int, harmonize: bool = False, mentor: bool = False, bn_drift: bool = False) -> StagePlan:
+        return StagePlan(stage, self.num_stages, harmonize, mentor, bn_drift)
+
+    def full_plan(self) -> StagePlan:
+        """The plan that trains the whole model."""
+        return self.plan(FULL_MODEL)
 
     def state_names(self, modules: tuple[str, ...], exclude: tuple[str, ...] = ()) -> list[str]:
         """State-dict keys (parameters and buffers) under the given modules."""
@@ -74,10 +99,10 @@ class StageNet(nn.Module):
         """What a client needs for a stage: the frozen prefix and everything it trains."""
         return self.state_names(plan.frozen_modules() + plan.trainable_modules(self))
 
-    def up_names(self, plan: StagePlan, bn_drift: bool = False) -> list[str]:
+    def up_names(self, plan: StagePlan) -> list[str]:
         """What a client returns: the trained modules' state (plus frozen BN stats if they drift)."""
         names = self.state_names(plan.trainable_modules(self))
-        if bn_drift:
+        if plan.bn_drift:
             trained = set(names)
             names += [k for k in self.state_names(plan.frozen_modules()) if k not in trained and not isinstance(self.get_parameter_or_buffer(k), nn.Parameter)]
         return names
@@ -86,11 +111,18 @@ class StageNet(nn.Module):
         module_name, _, attr = name.rpartition(".")
         return getattr(self.get_submodule(module_name), attr)
 
-    def set_train_mode(self, plan: StagePlan, bn_drift: bool = False) -> None:
-        """Frozen blocks in eval mode (fixed BN statistics), trained modules in train mode."""
+    def prepare(self, plan: StagePlan) -> list[nn.Parameter]:
+        """Freeze everything but the stage's trainable modules, set train/eval modes (frozen blocks
+        in eval mode: fixed BN statistics); return the parameters to optimise."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+        params = [p for name in plan.trainable_modules(self) for p in self.get_submodule(name).parameters()]
+        for p in params:
+            p.requires_grad_(True)
         self.train(False)
-        for name in plan.trainable_modules(self) + (plan.frozen_modules() if bn_drift else ()):
+        for name in plan.trainable_modules(self) + (plan.frozen_modules() if plan.bn_drift else ()):
             self.get_submodule(name).train(True)
+        return params
 
     def stage_forward(self, x: torch.Tensor, plan: StagePlan) -> tuple[torch.Tensor, torch.Tensor]:
         """(feature map Z for the Mentor, logits) of stage model [θ_1..θ_t, Op_t].

@@ -19,7 +19,7 @@ from torch import nn
 
 from neulite.errors import NeuliteError
 from neulite.models.blocks import BlockModel, ClassifierHead
-from neulite.models.partition import balanced_cuts, split_at, unit_costs, units
+from neulite.models.balance import balanced_cuts, split_at, unit_costs, units
 
 MODEL_NAMES: tuple[str, ...] = ("small_cnn", "resnet18", "resnet34", "vgg11", "vgg16", "mobilenetv2")
 

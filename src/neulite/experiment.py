@@ -1,0 +1,52 @@
+"""One experiment's set-up, shared by every driver: seed, data, network, method, budgets, server.
+
+Both the in-process simulator and the Flower ServerApp build their experiment here; they differ
+only in where the clients' budgets come from (drawn by the budget model, or reported by nodes)
+and how the server reaches clients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from neulite.algorithms.base import Method
+from neulite.algorithms.local import cross_entropy_loss
+from neulite.algorithms.registry import build_method, build_network
+from neulite.config import Config
+from neulite.data import DataSplits
+from neulite.federation import load_splits
+from neulite.memory import estimate
+from neulite.server import Query, Server
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """The server side of an experiment before any client is known.
+
+    `full_peak` is full-model training's peak at the configured batch size: the yardstick for
+    budgets, whatever network the method trains.
+    """
+
+    cfg: Config
+    splits: DataSplits
+    method: Method
+    full_peak: int
+
+    def server(self, budgets: Mapping[int, int], query: Query) -> Server:
+        """The core server for clients with these budgets; fails before training if a stage fits none."""
+        self.method.setup(budgets)
+        server = Server(self.method, budgets, self.cfg, self.full_peak, query)
+        server.check_feasible()
+        return server
+
+
+def build_experiment(cfg: Config) -> Experiment:
+    """Seed, data, network and method for `cfg`."""
+    torch.manual_seed(cfg.seed)
+    splits = load_splits(cfg)
+    net = build_network(cfg, splits.input_shape, splits.train.num_classes)
+    full_peak = estimate(net, net.full_plan(), cfg.train.batch_size, cross_entropy_loss).total
+    return Experiment(cfg, splits, build_method(cfg, net), full_peak)
