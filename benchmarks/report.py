@@ -16,12 +16,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from neulite.memory import MIB
+
 HERE = Path(__file__).parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
 BENCH_README = HERE / "README.md"
 TOP_README = ROOT / "README.md"
-MIB = 2**20
 SUMMARY_BEGIN = "<!-- results summary: written by `python benchmarks/report.py` from benchmarks/results/*.json; edit report.py, not this block -->"
 SUMMARY_END = "<!-- end of results summary -->"
 

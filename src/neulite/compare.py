@@ -143,7 +143,7 @@ COLUMNS = [
     ("peak client MiB", lambda m, r: f"{r['peak_memory_bytes'] / MIB:.1f}"),
     ("rounds to target", lambda m, r: "-" if r["rounds_to_target"] is None else f"{r['rounds_to_target']:.0f}"),
     ("s to target", lambda m, r: "-" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.0f}"),
-    ("client s to target", lambda m, r: "-" if r.get("client_seconds_to_target") is None else f"{r['client_seconds_to_target']:.0f}"),
+    ("client s to target", lambda m, r: "-" if r.get("client_seconds_to_target") is None else f"{r['client_seconds_to_target']:.1f}"),
     ("wall s", lambda m, r: f"{r['wall_seconds']:.0f}"),
     ("MiB up / down", lambda m, r: f"{r['bytes_up'] / MIB:.0f} / {r['bytes_down'] / MIB:.0f}"),
 ]
