@@ -21,8 +21,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from neulite.compare import compare, machine
 from neulite.algorithms.registry import METHODS
+from neulite.compare import compare, machine
 from neulite.config import load_config
 
 HERE = Path(__file__).parent
@@ -52,7 +52,9 @@ def main() -> None:
     start = time.perf_counter()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [
-        subprocess.Popen([sys.executable, __file__, "--split", s, "--seeds", args.seeds, "--methods", args.methods], env=env)
+        subprocess.Popen(
+            [sys.executable, __file__, "--split", s, "--seeds", args.seeds, "--methods", args.methods], env=env
+        )
         for s in SPLITS
     ]
     if any(p.wait() != 0 for p in procs):

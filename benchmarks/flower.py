@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from neulite.models.arrays import nbytes
 from neulite.algorithms.registry import build_network
 from neulite.compare import machine
 from neulite.config import load_config
 from neulite.flower.simulation import simulate
+from neulite.models.arrays import nbytes
 from neulite.simulation import run_experiment
 
 HERE = Path(__file__).parent
@@ -59,7 +59,10 @@ def main() -> None:
     info = machine()
     console.print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}")
     cfg = load_config(overrides=SETTING)
-    runs = {"in_process": [timed(run_experiment, cfg) for _ in range(REPEATS)], "flower_simulation": [timed(simulate, cfg) for _ in range(REPEATS)]}
+    runs = {
+        "in_process": [timed(run_experiment, cfg) for _ in range(REPEATS)],
+        "flower_simulation": [timed(simulate, cfg) for _ in range(REPEATS)],
+    }
     with torch.device("meta"):  # only the tensors' sizes are needed
         net = build_network(cfg, (1, 28, 28), 10)
     model_bytes = nbytes(net.model.state_dict())
@@ -72,8 +75,11 @@ def main() -> None:
         "final_accuracy": {name: [s["final_accuracy"] for _, s, _ in r] for name, r in runs.items()},
         "rounds": [
             {
-                "round": row["round"], "stage": row["stage"], "participants": row["participants"],
-                "bytes_down": row["bytes_down"], "bytes_up": row["bytes_up"],
+                "round": row["round"],
+                "stage": row["stage"],
+                "participants": row["participants"],
+                "bytes_down": row["bytes_down"],
+                "bytes_up": row["bytes_up"],
                 "whole_model_bytes_each_way": model_bytes * row["participants"],
             }
             for row in rows

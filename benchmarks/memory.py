@@ -40,7 +40,9 @@ def main() -> None:
                 flush=True,
             )
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({"machine": info, "seconds": time.perf_counter() - start, "reports": reports}, indent=2) + "\n")
+    OUT.write_text(
+        json.dumps({"machine": info, "seconds": time.perf_counter() - start, "reports": reports}, indent=2) + "\n"
+    )
     print(f"wrote {OUT}")
 
 

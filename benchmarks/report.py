@@ -33,10 +33,22 @@ _RENAMED = {
     "depthfl_temperature": "method.depthfl.temperature",
     "profl_window": "method.profl.window",
     "profl_threshold": "method.profl.threshold",
-    **{k: f"method.neulite.{k}" for k in (
-        "schedule", "stage_rounds", "stage_split", "mentor", "harmonizer", "lambda1", "lambda2",
-        "lambda_scale", "sigma", "frozen_bn_drift", "inherit_outputs",
-    )},
+    **{
+        k: f"method.neulite.{k}"
+        for k in (
+            "schedule",
+            "stage_rounds",
+            "stage_split",
+            "mentor",
+            "harmonizer",
+            "lambda1",
+            "lambda2",
+            "lambda_scale",
+            "sigma",
+            "frozen_bn_drift",
+            "inherit_outputs",
+        )
+    },
 }
 _OLD_KEY = re.compile(r"\bmethod\.(" + "|".join(sorted(_RENAMED, key=len, reverse=True)) + r")\b")
 
@@ -66,13 +78,18 @@ def _memory_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for r in data["reports"]:
         balanced = r.get("blocks", "one per resolution stage") != "one per resolution stage"
-        rows.append({
-            "label": r["model"] + (f" ({r['blocks']})" if balanced else ""),
-            "model": r["model"], "batch": r["batch_size"], "balanced": balanced, "report": r,
-            "worst_est": r["worst_stage_fraction"],
-            "worst_meas": max(s["measured_fraction_of_full"] for s in r["stages"]),
-            "error": max(abs(s["estimate_error"]) for s in [r["full"], *r["stages"]]),
-        })
+        rows.append(
+            {
+                "label": r["model"] + (f" ({r['blocks']})" if balanced else ""),
+                "model": r["model"],
+                "batch": r["batch_size"],
+                "balanced": balanced,
+                "report": r,
+                "worst_est": r["worst_stage_fraction"],
+                "worst_meas": max(s["measured_fraction_of_full"] for s in r["stages"]),
+                "error": max(abs(s["estimate_error"]) for s in [r["full"], *r["stages"]]),
+            }
+        )
     return rows
 
 
@@ -105,7 +122,11 @@ def methods_table(methods: dict[str, Any]) -> str:
 
 
 def per_seed(methods: dict[str, Any]) -> str:
-    return "Final accuracy per seed: " + "; ".join(f"{m} {', '.join(pct(a) for a in r['final_accuracies'])}" for m, r in methods.items()) + "."
+    return (
+        "Final accuracy per seed: "
+        + "; ".join(f"{m} {', '.join(pct(a) for a in r['final_accuracies'])}" for m, r in methods.items())
+        + "."
+    )
 
 
 def time_to_target_table(methods: dict[str, Any]) -> str:
@@ -114,7 +135,9 @@ def time_to_target_table(methods: dict[str, Any]) -> str:
         if r.get("client_seconds_to_target") is None:
             lines.append(f"| {m} | - | - | - |")
         else:
-            lines.append(f"| {m} | {r['rounds_to_target']:.0f} | {r['seconds_to_target']:.0f} | {r['client_seconds_to_target']:.1f} |")
+            lines.append(
+                f"| {m} | {r['rounds_to_target']:.0f} | {r['seconds_to_target']:.0f} | {r['client_seconds_to_target']:.1f} |"
+            )
     return "\n".join(lines)
 
 
@@ -123,9 +146,18 @@ def speed_table(data: dict[str, Any]) -> str:
     if any("client_seconds_to_target" in r for r in data["methods"].values()):  # recorded since the rounds report it
         columns.append("client_seconds_to_target")
     lines = ["| method | " + " | ".join(c.replace("_", " ") for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    order = sorted(data["methods"].items(), key=lambda kv: (kv[1]["seconds_to_target"] is None, kv[1]["seconds_to_target"] or 0, kv[0]))
+    order = sorted(
+        data["methods"].items(),
+        key=lambda kv: (kv[1]["seconds_to_target"] is None, kv[1]["seconds_to_target"] or 0, kv[0]),
+    )
     for name, r in order:
-        lines.append(f"| {name} | " + " | ".join("-" if r.get(c) is None else f"{r[c]:.0f}" if c.startswith("rounds") else f"{r[c]:.1f}" for c in columns) + " |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(
+                "-" if r.get(c) is None else f"{r[c]:.0f}" if c.startswith("rounds") else f"{r[c]:.1f}" for c in columns
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -154,7 +186,9 @@ def flower_tables(data: dict[str, Any]) -> str:
             f"| {r['bytes_down'] / whole:.0%} | {r['bytes_up'] / whole:.0%} |"
         )
     down, up, whole = flower_totals(data)
-    lines.append(f"| all | | | {down / 1024:.0f} | {up / 1024:.0f} | {whole / 1024:.0f} | {down / whole:.0%} | {up / whole:.0%} |")
+    lines.append(
+        f"| all | | | {down / 1024:.0f} | {up / 1024:.0f} | {whole / 1024:.0f} | {down / whole:.0%} | {up / whole:.0%} |"
+    )
     return "\n".join(lines)
 
 
@@ -169,7 +203,9 @@ def tune_table(data: dict[str, Any]) -> str:
     ]
     for r in data["runs"]:
         by_seed = ", ".join(pct(v) for v in r["validation_by_seed"])
-        lines.append(f"| `{spell(r['candidate'])}` | {pct(r['validation_accuracy'])} | {by_seed} | {pct(r['test_accuracy'])} |")
+        lines.append(
+            f"| `{spell(r['candidate'])}` | {pct(r['validation_accuracy'])} | {by_seed} | {pct(r['test_accuracy'])} |"
+        )
     return "\n".join(lines)
 
 
@@ -179,14 +215,21 @@ def tune_table(data: dict[str, Any]) -> str:
 def _setting(cfg: dict[str, Any]) -> str:
     d, mo, t, m, c = cfg["data"], cfg["model"], cfg["train"], cfg["method"], cfg["clients"]
     epochs = f"{t['local_epochs']} local epoch" + ("s" if t["local_epochs"] != 1 else "")
-    budget = (f"budgets uniform in [{c['fractions'][0]}, {c['fractions'][1]}] x the full model's training peak"
-              if c["budget"] == "fraction" else f"budgets `{c['budget']}`")
-    split = {"params": "in proportion to the blocks' parameter counts", "equal": "equally"}.get(m.get("stage_split", ""), f"by `{m.get('stage_split')}`")
+    budget = (
+        f"budgets uniform in [{c['fractions'][0]}, {c['fractions'][1]}] x the full model's training peak"
+        if c["budget"] == "fraction"
+        else f"budgets `{c['budget']}`"
+    )
+    split = {"params": "in proportion to the blocks' parameter counts", "equal": "equally"}.get(
+        m.get("stage_split", ""), f"by `{m.get('stage_split')}`"
+    )
     if m.get("stage_rounds"):
         split = f"as {m['stage_rounds']}"
-    return (f"{d['name']}, {d['num_clients']} clients, {c['per_round']} a round, `{mo['name']}` at width {mo['width']}, "
-            f"{m['rounds']} rounds of {epochs} at learning rate {t['lr']} (batch {t['batch_size']}), {budget}. "
-            f"NeuLite's rounds are split over its stages {split}.")
+    return (
+        f"{d['name']}, {d['num_clients']} clients, {c['per_round']} a round, `{mo['name']}` at width {mo['width']}, "
+        f"{m['rounds']} rounds of {epochs} at learning rate {t['lr']} (batch {t['batch_size']}), {budget}. "
+        f"NeuLite's rounds are split over its stages {split}."
+    )
 
 
 def memory_section(data: dict[str, Any]) -> list[str]:
@@ -198,7 +241,7 @@ def memory_section(data: dict[str, Any]) -> list[str]:
         "model, for ResNet-18/34, VGG-16 and MobileNetV2 on 32x32 inputs, 10 classes, SGD with momentum.",
         "Each cell is *estimate / measurement* in MiB. The estimate is `neulite.memory`'s exact accounting;",
         "the measurement runs two real training steps in a fresh process and reads the allocator's",
-        "high-water mark. \"Worst stage\" is the largest stage as a share of full-model training (by the",
+        'high-water mark. "Worst stage" is the largest stage as a share of full-model training (by the',
         "estimate, by the measurement). The rows marked *4 memory-balanced* cut the same layers into four",
         "blocks of similar memory (`model.blocks = 4`) instead of one block per resolution stage.",
         "",
@@ -223,7 +266,13 @@ def _headline(methods: dict[str, Any]) -> dict[str, Any]:
     baselines = {m: r for m, r in methods.items() if m not in ("fedavg", "exclusivefl") and not m.startswith("neulite")}
     best = max(sorted(baselines), key=lambda m: baselines[m]["final_accuracy_mean"])
     acc = {m: r["final_accuracy_mean"] for m, r in methods.items()}
-    return {"neulite": acc["neulite"], "exclusivefl": acc["exclusivefl"], "fedavg": acc["fedavg"], "best": best, "best_acc": acc[best]}
+    return {
+        "neulite": acc["neulite"],
+        "exclusivefl": acc["exclusivefl"],
+        "fedavg": acc["fedavg"],
+        "best": best,
+        "best_acc": acc[best],
+    }
 
 
 def _versus(a: float, b: float) -> str:
@@ -233,11 +282,15 @@ def _versus(a: float, b: float) -> str:
 
 def _headline_sentence(methods: dict[str, Any]) -> str:
     h = _headline(methods)
-    ablations = ", ".join(f"{m} {pct(r['final_accuracy_mean'])}" for m, r in sorted(methods.items()) if m.startswith("neulite-"))
-    return (f"Mean final accuracy: NeuLite {pct(h['neulite'])}, {_versus(h['neulite'], h['exclusivefl'])} ExclusiveFL ({pct(h['exclusivefl'])}), "
-            f"{_versus(h['neulite'], h['best_acc'])} the best other memory-feasible baseline ({h['best']}, {pct(h['best_acc'])}) and "
-            f"{_versus(h['neulite'], h['fedavg'])} the FedAvg oracle, which ignores memory ({pct(h['fedavg'])})."
-            + (f" Ablations: {ablations}." if ablations else ""))
+    ablations = ", ".join(
+        f"{m} {pct(r['final_accuracy_mean'])}" for m, r in sorted(methods.items()) if m.startswith("neulite-")
+    )
+    return (
+        f"Mean final accuracy: NeuLite {pct(h['neulite'])}, {_versus(h['neulite'], h['exclusivefl'])} ExclusiveFL ({pct(h['exclusivefl'])}), "
+        f"{_versus(h['neulite'], h['best_acc'])} the best other memory-feasible baseline ({h['best']}, {pct(h['best_acc'])}) and "
+        f"{_versus(h['neulite'], h['fedavg'])} the FedAvg oracle, which ignores memory ({pct(h['fedavg'])})."
+        + (f" Ablations: {ablations}." if ablations else "")
+    )
 
 
 def accuracy_section(data: dict[str, Any]) -> list[str]:
@@ -265,7 +318,14 @@ def accuracy_section(data: dict[str, Any]) -> list[str]:
     ]
     if (RESULTS / "accuracy-dirichlet.png").is_file():
         out += ["![Accuracy by round, Dirichlet split](results/accuracy-dirichlet.png)", ""]
-    out += ["### IID split", "", methods_table(data["iid"]["methods"]), "", _headline_sentence(data["iid"]["methods"]), ""]
+    out += [
+        "### IID split",
+        "",
+        methods_table(data["iid"]["methods"]),
+        "",
+        _headline_sentence(data["iid"]["methods"]),
+        "",
+    ]
     if (RESULTS / "accuracy-iid.png").is_file():
         out += ["![Accuracy by round, IID split](results/accuracy-iid.png)", ""]
     return out
@@ -320,7 +380,12 @@ def speed_section(data: dict[str, Any]) -> list[str]:
         "",
     ]
     if ratios:
-        out += ["NeuLite against ExclusiveFL (how many times sooner): " + ", ".join(f"{c.replace('_', ' ')} {v:.2f}x" for c, v in ratios.items()) + ".", ""]
+        out += [
+            "NeuLite against ExclusiveFL (how many times sooner): "
+            + ", ".join(f"{c.replace('_', ' ')} {v:.2f}x" for c, v in ratios.items())
+            + ".",
+            "",
+        ]
     on = machine(o.get("machine", data["machine"]))
     out += [
         f"Simulator overhead ({', '.join(f'`{s}`' for s in o['setting'])}; {on}; median of {o['repeats']} alternating runs): "
@@ -369,7 +434,9 @@ SWEEPS = {
 def tune_paths() -> list[Path]:
     """The committed sweeps, in SWEEPS' order (lr and schedule set up the accuracy benchmark), then any others by name."""
     order = {name: i for i, name in enumerate(SWEEPS)}
-    return sorted(RESULTS.glob("tune-*.json"), key=lambda p: (order.get(p.stem.removeprefix("tune-"), len(order)), p.name))
+    return sorted(
+        RESULTS.glob("tune-*.json"), key=lambda p: (order.get(p.stem.removeprefix("tune-"), len(order)), p.name)
+    )
 
 
 def tune_section(paths: list[Path]) -> list[str]:
@@ -435,20 +502,36 @@ INTRO = [
 
 def index(available: dict[str, dict[str, Any] | None], tunes: list[Path]) -> list[str]:
     rows = [
-        ("memory", "`python benchmarks/memory.py`", "per-stage peak training memory against the whole model, estimated and measured"),
-        ("accuracy", "`python benchmarks/accuracy.py`", "final accuracy of every method under memory heterogeneity, Dirichlet and IID, 3 seeds"),
+        (
+            "memory",
+            "`python benchmarks/memory.py`",
+            "per-stage peak training memory against the whole model, estimated and measured",
+        ),
+        (
+            "accuracy",
+            "`python benchmarks/accuracy.py`",
+            "final accuracy of every method under memory heterogeneity, Dirichlet and IID, 3 seeds",
+        ),
         ("compute", "`python benchmarks/compute.py`", "the same question at the embedded default's compute"),
         ("speed", "`python benchmarks/speed.py`", "time to ExclusiveFL's final accuracy; the simulator's overhead"),
-        ("flower", "`python benchmarks/flower.py`", "in-process simulator against Flower's engine: time, accuracy, bytes"),
+        (
+            "flower",
+            "`python benchmarks/flower.py`",
+            "in-process simulator against Flower's engine: time, accuracy, bytes",
+        ),
     ]
     out = ["| command | measures | results | machine |", "|---|---|---|---|"]
     for name, command, what in rows:
         if available.get(name):
-            out.append(f"| {command} | {what} | [{name}.json](results/{name}.json) | {machine(available[name]['machine'])} |")
+            out.append(
+                f"| {command} | {what} | [{name}.json](results/{name}.json) | {machine(available[name]['machine'])} |"
+            )
     for path in tunes:
         data = json.loads(path.read_text())
-        out.append(f"| `python benchmarks/tune.py {data['sweep']}` | a setting chosen on validation splits | "
-                   f"[{path.name}](results/{path.name}) | {machine(data['machine'])} |")
+        out.append(
+            f"| `python benchmarks/tune.py {data['sweep']}` | a setting chosen on validation splits | "
+            f"[{path.name}](results/{path.name}) | {machine(data['machine'])} |"
+        )
     return out + [""]
 
 
@@ -457,8 +540,13 @@ def render_benchmarks() -> str:
     data = {name: load(name) for name in ("memory", "accuracy", "compute", "speed", "flower")}
     tunes = tune_paths()
     out = INTRO + index(data, tunes)
-    for name, section in (("memory", memory_section), ("accuracy", accuracy_section), ("compute", compute_section),
-                          ("speed", speed_section), ("flower", flower_section)):
+    for name, section in (
+        ("memory", memory_section),
+        ("accuracy", accuracy_section),
+        ("compute", compute_section),
+        ("speed", speed_section),
+        ("flower", flower_section),
+    ):
         if data[name]:
             out += section(data[name])
     if tunes:
@@ -501,11 +589,17 @@ def render_summary() -> str:
             f"FedAvg {pct(h['fedavg'])} ({len(m['neulite']['seeds'])} seeds)."
         )
     if (speed := load("speed")) and (r := speed_ratios(speed)):
-        clocks = {"rounds_to_target": "in rounds", "client_seconds_to_target": "on the clients' critical path",
-                  "seconds_to_target": "in simulator time (the simulator runs the clients one after another)"}
+        clocks = {
+            "rounds_to_target": "in rounds",
+            "client_seconds_to_target": "on the clients' critical path",
+            "seconds_to_target": "in simulator time (the simulator runs the clients one after another)",
+        }
         parts = [f"{r[c]:.2f}x sooner {words}" for c, words in clocks.items() if c in r]
-        out.append(f"- **Speed** (`python benchmarks/speed.py`): NeuLite reaches ExclusiveFL's final accuracy {', '.join(parts[:-1])} and {parts[-1]}."
-                   if len(parts) > 1 else f"- **Speed** (`python benchmarks/speed.py`): NeuLite reaches ExclusiveFL's final accuracy {parts[0]}.")
+        out.append(
+            f"- **Speed** (`python benchmarks/speed.py`): NeuLite reaches ExclusiveFL's final accuracy {', '.join(parts[:-1])} and {parts[-1]}."
+            if len(parts) > 1
+            else f"- **Speed** (`python benchmarks/speed.py`): NeuLite reaches ExclusiveFL's final accuracy {parts[0]}."
+        )
     if fl := load("flower"):
         p = fl["parity"]
         down, up, whole = flower_totals(fl)
@@ -522,7 +616,9 @@ def splice(readme: str, summary: str) -> str:
     """README text with the block between the markers replaced by `summary`."""
     begin, end = readme.find(SUMMARY_BEGIN), readme.find(SUMMARY_END)
     if begin < 0 or end < begin:
-        raise SystemExit(f"{TOP_README}: the results summary markers are missing; put\n{SUMMARY_BEGIN}\n{SUMMARY_END}\nwhere the summary goes")
+        raise SystemExit(
+            f"{TOP_README}: the results summary markers are missing; put\n{SUMMARY_BEGIN}\n{SUMMARY_END}\nwhere the summary goes"
+        )
     return readme[: begin + len(SUMMARY_BEGIN)] + "\n" + summary + readme[end:]
 
 
@@ -539,7 +635,10 @@ def main(argv: list[str] | None = None) -> int:
     stale = [path for path, text in want.items() if not path.is_file() or path.read_text() != text]
     if args.check:
         for path in stale:
-            print(f"{path.relative_to(ROOT)} is out of date with benchmarks/results/*.json: run python benchmarks/report.py", file=sys.stderr)
+            print(
+                f"{path.relative_to(ROOT)} is out of date with benchmarks/results/*.json: run python benchmarks/report.py",
+                file=sys.stderr,
+            )
         return 1 if stale else 0
     for path in stale:
         path.write_text(want[path])

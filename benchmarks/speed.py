@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
-from neulite.compare import compare, machine
 from neulite.algorithms.registry import METHODS
+from neulite.compare import compare, machine
 from neulite.config import load_config
 from neulite.server import client_seed
 from neulite.simulation import Simulation
@@ -72,7 +72,12 @@ def bare_torch_seconds(cfg) -> float:
             states.append(local.state_dict())
             sizes.append(len(client.train))
         total = sum(sizes)
-        new = {k: sum(s[k].double() * (n / total) for s, n in zip(states, sizes)).to(v.dtype) if v.is_floating_point() else torch.stack([s[k] for s in states]).amax(0) for k, v in model.state_dict().items()}
+        new = {
+            k: sum(s[k].double() * (n / total) for s, n in zip(states, sizes, strict=True)).to(v.dtype)
+            if v.is_floating_point()
+            else torch.stack([s[k] for s in states]).amax(0)
+            for k, v in model.state_dict().items()
+        }
         model.load_state_dict(new)
         if rnd % cfg.eval.every == 0:
             model.eval()
@@ -108,9 +113,19 @@ def main() -> None:
         report["overhead"] = {**overhead(), "machine": info}
     else:
         cfg = load_config(HERE / "accuracy.toml", ["data.partition=dirichlet", "data.alpha=0.5"])
-        comparison = compare(cfg, list(METHODS), [0, 1, 2], HERE / "results" / "accuracy-runs" / "dirichlet", console=console)
-        methods = {m: {k: r[k] for k in ("seconds_to_target", "rounds_to_target", "client_seconds_to_target", "wall_seconds")} for m, r in comparison["methods"].items()}
-        report = {"methods": methods, "target_accuracy": comparison["target_accuracy"], "overhead": {**overhead(), "machine": info}, "machine": info}
+        comparison = compare(
+            cfg, list(METHODS), [0, 1, 2], HERE / "results" / "accuracy-runs" / "dirichlet", console=console
+        )
+        methods = {
+            m: {k: r[k] for k in ("seconds_to_target", "rounds_to_target", "client_seconds_to_target", "wall_seconds")}
+            for m, r in comparison["methods"].items()
+        }
+        report = {
+            "methods": methods,
+            "target_accuracy": comparison["target_accuracy"],
+            "overhead": {**overhead(), "machine": info},
+            "machine": info,
+        }
     OUT.write_text(json.dumps(report, indent=2) + "\n")
     console.print(json.dumps({k: v for k, v in report["overhead"].items() if k != "pairs"}, indent=2))
     console.print(f"wrote {OUT}")

@@ -41,16 +41,38 @@ class Sweep:
 
 
 SWEEPS = {
-    "lambda": Sweep(ROOT / "configs" / "default.toml", "neulite", tuple(f"method.neulite.lambda_scale={s}" for s in (0.0, 0.5, 1.0, 2.0)), (0,)),
-    "lr": Sweep(HERE / "accuracy.toml", "fedavg", tuple(f"train.lr={lr}" for lr in (0.05, 0.1, 0.15, 0.2, 0.3)), (0, 1), DIRICHLET),
-    "schedule": Sweep(
-        HERE / "accuracy.toml",
+    "lambda": Sweep(
+        ROOT / "configs" / "default.toml",
         "neulite",
-        ("method.neulite.stage_rounds=[8,8,8]", "method.neulite.stage_rounds=[6,6,12]", "method.neulite.stage_rounds=[4,8,12]", "method.neulite.stage_split=params"),
+        tuple(f"method.neulite.lambda_scale={s}" for s in (0.0, 0.5, 1.0, 2.0)),
+        (0,),
+    ),
+    "lr": Sweep(
+        HERE / "accuracy.toml",
+        "fedavg",
+        tuple(f"train.lr={lr}" for lr in (0.05, 0.1, 0.15, 0.2, 0.3)),
         (0, 1),
         DIRICHLET,
     ),
-    "inherit": Sweep(HERE / "accuracy.toml", "neulite", ("method.neulite.inherit_outputs=false", "method.neulite.inherit_outputs=true"), (0, 1), DIRICHLET),
+    "schedule": Sweep(
+        HERE / "accuracy.toml",
+        "neulite",
+        (
+            "method.neulite.stage_rounds=[8,8,8]",
+            "method.neulite.stage_rounds=[6,6,12]",
+            "method.neulite.stage_rounds=[4,8,12]",
+            "method.neulite.stage_split=params",
+        ),
+        (0, 1),
+        DIRICHLET,
+    ),
+    "inherit": Sweep(
+        HERE / "accuracy.toml",
+        "neulite",
+        ("method.neulite.inherit_outputs=false", "method.neulite.inherit_outputs=true"),
+        (0, 1),
+        DIRICHLET,
+    ),
 }
 
 
@@ -65,7 +87,14 @@ def run_sweep(name: str) -> dict:
             summary, _ = run_one(cfg, sweep.method, seed, out, Console())
             val.append(summary["validation_accuracy"])
             test.append(summary["final_accuracy"])
-        rows.append({"candidate": candidate, "validation_accuracy": statistics.median(val), "test_accuracy": statistics.median(test), "validation_by_seed": val})
+        rows.append(
+            {
+                "candidate": candidate,
+                "validation_accuracy": statistics.median(val),
+                "test_accuracy": statistics.median(test),
+                "validation_by_seed": val,
+            }
+        )
         print(rows[-1], flush=True)
     best = max(rows, key=lambda r: r["validation_accuracy"])
     return {

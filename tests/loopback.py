@@ -17,7 +17,13 @@ class LoopbackGrid(Grid):
     def __init__(self, app: ClientApp, run_config: dict[str, Any], num_nodes: int) -> None:
         self.app = app
         self.contexts = {
-            p + 1: Context(run_id=1, node_id=p + 1, node_config={"partition-id": p, "num-partitions": num_nodes}, state=RecordDict(), run_config=run_config)
+            p + 1: Context(
+                run_id=1,
+                node_id=p + 1,
+                node_config={"partition-id": p, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config=run_config,
+            )
             for p in range(num_nodes)
         }
 
@@ -40,7 +46,9 @@ class LoopbackGrid(Grid):
     def set_run(self, run: Any) -> None:
         raise NotImplementedError
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
         raise NotImplementedError
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:

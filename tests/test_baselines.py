@@ -89,7 +89,9 @@ def test_heterofl_evaluation_uses_client_data_statistics_and_keeps_batchnorm_sta
     other = HeteroFL(_small_cnn(), load_config(overrides=["method.name=heterofl"]))
     other.net.load_state_dict(method.net.state_dict())
     _calibrate(other, TensorDataset(data.x[:30] * 5, data.y[:30], 10))
-    assert other.evaluate(other.final_plan(), data) != method.evaluate(method.final_plan(), data), "statistics come from the calibration data"
+    assert other.evaluate(other.final_plan(), data) != method.evaluate(method.final_plan(), data), (
+        "statistics come from the calibration data"
+    )
     assert set(method.net.state_dict()) == keys
 
 
@@ -98,7 +100,10 @@ def test_heterofl_pools_the_clients_statistics_exactly():
     first BatchNorm, whose input does not depend on how the data is batched)."""
     method = HeteroFL(_small_cnn(), load_config(overrides=["method.name=heterofl"]))
     x = torch.randn(300, 1, 28, 28) * 2 + 1
-    a, b = TensorDataset(x[:100], torch.zeros(100, dtype=torch.long), 10), TensorDataset(x[100:], torch.zeros(200, dtype=torch.long), 10)
+    a, b = (
+        TensorDataset(x[:100], torch.zeros(100, dtype=torch.long), 10),
+        TensorDataset(x[100:], torch.zeros(200, dtype=torch.long), 10),
+    )
     _calibrate(method, a, b)
     union = bn_statistics(method.net.model, TensorDataset(x, torch.zeros(300, dtype=torch.long), 10))
     first = "blocks.0.stem.bn"
@@ -114,12 +119,16 @@ def test_heterofl_pools_the_clients_statistics_exactly():
 def test_depthfl_loss_adds_mutual_distillation():
     y = torch.tensor([0, 1, 2, 1])
     agree = torch.randn(4, 3)
-    assert float(depthfl_loss([agree, agree.clone()], y, 1.0, 2.0)) == pytest.approx(float(depthfl_loss([agree, agree], y, 0.0, 2.0)))
+    assert float(depthfl_loss([agree, agree.clone()], y, 1.0, 2.0)) == pytest.approx(
+        float(depthfl_loss([agree, agree], y, 0.0, 2.0))
+    )
     a, b = torch.randn(4, 3), torch.randn(4, 3)
     kl = lambda p, q: (p * (p / q).log()).sum(1).mean()  # noqa: E731  KL(p || q), per-sample mean
     pa, pb = F.softmax(a / 2, 1), F.softmax(b / 2, 1)
     extra = depthfl_loss([a, b], y, 1.0, 2.0) - depthfl_loss([a, b], y, 0.0, 2.0)
-    assert float(extra) == pytest.approx(float(4 * (kl(pb, pa) + kl(pa, pb))), rel=1e-5)  # τ² · Σ_i KL(teacher ‖ student)
+    assert float(extra) == pytest.approx(
+        float(4 * (kl(pb, pa) + kl(pa, pb))), rel=1e-5
+    )  # τ² · Σ_i KL(teacher ‖ student)
 
 
 def test_depthfl_distillation_changes_the_gradients():
@@ -148,7 +157,11 @@ def test_depthfl_assigns_the_deepest_prefix_that_fits():
 
 
 def _profl(rounds: int = 30) -> ProFL:
-    blocks = [nn.Sequential(nn.Flatten(), nn.Linear(64, 32)), nn.Sequential(nn.Linear(32, 16), nn.ReLU()), nn.Linear(16, 16)]
+    blocks = [
+        nn.Sequential(nn.Flatten(), nn.Linear(64, 32)),
+        nn.Sequential(nn.Linear(32, 16), nn.ReLU()),
+        nn.Linear(16, 16),
+    ]
     net = StageNet(BlockModel(blocks, nn.Linear(16, 10), (1, 8, 8), 10))
     return ProFL(net, load_config(overrides=["method.name=profl", f"method.rounds={rounds}"]))
 
@@ -160,7 +173,7 @@ def _train_to(method: ProFL, theta: torch.Tensor) -> int:
     arrays = {n: state[n].clone() for n in method.net.up_names(plan)}
     prefix = f"model.blocks.{plan.stage - 1}"
     params = list(method.net.get_submodule(prefix).named_parameters())
-    for (name, p), part in zip(params, theta.split([p.numel() for _, p in params])):
+    for (name, p), part in zip(params, theta.split([p.numel() for _, p in params]), strict=True):
         arrays[f"{prefix}.{name}"] = part.view_as(p)
     method.aggregate_train(0, plan, [ClientResult(arrays, 1)])
     return plan.stage
@@ -194,6 +207,7 @@ def test_profl_steady_drift_waits_for_the_cap_and_the_run_ends_on_time():
 
 # ------------------------------------------------------------------------------------------ AllSmall
 
+
 def _budgets(budgets: list[int]) -> dict[int, int]:
     return dict(enumerate(budgets))
 
@@ -201,7 +215,11 @@ def _budgets(budgets: list[int]) -> dict[int, int]:
 def test_allsmall_takes_the_widest_width_the_weakest_client_fits():
     cfg = load_config(overrides=["method.name=allsmall"])
     net = _small_cnn()
-    peaks = {w: estimate(m, m.full_plan(), cfg.train.batch_size, cross_entropy_loss).total for w in WIDTHS for m in [width_net(cfg, net, w)]}
+    peaks = {
+        w: estimate(m, m.full_plan(), cfg.train.batch_size, cross_entropy_loss).total
+        for w in WIDTHS
+        for m in [width_net(cfg, net, w)]
+    }
     assert peaks[1 / 2] > peaks[1 / 4]
     method = AllSmall(net, cfg)
     method.setup(_budgets([10**12, peaks[1 / 4] + 1, 10**11]))
@@ -220,7 +238,15 @@ def test_allsmall_takes_the_widest_width_the_weakest_client_fits():
 @pytest.mark.parametrize("name", ["allsmall", "heterofl", "fedrolex", "depthfl", "profl"])
 def test_two_rounds_through_the_simulator(name: str):
     # 3 rounds configured so that ProFL has a round per stage; two are run
-    cfg = load_config(overrides=[f"method.name={name}", "data.num_clients=6", "clients.per_round=3", "method.rounds=3", "train.local_epochs=1"])
+    cfg = load_config(
+        overrides=[
+            f"method.name={name}",
+            "data.num_clients=6",
+            "clients.per_round=3",
+            "method.rounds=3",
+            "train.local_epochs=1",
+        ]
+    )
     sim = Simulation(cfg)
     for rnd in (1, 2):
         record = sim.run_round(rnd)

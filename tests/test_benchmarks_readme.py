@@ -24,10 +24,14 @@ def load_report():
 def test_benchmarks_readme_is_what_report_py_renders_from_the_json():
     report = load_report()
     for path, text in report.expected().items():
-        assert path.read_text() == text, f"{path.relative_to(ROOT)} is out of date with benchmarks/results/*.json: run python benchmarks/report.py"
+        assert path.read_text() == text, (
+            f"{path.relative_to(ROOT)} is out of date with benchmarks/results/*.json: run python benchmarks/report.py"
+        )
 
 
-def test_report_check_flags_a_stale_page(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+def test_report_check_flags_a_stale_page(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
     report = load_report()
     stale = tmp_path / "README.md"
     stale.write_text(report.render_benchmarks().replace("| neulite |", "| neulite (edited) |", 1))
@@ -87,7 +91,11 @@ def _links(text: str) -> list[str]:
 def _anchors(path: Path) -> set[str]:
     """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
     anchors = set()
-    for heading in re.findall(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.sub(r"^(```|~~~).*?^\1[^\n]*$", "", path.read_text(), flags=re.S | re.M), flags=re.M):
+    for heading in re.findall(
+        r"^#{1,6}\s+(.+?)\s*#*\s*$",
+        re.sub(r"^(```|~~~).*?^\1[^\n]*$", "", path.read_text(), flags=re.S | re.M),
+        flags=re.M,
+    ):
         slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
         anchors.add(slug)
     return anchors
@@ -100,11 +108,15 @@ def test_no_link_leaves_the_repository(doc: Path):
     for link in _links(text):
         if re.match(r"https?://", link):
             continue
-        assert not re.match(r"[a-z][a-z0-9+.-]*:", link, flags=re.I), f"{doc.relative_to(ROOT)}: {link!r} is not a public web address"
+        assert not re.match(r"[a-z][a-z0-9+.-]*:", link, flags=re.I), (
+            f"{doc.relative_to(ROOT)}: {link!r} is not a public web address"
+        )
         target, _, anchor = link.partition("#")
         resolved = (doc.parent / target).resolve() if target else doc
         assert not target.startswith("/"), f"{doc.relative_to(ROOT)}: {link!r} is an absolute path"
         assert resolved.is_relative_to(ROOT), f"{doc.relative_to(ROOT)}: {link!r} leaves the repository"
         assert resolved.exists(), f"{doc.relative_to(ROOT)}: {link!r} does not exist"
         if anchor and resolved.suffix == ".md":
-            assert anchor in _anchors(resolved), f"{doc.relative_to(ROOT)}: {link!r} names no heading of {resolved.relative_to(ROOT)}"
+            assert anchor in _anchors(resolved), (
+                f"{doc.relative_to(ROOT)}: {link!r} names no heading of {resolved.relative_to(ROOT)}"
+            )

@@ -24,7 +24,15 @@ def test_end_to_end_run_learns_and_writes_the_results_folder(tmp_path: Path):
     assert summary["final_accuracy"] > 0.4, "10 classes: chance is 0.1"
     assert summary["rounds"] == 9 and summary["wall_seconds"] > 0
     assert 0 < summary["participation"] <= 1
-    for name in ("config.toml", "metrics.jsonl", "metrics.csv", "model.pt", "accuracy.png", "memory.png", "checkpoint.pt"):
+    for name in (
+        "config.toml",
+        "metrics.jsonl",
+        "metrics.csv",
+        "model.pt",
+        "accuracy.png",
+        "memory.png",
+        "checkpoint.pt",
+    ):
         assert (out / name).is_file(), name
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in rows] == [1, 1, 1, 2, 2, 2, 3, 3, 3]

@@ -6,7 +6,18 @@ import pytest
 from neulite.cli import main
 from neulite.compare import _to_target
 
-TINY = ["--set", "data.num_clients=6", "--set", "clients.per_round=3", "--set", "train.local_epochs=1", "--set", "method.rounds=3", "--set", "clients.fractions=[0.5, 1.5]"]
+TINY = [
+    "--set",
+    "data.num_clients=6",
+    "--set",
+    "clients.per_round=3",
+    "--set",
+    "train.local_epochs=1",
+    "--set",
+    "method.rounds=3",
+    "--set",
+    "clients.fractions=[0.5, 1.5]",
+]
 
 
 def test_compare_writes_the_table_and_resumes_without_rerunning(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
@@ -20,7 +31,10 @@ def test_compare_writes_the_table_and_resumes_without_rerunning(tmp_path: Path, 
         assert len(row["final_accuracies"]) == 2
     assert all(0 < row["participation"] <= 1 for row in summary["methods"].values())
     assert summary["methods"]["exclusivefl"]["peak_memory_bytes"] > summary["methods"]["neulite"]["peak_memory_bytes"]
-    assert summary["target_accuracy"] == pytest.approx(sorted(summary["methods"]["exclusivefl"]["final_accuracies"])[0] / 2 + sorted(summary["methods"]["exclusivefl"]["final_accuracies"])[1] / 2)
+    assert summary["target_accuracy"] == pytest.approx(
+        sorted(summary["methods"]["exclusivefl"]["final_accuracies"])[0] / 2
+        + sorted(summary["methods"]["exclusivefl"]["final_accuracies"])[1] / 2
+    )
     for name in ("comparison.md", "comparison.csv", "accuracy.png"):
         assert (out / name).is_file()
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/model.pt")}
@@ -55,7 +69,17 @@ def test_median_time_counts_unreached_seeds_as_infinitely_slow():
 
 def test_a_method_no_client_can_run_is_reported_and_the_rest_compared(tmp_path: Path):
     out = tmp_path / "cmp"
-    argv = ["compare", "--quiet", "--methods", "exclusivefl,fedavg", "--out", str(out), *TINY, "--set", "clients.fractions=[0.2, 0.5]"]
+    argv = [
+        "compare",
+        "--quiet",
+        "--methods",
+        "exclusivefl,fedavg",
+        "--out",
+        str(out),
+        *TINY,
+        "--set",
+        "clients.fractions=[0.2, 0.5]",
+    ]
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["methods"]) == {"fedavg"}

@@ -9,7 +9,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_and_overrides():
-    cfg = load_config(overrides=["train.lr=0.1", "method.neulite.stage_rounds=[1, 2, 3]", "data.name=digits", "method.neulite.mentor=false"])
+    cfg = load_config(
+        overrides=[
+            "train.lr=0.1",
+            "method.neulite.stage_rounds=[1, 2, 3]",
+            "data.name=digits",
+            "method.neulite.mentor=false",
+        ]
+    )
     assert cfg.train.lr == 0.1
     assert cfg.method.section("neulite").stage_rounds == (1, 2, 3)
     assert cfg.data.name == "digits"
@@ -54,7 +61,9 @@ def test_missing_and_invalid_files(tmp_path: Path):
 
 
 def test_resolved_config_round_trips(tmp_path: Path):
-    cfg = load_config(overrides=["method.neulite.lambda1=[0.4, 0.2, 0.0]", "data.root=/x y", "method.profl.threshold=0.25"])
+    cfg = load_config(
+        overrides=["method.neulite.lambda1=[0.4, 0.2, 0.0]", "data.root=/x y", "method.profl.threshold=0.25"]
+    )
     path = tmp_path / "c.toml"
     path.write_text(config_to_toml(cfg))
     assert "[method.profl]\nwindow = 3\nthreshold = 0.25\n" in path.read_text()

@@ -57,7 +57,7 @@ def test_partition_disjoint_cover_deterministic(labels, num_clients, scheme, see
     assert all(p.dtype == np.int64 for p in parts)
     _assert_disjoint_cover(parts, len(labels))
     again = partition(labels, num_clients, scheme, seed, **kwargs)
-    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
     if scheme == "iid":
         sizes = [len(p) for p in parts]
         assert max(sizes) - min(sizes) <= 1
@@ -70,7 +70,7 @@ def test_partition_differs_across_seeds(scheme):
     labels = _labels()
     a = partition(labels, 10, scheme, seed=0)
     b = partition(labels, 10, scheme, seed=1)
-    assert any(not np.array_equal(x, y) for x, y in zip(a, b))
+    assert any(not np.array_equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
@@ -116,7 +116,7 @@ def test_min_size_clamp_tops_up_with_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         again = partition(labels, 20, "dirichlet", seed=0, alpha=0.01, min_size=5, on_small="clamp")
-    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,10 @@ def _flat(table: dict, prefix: str = "") -> dict:
 
 def test_app_components_and_config_are_neulites_defaults_with_measured_budgets():
     app = tomllib.loads(APP.read_text())["tool"]["flwr"]["app"]
-    assert app["components"] == {"serverapp": "neulite.flower.server_app:app", "clientapp": "neulite.flower.client_app:app"}
+    assert app["components"] == {
+        "serverapp": "neulite.flower.server_app:app",
+        "clientapp": "neulite.flower.client_app:app",
+    }
     assert isinstance(server_app.app, ServerApp) and isinstance(client_app.app, ClientApp)
     cfg, driver = parse_run_config(_flat(app["config"]))
     assert cfg == Config().replace(clients=Config().clients.__class__(budget="measured"))
@@ -48,8 +51,14 @@ def _context(node_config: dict, **overrides) -> Context:
 
 def test_a_node_reports_its_configured_budget_else_the_budget_model_or_its_free_memory():
     cfg = load_config(overrides=["data.num_clients=4", "clients.per_round=2"])
-    assert client_app.node_budget(_context({"partition-id": 2, "budget-mb": 18}), cfg, 2, 10 * MIB) == (18 * MIB, "node-config")
-    assert client_app.node_budget(_context({"partition-id": 2}), cfg, 2, 10 * MIB) == (simulated_budgets(cfg, 10 * MIB)[2], "fraction")
+    assert client_app.node_budget(_context({"partition-id": 2, "budget-mb": 18}), cfg, 2, 10 * MIB) == (
+        18 * MIB,
+        "node-config",
+    )
+    assert client_app.node_budget(_context({"partition-id": 2}), cfg, 2, 10 * MIB) == (
+        simulated_budgets(cfg, 10 * MIB)[2],
+        "fraction",
+    )
     measured = cfg.replace(clients=cfg.clients.__class__(per_round=2, budget="measured"))
     budget, source = client_app.node_budget(_context({"partition-id": 2}), measured, 2, 10 * MIB)
     assert source == "measured" and budget > 64 * MIB  # this machine's available memory

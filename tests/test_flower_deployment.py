@@ -4,6 +4,7 @@ through `flwr run apps/flower`. The budgets the nodes report decide who trains w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -38,12 +39,16 @@ class Processes:
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
         log = (self.logs / f"{name}.log").open("w")
-        proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [str(BIN / args[0]), *args[1:]], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.procs.append(proc)
         return proc
 
     def flwr(self, *args: str) -> dict:
-        out = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], env=self.env, capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [str(BIN / "flwr"), *args, "--format", "json"], env=self.env, capture_output=True, text=True, timeout=120
+        )
         return json.loads(out.stdout)
 
     def stop(self) -> None:
@@ -64,10 +69,8 @@ class Processes:
                 proc.wait()
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for pid in helpers:
-                try:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pid, sig)
-                except (ProcessLookupError, PermissionError):
-                    pass
             time.sleep(1)
 
 
@@ -85,19 +88,38 @@ def test_superlink_and_three_supernodes_on_loopback_train_with_reported_budgets(
     certs, logs, home, out = tmp_path / "certs", tmp_path / "logs", tmp_path / "flwr-home", tmp_path / "out"
     logs.mkdir()
     home.mkdir()
-    subprocess.run([str(ROOT / "scripts" / "make-dev-certs.sh"), "-n", "3", str(certs)], check=True, capture_output=True)
+    subprocess.run(
+        [str(ROOT / "scripts" / "make-dev-certs.sh"), "-n", "3", str(certs)], check=True, capture_output=True
+    )
     port = _free_port()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "local"\n[superlink.local]\naddress = "127.0.0.1:{port}"\nroot-certificates = "{certs / "ca.crt"}"\n'
     )
-    env = {**os.environ, "FLWR_HOME": str(home), "OMP_NUM_THREADS": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0"}
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "OMP_NUM_THREADS": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+    }
     procs = Processes(logs, env)
     try:
         link = procs.start(
-            "superlink", "flower-superlink", "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-            "--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.crt"), "--ssl-keyfile", str(certs / "server.key"),
-            "--host", "127.0.0.1", "--port", str(port),
+            "superlink",
+            "flower-superlink",
+            "--enable-supernode-auth",
+            "--disable-runtime-dependency-installation",
+            "--ssl-ca-certfile",
+            str(certs / "ca.crt"),
+            "--ssl-certfile",
+            str(certs / "server.crt"),
+            "--ssl-keyfile",
+            str(certs / "server.key"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
         )
         tls = ssl.create_default_context(cafile=str(certs / "ca.crt"))
 
@@ -113,9 +135,20 @@ def test_superlink_and_three_supernodes_on_loopback_train_with_reported_budgets(
             assert procs.flwr("supernode", "register", str(certs / f"supernode-{i}.pub"), "local")["success"]
         for i, budget in enumerate(BUDGETS_MB):
             procs.start(
-                f"supernode-{i}", "flower-supernode", "--superlink", f"127.0.0.1:{port}", "--root-certificates", str(certs / "ca.crt"),
-                "--auth-supernode-private-key", str(certs / f"supernode-{i}.key"), "--port", str(_free_port()), "--max-wait-time", "120",
-                "--node-config", f"partition-id={i} num-partitions=3 budget-mb={budget}",
+                f"supernode-{i}",
+                "flower-supernode",
+                "--superlink",
+                f"127.0.0.1:{port}",
+                "--root-certificates",
+                str(certs / "ca.crt"),
+                "--auth-supernode-private-key",
+                str(certs / f"supernode-{i}.key"),
+                "--port",
+                str(_free_port()),
+                "--max-wait-time",
+                "120",
+                "--node-config",
+                f"partition-id={i} num-partitions=3 budget-mb={budget}",
             )
         run_config = f'method.rounds=3 data.num_clients=3 clients.per_round=3 train.local_epochs=1 out="{out}" round-timeout=300.0'
         started = procs.flwr("run", str(ROOT / "apps" / "flower"), "local", "--run-config", run_config)

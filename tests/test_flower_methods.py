@@ -20,7 +20,16 @@ from neulite.flower.simulation import run_config_for  # noqa: E402
 
 from .loopback import LoopbackGrid  # noqa: E402
 
-SMALL = ["data.num_clients=4", "clients.per_round=3", "method.rounds=3", "train.local_epochs=1", "data.train_size=600", "model.width=0.5", "eval.every=2", "clients.fractions=[0.3, 1.1]"]
+SMALL = [
+    "data.num_clients=4",
+    "clients.per_round=3",
+    "method.rounds=3",
+    "train.local_epochs=1",
+    "data.train_size=600",
+    "model.width=0.5",
+    "eval.every=2",
+    "clients.fractions=[0.3, 1.1]",
+]
 
 
 def _rows(path):
@@ -37,7 +46,9 @@ def test_every_method_runs_on_flower_as_in_process(tmp_path, monkeypatch, name: 
     run_config = run_config_for(cfg, tmp_path / "flower")
     flower = run(LoopbackGrid(make_client_app(run_config), run_config, cfg.data.num_clients), run_config)
     keys = ("round", "stage", "eligible", "participants", "bytes_down", "bytes_up", "accuracy", "train_loss")
-    assert [{k: r[k] for k in keys} for r in _rows(tmp_path / "flower")] == [{k: r[k] for k in keys} for r in _rows(tmp_path / "local")]
+    assert [{k: r[k] for k in keys} for r in _rows(tmp_path / "flower")] == [
+        {k: r[k] for k in keys} for r in _rows(tmp_path / "local")
+    ]
     for key in ("final_accuracy", "validation_accuracy", "participation", "peak_memory_bytes"):
         assert flower[key] == local[key], key
     a, b = torch.load(tmp_path / "local" / "model.pt"), torch.load(tmp_path / "flower" / "model.pt")

@@ -27,7 +27,10 @@ BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
 
 def _rows(path):
     rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k in ("round", "stage", "eligible", "participants", "bytes_down", "bytes_up")} for r in rows]
+    return [
+        {k: v for k, v in r.items() if k in ("round", "stage", "eligible", "participants", "bytes_down", "bytes_up")}
+        for r in rows
+    ]
 
 
 @pytest.mark.parametrize("name", ["neulite", "heterofl"])
@@ -86,8 +89,17 @@ def _faulty(run_config: dict, faults: dict[int, str], from_round: int = 1) -> Cl
 
 def test_faulty_nodes_are_left_out_and_too_few_replies_stop_the_run(tmp_path):
     faults = {1: "nan", 2: "shape", 3: "error", 4: "hang"}
-    overrides = ["data.num_clients=5", "clients.per_round=5", "method.rounds=2", "clients.fractions=[1.2, 1.3]", "method.name=fedavg"]
-    run_config = {**run_config_for(load_config(overrides=overrides), tmp_path / "ok"), "round-timeout": HANG_SECONDS / 2}
+    overrides = [
+        "data.num_clients=5",
+        "clients.per_round=5",
+        "method.rounds=2",
+        "clients.fractions=[1.2, 1.3]",
+        "method.name=fedavg",
+    ]
+    run_config = {
+        **run_config_for(load_config(overrides=overrides), tmp_path / "ok"),
+        "round-timeout": HANG_SECONDS / 2,
+    }
     run_simulation(make_server_app(run_config), _faulty(run_config, faults), num_supernodes=5, backend_config=BACKEND)
     summary = json.loads((tmp_path / "ok" / "summary.json").read_text())
     # round 1: only partition 0's reply is used (4 timed out); in round 2 partition 4 may still be busy
@@ -96,10 +108,24 @@ def test_faulty_nodes_are_left_out_and_too_few_replies_stop_the_run(tmp_path):
     assert summary["participation"] in (0.2, 0.4) and summary["final_accuracy"] > 0.1
 
     faults = {1: "nan", 2: "shape", 3: "error"}
-    overrides = ["data.num_clients=4", "clients.per_round=4", "method.rounds=3", "clients.fractions=[1.2, 1.3]", "method.name=fedavg", "clients.min_replies=2"]
+    overrides = [
+        "data.num_clients=4",
+        "clients.per_round=4",
+        "method.rounds=3",
+        "clients.fractions=[1.2, 1.3]",
+        "method.name=fedavg",
+        "clients.min_replies=2",
+    ]
     run_config = run_config_for(load_config(overrides=overrides), tmp_path / "stop")
-    with pytest.raises(NeuliteError, match="round 2: 1 of 4 sampled clients returned a usable result, fewer than clients.min_replies=2"):
-        run_simulation(make_server_app(run_config), _faulty(run_config, faults, from_round=2), num_supernodes=4, backend_config=BACKEND)
+    with pytest.raises(
+        NeuliteError, match="round 2: 1 of 4 sampled clients returned a usable result, fewer than clients.min_replies=2"
+    ):
+        run_simulation(
+            make_server_app(run_config),
+            _faulty(run_config, faults, from_round=2),
+            num_supernodes=4,
+            backend_config=BACKEND,
+        )
     assert not (tmp_path / "stop" / "summary.json").exists()
     assert [r["participants"] for r in _rows(tmp_path / "stop")] == [4]  # round 1 is kept, checkpointed
 

@@ -5,16 +5,22 @@ import pytest
 import torch
 
 from neulite.algorithms.payload import ClientResult
-from neulite.models.arrays import nbytes
 from neulite.config import load_config
 from neulite.errors import NeuliteError
+from neulite.models.arrays import nbytes
 from neulite.simulation import Simulation
 
 pytest.importorskip("flwr")
 from neulite.flower.run_config import parse_run_config  # noqa: E402
 from neulite.flower.wire import decode_result, decode_task, encode_result, encode_task  # noqa: E402
 
-SMALL = ["data.num_clients=4", "clients.per_round=2", "train.local_epochs=1", "method.rounds=3", "clients.fractions=[0.8, 1.1]"]
+SMALL = [
+    "data.num_clients=4",
+    "clients.per_round=2",
+    "train.local_epochs=1",
+    "method.rounds=3",
+    "clients.fractions=[0.8, 1.1]",
+]
 
 
 def test_each_stage_sends_down_only_prefix_and_trained_parts_and_up_only_trained_parts():
@@ -30,10 +36,15 @@ def test_each_stage_sends_down_only_prefix_and_trained_parts_and_up_only_trained
             sent = record.array_records["arrays"]
             frozen = [f"model.blocks.{i}." for i in range(rnd - 1)]
             assert list(sent.keys()) == sim.method.net.down_names(plan)
-            assert all(any(n.startswith(p) for n in sent.keys()) for p in frozen)  # the frozen prefix goes down
+            assert all(any(n.startswith(p) for n in sent) for p in frozen)  # the frozen prefix goes down
             assert nbytes(decode_task(record).arrays) == nbytes(task.arrays) < full_bytes
             received = decode_task(record)
-            assert received.plan == plan and received.seed == task.seed and received.config == task.config and set(task.config) == {"lambda1", "lambda2", "level"}
+            assert (
+                received.plan == plan
+                and received.seed == task.seed
+                and received.config == task.config
+                and set(task.config) == {"lambda1", "lambda2", "level"}
+            )
             assert all(torch.equal(received.arrays[n], task.arrays[n]) for n in task.arrays)
 
             result = sim.method.client_update(received, sim.clients[cid].train, augment=False)
@@ -47,7 +58,14 @@ def test_each_stage_sends_down_only_prefix_and_trained_parts_and_up_only_trained
                 assert 0 < len(returned) < len(first_block)
             if rnd == 3:  # block 1 is wholly frozen: sent down, never returned
                 assert not returned
-        sim.server.aggregate(configured, {cid: sim.method.client_update(t, sim.clients[cid].train, augment=False) for cid, t in configured.tasks.items()}, sim.splits.test)
+        sim.server.aggregate(
+            configured,
+            {
+                cid: sim.method.client_update(t, sim.clients[cid].train, augment=False)
+                for cid, t in configured.tasks.items()
+            },
+            sim.splits.test,
+        )
 
 
 def _reply():
@@ -77,7 +95,9 @@ def test_malformed_replies_are_rejected_naming_the_problem(corrupt, message):
 
 
 def test_run_config_maps_to_the_experiment_config_and_rejects_unknown_keys():
-    cfg, driver = parse_run_config({"method.rounds": 4, "clients.fractions": "[0.2, 0.9]", "seed": 3, "out": "x", "round-timeout": 5.0})
+    cfg, driver = parse_run_config(
+        {"method.rounds": 4, "clients.fractions": "[0.2, 0.9]", "seed": 3, "out": "x", "round-timeout": 5.0}
+    )
     assert (cfg.method.rounds, cfg.clients.fractions, cfg.seed) == (4, (0.2, 0.9), 3)
     assert (driver.out, driver.round_timeout) == ("x", 5.0)
     with pytest.raises(NeuliteError, match="unknown key 'rounds'"):

@@ -15,13 +15,21 @@ def _imports(path: Path) -> set[str]:
 
 def test_models_and_memory_know_no_algorithm_or_driver():
     for path in [SRC / "memory.py", SRC / "saved_tensors.py", *(SRC / "models").glob("*.py")]:
-        bad = {m for m in _imports(path) if m.startswith(("neulite.algorithms", "neulite.simulation", "neulite.flower", "neulite.server"))}
+        bad = {
+            m
+            for m in _imports(path)
+            if m.startswith(("neulite.algorithms", "neulite.simulation", "neulite.flower", "neulite.server"))
+        }
         assert not bad, f"{path.name} imports {bad}"
 
 
 def test_algorithms_know_no_driver():
     for path in (SRC / "algorithms").glob("*.py"):
-        bad = {m for m in _imports(path) if m.startswith(("neulite.simulation", "neulite.flower", "neulite.server", "neulite.experiment"))}
+        bad = {
+            m
+            for m in _imports(path)
+            if m.startswith(("neulite.simulation", "neulite.flower", "neulite.server", "neulite.experiment"))
+        }
         assert not bad, f"{path.name} imports {bad}"
 
 

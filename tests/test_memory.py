@@ -16,7 +16,10 @@ F32 = 4
 
 
 def toy_net() -> StageNet:
-    blocks = [nn.Sequential(nn.Linear(4, 8, bias=False), nn.ReLU()), nn.Sequential(nn.Linear(8, 6, bias=False), nn.ReLU())]
+    blocks = [
+        nn.Sequential(nn.Linear(4, 8, bias=False), nn.ReLU()),
+        nn.Sequential(nn.Linear(8, 6, bias=False), nn.ReLU()),
+    ]
     return StageNet(BlockModel(blocks, ClassifierHead(6, 3), (4,), 3))
 
 
@@ -57,8 +60,14 @@ def test_stages_need_less_than_full_model_for_resnet():
 
 
 def test_the_memory_module_depends_on_models_only():
-    imported = {node.module for node in ast.walk(ast.parse(inspect.getsource(neulite.memory))) if isinstance(node, ast.ImportFrom)}
-    assert all(not m.startswith("neulite.") or m.startswith("neulite.models") or m == "neulite.saved_tensors" for m in imported), imported
+    imported = {
+        node.module
+        for node in ast.walk(ast.parse(inspect.getsource(neulite.memory)))
+        if isinstance(node, ast.ImportFrom)
+    }
+    assert all(
+        not m.startswith("neulite.") or m.startswith("neulite.models") or m == "neulite.saved_tensors" for m in imported
+    ), imported
 
 
 @pytest.mark.parametrize(("method", "stage"), [("fedavg", 0), ("neulite", 1), ("neulite", 3), ("depthfl", 0)])

@@ -7,8 +7,8 @@ from torch import nn
 from neulite.config import load_config
 from neulite.errors import NeuliteError
 from neulite.memory import estimate
-from neulite.models.blocks import BlockModel, ClassifierHead
 from neulite.models.balance import balanced_cuts, rebalance, unit_costs, units
+from neulite.models.blocks import BlockModel, ClassifierHead
 from neulite.models.stage_net import StageNet
 from neulite.models.zoo import build_model
 
@@ -32,15 +32,20 @@ def test_balanced_cuts_are_optimal(costs: list[int], data: st.DataObject):
 
     def worst(cs: tuple[int, ...] | list[int]) -> int:
         bounds = [0, *cs, len(costs)]
-        return max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:]))
+        return max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:], strict=False))
 
     assert worst(cuts) == min(worst(c) for c in itertools.combinations(range(1, len(costs)), k - 1))
 
 
 def test_units_keep_each_layer_with_its_norm_and_activation():
     model = BlockModel(
-        [nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()), nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))],
-        ClassifierHead(4, 2), (1, 8, 8), 2,
+        [
+            nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()),
+            nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)),
+        ],
+        ClassifierHead(4, 2),
+        (1, 8, 8),
+        2,
     )
     pieces = units(model)
     assert len(pieces) == 3 and isinstance(pieces[2], nn.MaxPool2d)
@@ -82,7 +87,16 @@ def test_config_blocks_reaches_the_model():
 
 
 def test_rebalance_a_user_model():
-    blocks = [nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())]
+    blocks = [
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+        )
+    ]
     model = BlockModel(blocks, ClassifierHead(8, 3), (3, 8, 8), 3)
     split = rebalance(model, 2, batch_size=4)
     assert split.num_blocks == 2 and split(torch.randn(2, 3, 8, 8)).shape == (2, 3)

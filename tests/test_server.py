@@ -17,7 +17,9 @@ def _server(budgets_of_full: dict[int, float], *overrides: str) -> Server:
     cfg = load_config(overrides=["data.num_clients=4", "clients.per_round=4", "method.rounds=3", *overrides])
     experiment = build_experiment(cfg)
     full = experiment.full_peak
-    return Server(experiment.method, {cid: int(f * full) for cid, f in budgets_of_full.items()}, cfg, full, query=lambda task: {})
+    return Server(
+        experiment.method, {cid: int(f * full) for cid, f in budgets_of_full.items()}, cfg, full, query=lambda task: {}
+    )
 
 
 def test_a_node_that_fits_no_stage_is_never_sent_work():
@@ -37,10 +39,25 @@ def test_no_stage_fits_is_an_error_before_training():
 
 
 def test_too_few_usable_replies_stop_the_round_with_a_clear_message():
-    sim = Simulation(load_config(overrides=["data.num_clients=4", "clients.per_round=4", "method.rounds=3", "clients.min_replies=3", "clients.fractions=[1.2, 1.3]"]))
+    sim = Simulation(
+        load_config(
+            overrides=[
+                "data.num_clients=4",
+                "clients.per_round=4",
+                "method.rounds=3",
+                "clients.min_replies=3",
+                "clients.fractions=[1.2, 1.3]",
+            ]
+        )
+    )
     configured = sim.server.configure(1)
-    two = {cid: sim.method.client_update(task, sim.clients[cid].train, augment=False) for cid, task in list(configured.tasks.items())[:2]}
-    with pytest.raises(NeuliteError, match="2 of 4 sampled clients returned a usable result, fewer than clients.min_replies=3"):
+    two = {
+        cid: sim.method.client_update(task, sim.clients[cid].train, augment=False)
+        for cid, task in list(configured.tasks.items())[:2]
+    }
+    with pytest.raises(
+        NeuliteError, match="2 of 4 sampled clients returned a usable result, fewer than clients.min_replies=3"
+    ):
         sim.server.aggregate(configured, two, sim.splits.test)
     record = sim.server.aggregate(sim.server.configure(2), {**two, 2: two[next(iter(two))]}, sim.splits.test)
     assert record.participants == 3

@@ -37,7 +37,12 @@ def test_light_layers_follow_each_missing_block_shape():
 
 
 def test_user_model_as_blocks_with_flat_features():
-    model = BlockModel([nn.Sequential(nn.Linear(4, 8), nn.ReLU()), nn.Sequential(nn.Linear(8, 6), nn.ReLU())], ClassifierHead(6, 3), (4,), 3)
+    model = BlockModel(
+        [nn.Sequential(nn.Linear(4, 8), nn.ReLU()), nn.Sequential(nn.Linear(8, 6), nn.ReLU())],
+        ClassifierHead(6, 3),
+        (4,),
+        3,
+    )
     net = StageNet(model)
     z, logits = net.stage_forward(torch.randn(5, 4), net.plan(1, harmonize=True, mentor=True))
     assert z.shape == (5, 6) and logits.shape == (5, 3)
@@ -64,10 +69,19 @@ def test_plans_send_only_what_the_stage_needs():
     plan = net.plan(2, harmonize=True, mentor=True)
     down, up = set(net.down_names(plan)), set(net.up_names(plan))
     assert up <= down
-    assert not any(n.startswith(("model.blocks.2", "outputs.0", "outputs.2", "projections.0", "model.head")) for n in down)
-    assert {n for n in down - up} == {n for n in net.state_names(("model.blocks.0",)) if not n.startswith("model.blocks.0.layer1.1.conv2") and not n.startswith("model.blocks.0.layer1.1.bn2")}
+    assert not any(
+        n.startswith(("model.blocks.2", "outputs.0", "outputs.2", "projections.0", "model.head")) for n in down
+    )
+    assert {n for n in down - up} == {
+        n
+        for n in net.state_names(("model.blocks.0",))
+        if not n.startswith("model.blocks.0.layer1.1.conv2") and not n.startswith("model.blocks.0.layer1.1.bn2")
+    }
     assert any(n.startswith("model.blocks.0.layer1.1.bn2.running_mean") for n in up)
-    assert all(any(n.startswith(p) for p in ("model.blocks.1", "model.blocks.0.layer1.1", "outputs.1", "projections.1")) for n in up)
+    assert all(
+        any(n.startswith(p) for p in ("model.blocks.1", "model.blocks.0.layer1.1", "outputs.1", "projections.1"))
+        for n in up
+    )
     no_harm = net.plan(2, harmonize=False, mentor=False)
     assert not any(n.startswith("model.blocks.0") for n in net.up_names(no_harm))
     assert not any(n.startswith("projections") for n in net.down_names(no_harm))

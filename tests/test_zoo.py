@@ -16,7 +16,7 @@ SHAPES = [(1, 28, 28), (3, 32, 32)]
 NUM_BLOCKS = {"small_cnn": 3, "resnet18": 4, "resnet34": 4, "vgg11": 5, "vgg16": 5, "mobilenetv2": 4}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(name: str, shape: tuple[int, int, int], num_classes: int = 10, width: float = 1.0) -> BlockModel:
     torch.manual_seed(0)
     return build_model(name, shape, num_classes, width)
@@ -119,7 +119,7 @@ def test_width_gives_leading_slices(name, width):
     for key, t in small.items():
         ref = full[key]
         assert t.dim() == ref.dim(), key
-        assert all(a <= b for a, b in zip(t.shape, ref.shape)), (key, tuple(t.shape), tuple(ref.shape))
+        assert all(a <= b for a, b in zip(t.shape, ref.shape, strict=True)), (key, tuple(t.shape), tuple(ref.shape))
     # the input channels and the class count never scale
     first_conv = next(m for m in small_model.modules() if isinstance(m, nn.Conv2d))
     assert first_conv.in_channels == 3

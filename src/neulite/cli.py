@@ -28,7 +28,9 @@ def _run(args: argparse.Namespace) -> None:
         cfg = load_config(args.config, args.set)
     out = args.out or Path("results") / f"{cfg.method.name}-{datetime.now():%Y%m%d-%H%M%S}"
     console = Console(quiet=args.quiet)
-    console.print(f"neulite run: {cfg.method.name} on {cfg.data.name} with {cfg.model.name}, {cfg.method.rounds} rounds, {args.engine} engine -> {out}")
+    console.print(
+        f"neulite run: {cfg.method.name} on {cfg.data.name} with {cfg.model.name}, {cfg.method.rounds} rounds, {args.engine} engine -> {out}"
+    )
     if args.engine == "flower":
         from neulite.flower.simulation import simulate
 
@@ -39,8 +41,8 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from neulite.compare import compare
     from neulite.algorithms.registry import METHODS
+    from neulite.compare import compare
 
     cfg = load_config(args.config, args.set)
     methods = args.methods.split(",") if args.methods else list(METHODS)
@@ -62,13 +64,23 @@ def _memory(args: argparse.Namespace) -> None:
     shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape.replace(",", "").isdigit() else ()
     if len(shape) != 3:
         raise NeuliteError(f"--input-shape must be C,H,W, got {args.input_shape!r}")
-    report = memory_report(args.model, args.batch_size, shape, args.num_classes, args.width, args.blocks, with_measurement=not args.no_measure)
+    report = memory_report(
+        args.model,
+        args.batch_size,
+        shape,
+        args.num_classes,
+        args.width,
+        args.blocks,
+        with_measurement=not args.no_measure,
+    )
     full = report["full"]
     rows = [full, *report["stages"]]
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    table = Table(title=f"{args.model} (blocks: {report['blocks']}), batch {args.batch_size}, input {args.input_shape}: peak training memory")
+    table = Table(
+        title=f"{args.model} (blocks: {report['blocks']}), batch {args.batch_size}, input {args.input_shape}: peak training memory"
+    )
     for col in ("", "estimated MiB", "measured MiB", "est/meas", "of full"):
         table.add_column(col, justify="right")
     for r in rows:
@@ -82,19 +94,33 @@ def _memory(args: argparse.Namespace) -> None:
         )
     console = Console()
     console.print(table)
-    console.print(f"worst stage needs {report['worst_stage_fraction']:.0%} of full-model training: {report['reduction_percent']:.1f}% less peak memory")
+    console.print(
+        f"worst stage needs {report['worst_stage_fraction']:.0%} of full-model training: {report['reduction_percent']:.1f}% less peak memory"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="neulite", description="Memory-efficient federated learning by progressive block-wise training.")
+    parser = argparse.ArgumentParser(
+        prog="neulite", description="Memory-efficient federated learning by progressive block-wise training."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one experiment in the in-process simulator")
     run.add_argument("--config", help="TOML config file (default: built-in defaults = configs/default.toml)")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. --set train.lr=0.1")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.lr=0.1",
+    )
     run.add_argument("--out", help="results folder (default: results/<method>-<time>)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    run.add_argument("--engine", choices=("local", "flower"), default="local",
-                     help="local: the in-process simulator; flower: Flower's simulation engine, one supernode per client (needs the flower extra)")
+    run.add_argument(
+        "--engine",
+        choices=("local", "flower"),
+        default="local",
+        help="local: the in-process simulator; flower: Flower's simulation engine, one supernode per client (needs the flower extra)",
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bars or tables")
     run.set_defaults(func=_run)
     cmp = sub.add_parser("compare", help="run several methods over several seeds on the same data and budgets")
@@ -102,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     cmp.add_argument("--methods", help="comma-separated method names (default: all)")
     cmp.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
-    cmp.add_argument("--target", type=float, help="accuracy for rounds/time-to-target (default: ExclusiveFL's final accuracy)")
+    cmp.add_argument(
+        "--target", type=float, help="accuracy for rounds/time-to-target (default: ExclusiveFL's final accuracy)"
+    )
     cmp.add_argument("--out", default="results/compare", help="comparison folder; re-running resumes it")
     cmp.add_argument("--quiet", action="store_true")
     cmp.set_defaults(func=_compare)
@@ -112,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--input-shape", default="3,32,32", help="C,H,W")
     mem.add_argument("--num-classes", type=int, default=10)
     mem.add_argument("--width", type=float, default=1.0)
-    mem.add_argument("--blocks", type=int, default=0, help="0: one block per resolution stage; N: N memory-balanced blocks")
+    mem.add_argument(
+        "--blocks", type=int, default=0, help="0: one block per resolution stage; N: N memory-balanced blocks"
+    )
     mem.add_argument("--no-measure", action="store_true", help="estimate only (skip the profiled training steps)")
     mem.add_argument("--json", action="store_true")
     mem.set_defaults(func=_memory)

@@ -47,7 +47,9 @@ def machine() -> dict[str, Any]:
     }
 
 
-def run_one(cfg: Config, method: str, seed: int, out: Path, console: Console) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def run_one(
+    cfg: Config, method: str, seed: int, out: Path, console: Console
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One finished (method, seed) run: read back if done, resumed if interrupted, else started."""
     folder = out / "runs" / method / f"seed{seed}"
     results = ResultsDir(folder)
@@ -81,7 +83,15 @@ def _median_or_none(values: list[float | None]) -> float | None:
     return None if math.isinf(median) else median
 
 
-def compare(cfg: Config, methods: list[str], seeds: list[int], out: str | Path, *, target: float | None = None, console: Console | None = None) -> dict[str, Any]:
+def compare(
+    cfg: Config,
+    methods: list[str],
+    seeds: list[int],
+    out: str | Path,
+    *,
+    target: float | None = None,
+    console: Console | None = None,
+) -> dict[str, Any]:
     """Run every method on every seed and write the comparison; returns summary.json's content.
 
     The target accuracy for "time to target" defaults to ExclusiveFL's median final accuracy
@@ -127,7 +137,13 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], out: str | Path, 
             "seeds": seeds,
             "final_accuracies": finals,
         }
-    summary = {"methods": table, "skipped": skipped, "target_accuracy": target, "machine": machine(), "config": cfg.to_dict()}
+    summary = {
+        "methods": table,
+        "skipped": skipped,
+        "target_accuracy": target,
+        "machine": machine(),
+        "config": cfg.to_dict(),
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _write_tables(table, out, target, skipped)
     _plot(runs, out / "accuracy.png")
@@ -143,7 +159,10 @@ COLUMNS = [
     ("peak client MiB", lambda m, r: f"{r['peak_memory_bytes'] / MIB:.1f}"),
     ("rounds to target", lambda m, r: "-" if r["rounds_to_target"] is None else f"{r['rounds_to_target']:.0f}"),
     ("s to target", lambda m, r: "-" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.0f}"),
-    ("client s to target", lambda m, r: "-" if r.get("client_seconds_to_target") is None else f"{r['client_seconds_to_target']:.1f}"),
+    (
+        "client s to target",
+        lambda m, r: "-" if r.get("client_seconds_to_target") is None else f"{r['client_seconds_to_target']:.1f}",
+    ),
     ("wall s", lambda m, r: f"{r['wall_seconds']:.0f}"),
     ("MiB up / down", lambda m, r: f"{r['bytes_up'] / MIB:.0f} / {r['bytes_down'] / MIB:.0f}"),
 ]
@@ -168,7 +187,11 @@ def _write_tables(table: dict[str, dict[str, Any]], out: Path, target: float | N
         writer.writerows(rows)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    note = "" if target is None else f"\nTarget accuracy for rounds/seconds to target: {target:.1%} (median over seeds, a seed that never reached it counting as infinitely slow; '-' = not reached by most seeds).\n"
+    note = (
+        ""
+        if target is None
+        else f"\nTarget accuracy for rounds/seconds to target: {target:.1%} (median over seeds, a seed that never reached it counting as infinitely slow; '-' = not reached by most seeds).\n"
+    )
     note += "".join(f"\nNot run: {m}: {reason}\n" for m, reason in skipped.items())
     (out / "comparison.md").write_text("\n".join(lines) + "\n" + note)
 
@@ -188,7 +211,9 @@ def _plot(runs: dict[str, list[tuple[dict[str, Any], list[dict[str, Any]]]]], pa
                     by_round.setdefault(r["round"], []).append(r["accuracy"])
         xs = sorted(by_round)
         # solid NeuLite variants, dashed baselines: 12 methods outnumber the 10 default colours
-        ax.plot(xs, [statistics.mean(by_round[x]) for x in xs], label=m, linestyle="-" if m.startswith("neulite") else "--")
+        ax.plot(
+            xs, [statistics.mean(by_round[x]) for x in xs], label=m, linestyle="-" if m.startswith("neulite") else "--"
+        )
     ax.set(xlabel="round", ylabel="test accuracy (mean over seeds)", ylim=(0, 1), title="accuracy against rounds")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)

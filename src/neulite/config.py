@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from neulite.data.datasets import DATASET_NAMES
 from neulite.errors import NeuliteError
@@ -150,10 +151,22 @@ class ClientsConfig:
         check(self.per_round >= 1, "clients.per_round must be >= 1")
         check(1 <= self.min_replies <= self.per_round, "clients.min_replies must be between 1 and clients.per_round")
         choice("clients.budget", self.budget, ("uniform", "tiers", "fraction", "measured"))
-        check(len(self.budget_mb) == 2 and 0 < self.budget_mb[0] <= self.budget_mb[1], "clients.budget_mb must be [low, high] with 0 < low <= high")
-        check(len(self.fractions) == 2 and 0 < self.fractions[0] <= self.fractions[1], "clients.fractions must be [low, high] with 0 < low <= high")
-        check(len(self.tiers_mb) >= 1 and len(self.tiers_mb) == len(self.tier_weights), "clients.tiers_mb and clients.tier_weights must be non-empty and of equal length")
-        check(all(w >= 0 for w in self.tier_weights) and sum(self.tier_weights) > 0, "clients.tier_weights must be non-negative with a positive sum")
+        check(
+            len(self.budget_mb) == 2 and 0 < self.budget_mb[0] <= self.budget_mb[1],
+            "clients.budget_mb must be [low, high] with 0 < low <= high",
+        )
+        check(
+            len(self.fractions) == 2 and 0 < self.fractions[0] <= self.fractions[1],
+            "clients.fractions must be [low, high] with 0 < low <= high",
+        )
+        check(
+            len(self.tiers_mb) >= 1 and len(self.tiers_mb) == len(self.tier_weights),
+            "clients.tiers_mb and clients.tier_weights must be non-empty and of equal length",
+        )
+        check(
+            all(w >= 0 for w in self.tier_weights) and sum(self.tier_weights) > 0,
+            "clients.tier_weights must be non-negative with a positive sum",
+        )
 
 
 @dataclass(frozen=True)
@@ -175,7 +188,10 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        check(self.clients.per_round <= self.data.num_clients, f"clients.per_round ({self.clients.per_round}) exceeds data.num_clients ({self.data.num_clients})")
+        check(
+            self.clients.per_round <= self.data.num_clients,
+            f"clients.per_round ({self.clients.per_round}) exceeds data.num_clients ({self.data.num_clients})",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain values, as the TOML file has them (method sections as `method.SECTION` tables)."""
@@ -223,7 +239,10 @@ def _build_method(raw: dict[str, Any]) -> MethodConfig:
             sections.append((key, _build(cls, raw[key], f"method.{key}.")))
     for key in plain:
         owners = [name for name, cls in SECTIONS.items() if key in {f.name for f in dataclasses.fields(cls)}]
-        check(key in ("name", "rounds") or not owners, f"unknown key 'method.{key}' (did you mean method.{owners[0] if owners else ''}.{key}?)")
+        check(
+            key in ("name", "rounds") or not owners,
+            f"unknown key 'method.{key}' (did you mean method.{owners[0] if owners else ''}.{key}?)",
+        )
     return _build(MethodConfig, plain, "method.", extra=tuple(SECTIONS), sections=tuple(sections))
 
 

@@ -96,4 +96,6 @@ def simulated_budgets(cfg: Config, full_peak: int) -> list[int]:
 def make_clients(cfg: Config, splits: DataSplits, full_peak: int) -> list[Client]:
     """Partition the training set, split each shard into train/val, and give each client a budget."""
     shards, budgets = client_shards(cfg, splits), simulated_budgets(cfg, full_peak)
-    return [Client(cid, train, val, budget) for cid, ((train, val), budget) in enumerate(zip(shards, budgets))]
+    return [
+        Client(cid, train, val, budget) for cid, ((train, val), budget) in enumerate(zip(shards, budgets, strict=True))
+    ]

@@ -79,7 +79,9 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        inputs = {
+            t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
+        }
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:  # views are not new memory
                 self._track(t.untyped_storage())
@@ -130,7 +132,11 @@ def estimate(net: StageNet, plan: StagePlan, batch_size: int, loss: StepLoss) ->
 
 
 def _peak_from_profile(prof: profile) -> int:
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    events = [
+        e
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    ]
     events.sort(key=lambda e: e.start_ns())
     live = peak = 0
     for e in events:
@@ -139,7 +145,9 @@ def _peak_from_profile(prof: profile) -> int:
     return peak
 
 
-def measure(net: StageNet, plan: StagePlan, batch_size: int, loss: StepLoss, *, device: str = "cpu", steps: int = 2) -> int:
+def measure(
+    net: StageNet, plan: StagePlan, batch_size: int, loss: StepLoss, *, device: str = "cpu", steps: int = 2
+) -> int:
     """The real peak bytes of `steps` training steps of a client that received only its tensors.
 
     Runs in a fresh process: the CPU profiler's memory events are only complete in a process's

@@ -17,7 +17,14 @@ from neulite.models.zoo import build_model
 
 
 def memory_report(
-    model: str, batch_size: int, input_shape: tuple[int, ...], num_classes: int = 10, width: float = 1.0, blocks: int = 0, *, with_measurement: bool = True
+    model: str,
+    batch_size: int,
+    input_shape: tuple[int, ...],
+    num_classes: int = 10,
+    width: float = 1.0,
+    blocks: int = 0,
+    *,
+    with_measurement: bool = True,
 ) -> dict[str, Any]:
     """Per-stage NeuLite peaks (Mentor and Harmonizer on) next to full-model training, estimated and measured."""
     cfg = Config(model=ModelConfig(name=model, width=width, blocks=blocks), train=TrainConfig(batch_size=batch_size))
@@ -30,7 +37,9 @@ def memory_report(
     for plan in method.plans():
         est = method.memory(plan)
         real = measure(net, plan, batch_size, method.loss(method.task_config(plan))) if with_measurement else None
-        rows.append({"stage": plan.stage, "estimated_bytes": est.total, "measured_bytes": real, "breakdown": est.as_dict()})
+        rows.append(
+            {"stage": plan.stage, "estimated_bytes": est.total, "measured_bytes": real, "breakdown": est.as_dict()}
+        )
     full = {"stage": 0, "estimated_bytes": full_est.total, "measured_bytes": full_real, "breakdown": full_est.as_dict()}
     for r in [full, *rows]:
         r["estimate_error"] = None if r["measured_bytes"] is None else r["estimated_bytes"] / r["measured_bytes"] - 1.0
@@ -48,5 +57,7 @@ def memory_report(
         "stages": rows,
         "worst_stage_fraction": worst,
         "reduction_percent": 100.0 * (1.0 - worst),
-        "measured_with": "torch.profiler allocator events, fresh process, 2 training steps" if with_measurement else None,
+        "measured_with": "torch.profiler allocator events, fresh process, 2 training steps"
+        if with_measurement
+        else None,
     }

@@ -83,7 +83,13 @@ class ResultsDir:
             raise NeuliteError(f"corrupted checkpoint {self.checkpoint_path}: missing 'round' or 'simulation'")
         return state
 
-    def finish(self, rows: list[dict[str, Any]], model: torch.nn.Module, summary: dict[str, Any], memory_rows: list[dict[str, Any]]) -> None:
+    def finish(
+        self,
+        rows: list[dict[str, Any]],
+        model: torch.nn.Module,
+        summary: dict[str, Any],
+        memory_rows: list[dict[str, Any]],
+    ) -> None:
         torch.save(model.state_dict(), self.path / "model.pt")
         if rows:
             with (self.path / "metrics.csv").open("w", newline="") as f:
@@ -105,8 +111,8 @@ def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> None:
     points = [(r["round"], r["accuracy"]) for r in rows if not math.isnan(r["accuracy"])]
     fig, ax = plt.subplots(figsize=(7, 4))
     if points:
-        ax.plot(*zip(*points), marker=".", label="stage model")
-    for prev, cur in zip(rows, rows[1:]):
+        ax.plot(*zip(*points, strict=True), marker=".", label="stage model")
+    for prev, cur in zip(rows, rows[1:], strict=False):
         if cur["stage"] != prev["stage"]:
             ax.axvline(cur["round"] - 0.5, color="grey", linestyle=":", linewidth=1)
     ax.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1), title="accuracy per round (dotted: stage change)")
@@ -161,7 +167,9 @@ class RunLog:
         row = record.as_dict()
         self.rows.append(row)
         self.folder.append_metrics(row)
-        self.folder.save_checkpoint({"round": record.round, "wall_seconds": time.perf_counter() - self.start, "simulation": server.state_dict()})
+        self.folder.save_checkpoint(
+            {"round": record.round, "wall_seconds": time.perf_counter() - self.start, "simulation": server.state_dict()}
+        )
         if not self.console.is_terminal:  # a log file gets one line per round instead of progress bars
             stage = "full model" if record.stage == FULL_MODEL else f"stage {record.stage}"
             self.console.print(
@@ -170,7 +178,9 @@ class RunLog:
                 soft_wrap=True,
             )
 
-    def finish(self, server: Server, final: tuple[float, float], validation_accuracy: float, **extra: Any) -> dict[str, Any]:
+    def finish(
+        self, server: Server, final: tuple[float, float], validation_accuracy: float, **extra: Any
+    ) -> dict[str, Any]:
         """Write the model, metrics table, plots and summary.json; returns the summary."""
         rows, method = self.rows, server.method
         budgets = server.budgets.values()
@@ -207,6 +217,8 @@ def summary_table(summary: dict[str, Any]) -> Table:
     table.add_row("clients that took part", f"{summary['participation']:.0%} of {summary['num_clients']}")
     table.add_row("clients that fit full-model training", f"{summary['full_model_clients']:.0%}")
     for row in summary["stages"]:
-        table.add_row(f"peak memory, {row['label']}", f"{row['estimated_bytes'] / MIB:.1f} MiB ({row['clients_fit']} clients fit)")
+        table.add_row(
+            f"peak memory, {row['label']}", f"{row['estimated_bytes'] / MIB:.1f} MiB ({row['clients_fit']} clients fit)"
+        )
     table.add_row("bytes down / up", f"{summary['bytes_down'] / MIB:.1f} / {summary['bytes_up'] / MIB:.1f} MiB")
     return table

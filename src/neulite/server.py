@@ -102,7 +102,9 @@ class Server:
     def fitting_clients(self) -> list[int]:
         """The clients that fit at least one stage: the only ones ever sent work (or asked to validate)."""
         plans = self.method.plans()
-        return [cid for cid, budget in self.budgets.items() if any(self.method.assign(p, budget) is not None for p in plans)]
+        return [
+            cid for cid, budget in self.budgets.items() if any(self.method.assign(p, budget) is not None for p in plans)
+        ]
 
     def check_feasible(self) -> None:
         """Fail before training if some stage has no client that can hold it."""
@@ -124,7 +126,10 @@ class Server:
         eligible = self.eligible(plan)
         k = min(self.cfg.clients.per_round, len(eligible))
         chosen = [eligible[i] for i in sorted(self._rng.choice(len(eligible), size=k, replace=False))]
-        tasks = {cid: self.method.configure_train(number, plan, level, client_seed(self.cfg.seed, number, cid)) for cid, level in chosen}
+        tasks = {
+            cid: self.method.configure_train(number, plan, level, client_seed(self.cfg.seed, number, cid))
+            for cid, level in chosen
+        }
         return Round(number, plan, len(eligible), tasks, started)
 
     def aggregate(self, configured: Round, results: Mapping[int, ClientResult], test: TensorDataset) -> RoundRecord:
@@ -144,10 +149,21 @@ class Server:
         weights = [r.num_examples for r in results.values()]
         train_loss = float(np.average([r.metrics["train_loss"] for r in results.values()], weights=weights))
         return RoundRecord(
-            number, plan.stage, configured.eligible, len(results), acc, loss, train_loss,
-            sum(nbytes(t.arrays) for t in configured.tasks.values()), sum(nbytes(r.arrays) for r in results.values()),
-            time.perf_counter() - configured.started, self.method.memory(plan).total,
-            max((r.metrics["train_seconds"] for r in results.values() if "train_seconds" in r.metrics), default=float("nan")),
+            number,
+            plan.stage,
+            configured.eligible,
+            len(results),
+            acc,
+            loss,
+            train_loss,
+            sum(nbytes(t.arrays) for t in configured.tasks.values()),
+            sum(nbytes(r.arrays) for r in results.values()),
+            time.perf_counter() - configured.started,
+            self.method.memory(plan).total,
+            max(
+                (r.metrics["train_seconds"] for r in results.values() if "train_seconds" in r.metrics),
+                default=float("nan"),
+            ),
         )
 
     def evaluate(self, plan: StagePlan, data: TensorDataset) -> tuple[float, float]:
@@ -168,7 +184,14 @@ class Server:
             label = "full" if plan.full else f"stage {plan.stage}"
             rows.append({"label": label, "stage": plan.stage, "estimated_bytes": peak, "clients_fit": self._fit(peak)})
         if not any(r["label"] == "full" for r in rows):
-            rows.append({"label": "full", "stage": 0, "estimated_bytes": self.full_peak, "clients_fit": self._fit(self.full_peak)})
+            rows.append(
+                {
+                    "label": "full",
+                    "stage": 0,
+                    "estimated_bytes": self.full_peak,
+                    "clients_fit": self._fit(self.full_peak),
+                }
+            )
         return rows
 
     def _fit(self, peak: int) -> int:
@@ -176,8 +199,10 @@ class Server:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "net": self.method.net.state_dict(), "method": self.method.state_dict(),
-            "rng": self._rng.bit_generator.state, "participated": sorted(self.participated),
+            "net": self.method.net.state_dict(),
+            "method": self.method.state_dict(),
+            "rng": self._rng.bit_generator.state,
+            "participated": sorted(self.participated),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -75,7 +75,9 @@ class Simulation:
         return correct / sum(len(val) for val in vals)
 
 
-def run_experiment(cfg: Config, out: str | Path, *, resume: bool = False, console: Console | None = None) -> dict[str, Any]:
+def run_experiment(
+    cfg: Config, out: str | Path, *, resume: bool = False, console: Console | None = None
+) -> dict[str, Any]:
     """Run (or, with `resume`, continue from its checkpoint) an experiment; returns the summary."""
     console = console or Console(quiet=True)
     sim = Simulation(cfg)  # everything is built and checked before the results folder is touched
@@ -83,8 +85,13 @@ def run_experiment(cfg: Config, out: str | Path, *, resume: bool = False, consol
     run.resume(sim.server)
     rounds = cfg.method.rounds
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=console, transient=True,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
     ) as progress:
         round_bar = progress.add_task("rounds", total=rounds, completed=run.first_round - 1)
         client_bar = progress.add_task("clients", total=cfg.clients.per_round)

@@ -144,7 +144,9 @@ class Method(ABC):
         """The deployable model as a task for clients to validate on their own data."""
         plan = self.final_plan()
         state = self.net.state_dict()
-        return ClientTask(0, plan, {name: state[name] for name in self.net.down_names(plan)}, config={"level": self.final_level()})
+        return ClientTask(
+            0, plan, {name: state[name] for name in self.net.down_names(plan)}, config={"level": self.final_level()}
+        )
 
     def client_evaluate(self, task: ClientTask, data: TensorDataset) -> tuple[float, float]:
         """The client half of validation: (accuracy, loss) of `evaluation_task`'s model on `data`."""

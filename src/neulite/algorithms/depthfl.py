@@ -119,7 +119,9 @@ class DepthFL(Method):
         self.trained_depth = 1
 
     def loss(self, config: Mapping[str, ConfigValue]) -> StepLoss:
-        return functools.partial(depthfl_step_loss, kd_weight=self.options.kd_weight, temperature=self.options.temperature)
+        return functools.partial(
+            depthfl_step_loss, kd_weight=self.options.kd_weight, temperature=self.options.temperature
+        )
 
     def final_plan(self) -> StagePlan:
         return DepthPlan(self.trained_depth, self.net.num_stages)

@@ -65,7 +65,7 @@ def bn_statistics(model: nn.Module, data: TensorDataset, batch_size: int = 500) 
         return stats
     finally:
         static_bn(model)
-        for bn, momentum in zip(norms.values(), momenta):
+        for bn, momentum in zip(norms.values(), momenta, strict=True):
             bn.momentum = momentum
         model.train(was_training)
 
@@ -145,7 +145,9 @@ class HeteroFL(Method):
     def configure_train(self, rnd: int, plan: StagePlan, level: int, seed: int) -> ClientTask:
         sub = self.client_net(level)
         shapes = {name: sub.get_parameter_or_buffer(name).shape for name in sub.down_names(plan)}
-        return ClientTask(rnd, plan, extract(self.net.state_dict(), shapes, self.window_start(rnd)), seed, {"level": level})
+        return ClientTask(
+            rnd, plan, extract(self.net.state_dict(), shapes, self.window_start(rnd)), seed, {"level": level}
+        )
 
     def aggregate_train(self, rnd: int, plan: StagePlan, results: Sequence[ClientResult]) -> None:
         assign_arrays(self.net, scatter_average(self.net.state_dict(), results, self.window_start(rnd)))
@@ -157,7 +159,11 @@ class HeteroFL(Method):
 
     def calibration_spec(self) -> Spec:
         norms = [(name, m) for name, m in self.client_net(0).model.named_modules() if isinstance(m, _NORMS)]
-        return {f"{name}.{kind}": ((m.num_features,), torch.float32) for name, m in norms for kind in ("mean", "second_moment")}
+        return {
+            f"{name}.{kind}": ((m.num_features,), torch.float32)
+            for name, m in norms
+            for kind in ("mean", "second_moment")
+        }
 
     def client_calibrate(self, task: ClientTask, data: TensorDataset) -> ClientResult:
         net = self.client_net(0)
@@ -169,6 +175,8 @@ class HeteroFL(Method):
 
     def evaluate(self, plan: StagePlan, data: TensorDataset) -> tuple[float, float]:
         if self._statistics is None:
-            raise RuntimeError("HeteroFL.evaluate needs calibrate() first: BatchNorm statistics come from the clients' data")
+            raise RuntimeError(
+                "HeteroFL.evaluate needs calibrate() first: BatchNorm statistics come from the clients' data"
+            )
         with pooled_statistics(self.net.model, self._statistics):
             return evaluate(self.net, plan, data)

@@ -49,11 +49,15 @@ def local_update(
                 x = random_crop_flip(x, generator=generator)
             value = loss(net, plan, x, y)
             if not math.isfinite(value.item()):
-                raise NeuliteError(f"training diverged at round {task.round}, stage {plan.stage}: loss is {value.item()} (lower train.lr)")
+                raise NeuliteError(
+                    f"training diverged at round {task.round}, stage {plan.stage}: loss is {value.item()} (lower train.lr)"
+                )
             value.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)  # free gradients before the next forward
             total_loss += value.item()
             steps += 1
     arrays = extract_arrays(net, net.up_names(plan))
-    return ClientResult(arrays, n, {"train_loss": total_loss / max(steps, 1), "train_seconds": time.perf_counter() - started})
+    return ClientResult(
+        arrays, n, {"train_loss": total_loss / max(steps, 1), "train_seconds": time.perf_counter() - started}
+    )

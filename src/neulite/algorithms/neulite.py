@@ -117,10 +117,14 @@ class NeuLite(Method):
         self.lambda1 = tuple(m.lambda_scale * v for v in (m.lambda1 or curriculum(DEFAULT_LAMBDA1, t)))
         self.lambda2 = tuple(m.lambda_scale * v for v in (m.lambda2 or curriculum(DEFAULT_LAMBDA2, t)))
         if len(self.lambda1) != t or len(self.lambda2) != t:
-            raise NeuliteError(f"bad config: method.neulite.lambda1 and method.neulite.lambda2 need {t} values (one per block), got {len(self.lambda1)} and {len(self.lambda2)}")
+            raise NeuliteError(
+                f"bad config: method.neulite.lambda1 and method.neulite.lambda2 need {t} values (one per block), got {len(self.lambda1)} and {len(self.lambda2)}"
+            )
         if m.stage_rounds:
             if len(m.stage_rounds) != t:
-                raise NeuliteError(f"bad config: method.neulite.stage_rounds needs {t} values (one per block), got {len(m.stage_rounds)}")
+                raise NeuliteError(
+                    f"bad config: method.neulite.stage_rounds needs {t} values (one per block), got {len(m.stage_rounds)}"
+                )
             self.stage_rounds = list(m.stage_rounds)
         else:
             sizes = [sum(p.numel() for p in b.parameters()) for b in net.model.blocks]
@@ -129,7 +133,9 @@ class NeuLite(Method):
         self._started = 1  # the latest stage begun (checkpointed: a resumed run must not warm-start twice)
 
     def _plan(self, stage: int) -> StagePlan:
-        return self.net.plan(stage, harmonize=self.harmonizer, mentor=self.mentor, bn_drift=self.options.frozen_bn_drift)
+        return self.net.plan(
+            stage, harmonize=self.harmonizer, mentor=self.mentor, bn_drift=self.options.frozen_bn_drift
+        )
 
     def plan(self, rnd: int) -> StagePlan:
         t = self.net.num_stages
@@ -147,7 +153,9 @@ class NeuLite(Method):
         return {"lambda1": self.lambda1[plan.stage - 1], "lambda2": self.lambda2[plan.stage - 1]}
 
     def loss(self, config: Mapping[str, ConfigValue]) -> StepLoss:
-        return functools.partial(neulite_loss, lambda1=float(config["lambda1"]), lambda2=float(config["lambda2"]), sigma=self.options.sigma)
+        return functools.partial(
+            neulite_loss, lambda1=float(config["lambda1"]), lambda2=float(config["lambda2"]), sigma=self.options.sigma
+        )
 
     def summary(self) -> dict[str, Any]:
         return {"lambda1": list(self.lambda1), "lambda2": list(self.lambda2)}

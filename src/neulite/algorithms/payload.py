@@ -77,7 +77,9 @@ def check_result(result: ClientResult, spec: dict[str, tuple[tuple[int, ...], to
     for name, (shape, dtype) in spec.items():
         value = result.arrays[name]
         if tuple(value.shape) != shape or value.dtype != dtype:
-            raise NeuliteError(f"malformed reply: {name!r} is {value.dtype}{list(value.shape)}, expected {dtype}{list(shape)}")
+            raise NeuliteError(
+                f"malformed reply: {name!r} is {value.dtype}{list(value.shape)}, expected {dtype}{list(shape)}"
+            )
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise NeuliteError(f"malformed reply: {name!r} holds NaN or Inf")
     if not result.num_examples > 0:

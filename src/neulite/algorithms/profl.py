@@ -55,8 +55,17 @@ class ProFL(NeuLite):
 
     def __init__(self, net: StageNet, cfg: Config) -> None:
         p: ProFLOptions = cfg.method.section("profl")
-        super().__init__(net, cfg, schedule="sequential", stage_rounds=(), stage_split="equal", mentor=False, harmonizer=False,
-                         frozen_bn_drift=False, inherit_outputs=p.inherit_outputs)
+        super().__init__(
+            net,
+            cfg,
+            schedule="sequential",
+            stage_rounds=(),
+            stage_split="equal",
+            mentor=False,
+            harmonizer=False,
+            frozen_bn_drift=False,
+            inherit_outputs=p.inherit_outputs,
+        )
         share = stage_round_budget(cfg.method.rounds, [1.0] * net.num_stages)
         self.window, self.threshold = p.window, p.threshold
         self.cap = [2 * s for s in share]
@@ -95,7 +104,14 @@ class ProFL(NeuLite):
             self._starts, self._steps = [], []
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "stage": self.stage, "in_stage": self.in_stage, "done": self.done, "starts": self._starts, "steps": self._steps}
+        return {
+            **super().state_dict(),
+            "stage": self.stage,
+            "in_stage": self.in_stage,
+            "done": self.done,
+            "starts": self._starts,
+            "steps": self._steps,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from neulite.algorithms.payload import ClientResult
-from neulite.models.arrays import Arrays
 from neulite.config import Config
+from neulite.models.arrays import Arrays
 from neulite.models.stage_net import StageNet
 from neulite.models.zoo import build_model
 
@@ -22,7 +22,9 @@ WIDTHS = (1.0, 1 / 2, 1 / 4, 1 / 8, 1 / 16)  # capacity levels, widest first
 def width_net(cfg: Config, like: StageNet, width: float) -> StageNet:
     """The configured zoo model at `width` times the configured width, for `like`'s inputs and classes."""
     model = like.model
-    return StageNet(build_model(cfg.model.name, model.input_shape, model.num_classes, cfg.model.width * width, cfg.model.blocks))
+    return StageNet(
+        build_model(cfg.model.name, model.input_shape, model.num_classes, cfg.model.width * width, cfg.model.blocks)
+    )
 
 
 def window(full: int, size: int, offset: int) -> torch.Tensor:
@@ -35,7 +37,10 @@ def window(full: int, size: int, offset: int) -> torch.Tensor:
 def _grid(full: torch.Size, sub: torch.Size, offset: int) -> tuple[torch.Tensor, ...]:
     """Broadcastable per-dimension indices: `t[grid]` is the sub-tensor at their cross product."""
     d = len(full)
-    return tuple(window(f, s, offset).view([-1 if j == i else 1 for j in range(d)]) for i, (f, s) in enumerate(zip(full, sub)))
+    return tuple(
+        window(f, s, offset).view([-1 if j == i else 1 for j in range(d)])
+        for i, (f, s) in enumerate(zip(full, sub, strict=True))
+    )
 
 
 def extract(state: Arrays, shapes: dict[str, torch.Size], offset: int) -> Arrays:

@@ -102,7 +102,9 @@ def load_dataset(name: str, root: str | None = None, seed: int = 0) -> DataSplit
 def subsample(data: TensorDataset, size: int, seed: int) -> TensorDataset:
     """`size` samples of `data` with each class's share kept: a big data set at a small one's cost."""
     if size > len(data):
-        raise NeuliteError(f"bad config: data.train_size = {size} exceeds the {len(data)} training samples of this data set")
+        raise NeuliteError(
+            f"bad config: data.train_size = {size} exceeds the {len(data)} training samples of this data set"
+        )
     _, chosen = _stratified_split(data.y.numpy(), size, seed)
     idx = torch.from_numpy(chosen)
     return TensorDataset(data.x[idx], data.y[idx], data.num_classes)
@@ -188,7 +190,8 @@ def _read_idx_pair(folder: Path, images: str, labels: str) -> tuple[np.ndarray, 
 def _read_idx(path: Path, ndim: int) -> np.ndarray:
     """A gzipped IDX file of unsigned bytes: magic 0x0000 08 <ndim>, then ndim big-endian uint32 sizes."""
     try:
-        raw = gzip.open(path).read()
+        with gzip.open(path) as f:
+            raw = f.read()
     except (OSError, EOFError) as e:
         raise NeuliteError(f"corrupt IDX file {path}: {e}") from e
     header = 4 + 4 * ndim
@@ -218,7 +221,7 @@ def _stratified_split(labels: np.ndarray, n_test: int, seed: int) -> tuple[np.nd
     quota = counts * n_test / len(labels)
     take = np.floor(quota).astype(int)
     take[np.argsort(-(quota - take), kind="stable")[: n_test - take.sum()]] += 1
-    test = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]
+    test = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take, strict=True)]
     test_idx = np.sort(np.concatenate(test))
     return np.setdiff1d(np.arange(len(labels)), test_idx), test_idx
 

@@ -82,8 +82,7 @@ def _shards(labels: np.ndarray, num_clients: int, per_client: int, rng: np.rando
     total = num_clients * per_client
     if per_client < 1 or total > len(labels):
         raise NeuliteError(
-            f"partition: shards_per_client={per_client} x {num_clients} clients = {total} shards; "
-            f"need 1..{len(labels)}"
+            f"partition: shards_per_client={per_client} x {num_clients} clients = {total} shards; need 1..{len(labels)}"
         )
     if total < len(classes):
         raise NeuliteError(
@@ -95,7 +94,7 @@ def _shards(labels: np.ndarray, num_clients: int, per_client: int, rng: np.rando
     for _ in range(total - len(classes)):
         shards_of[np.argmax(counts / shards_of)] += 1
     shards: list[np.ndarray] = []
-    for c, k in zip(classes, shards_of):
+    for c, k in zip(classes, shards_of, strict=True):
         shards += np.array_split(rng.permutation(np.flatnonzero(labels == c)), k)
     owner = rng.permutation(total).reshape(num_clients, per_client)
     return [np.concatenate([shards[s] for s in row]) for row in owner]
@@ -124,8 +123,7 @@ def _enforce_min_size(
             parts[donor] = np.delete(parts[donor], take)
             moved += k
     warnings.warn(
-        f"partition: moved {moved} samples from the largest clients to {len(small)} clients below "
-        f"min_size={min_size}",
+        f"partition: moved {moved} samples from the largest clients to {len(small)} clients below min_size={min_size}",
         stacklevel=3,
     )
 

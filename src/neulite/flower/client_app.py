@@ -51,7 +51,9 @@ class Node:
 def partition_id(context: Context, cfg: Config) -> int:
     pid = context.node_config.get("partition-id")
     if not isinstance(pid, int) or not 0 <= pid < cfg.data.num_clients:
-        raise NeuliteError(f"node config partition-id must be an integer in [0, {cfg.data.num_clients}) (data.num_clients), got {pid!r}")
+        raise NeuliteError(
+            f"node config partition-id must be an integer in [0, {cfg.data.num_clients}) (data.num_clients), got {pid!r}"
+        )
     return pid
 
 
@@ -91,7 +93,9 @@ def make_client_app(run_config: dict[str, Any] | None = None) -> ClientApp:
         cfg, node = node_of(context)
         full_peak = int(msg.content.config_records["config"]["full-peak"])
         budget, source = node_budget(context, cfg, node.cid, full_peak)
-        reply = ConfigRecord({"partition-id": node.cid, "budget-bytes": budget, "budget-source": source, "num-examples": len(node.train)})
+        reply = ConfigRecord(
+            {"partition-id": node.cid, "budget-bytes": budget, "budget-source": source, "num-examples": len(node.train)}
+        )
         return Message(RecordDict({"profile": reply}), reply_to=msg)
 
     @app.query("calibrate")

@@ -60,6 +60,8 @@ def parse_run_config(run_config: dict[str, Any]) -> tuple[Config, DriverSettings
                 raise NeuliteError(f"bad run config: {key} must be true or false, got {value!r}")
             settings[fields[key].name] = value
         else:
-            raise NeuliteError(f"bad run config: unknown key {key!r} (neulite config keys like method.rounds, or {', '.join(sorted(fields))})")
+            raise NeuliteError(
+                f"bad run config: unknown key {key!r} (neulite config keys like method.rounds, or {', '.join(sorted(fields))})"
+            )
     driver = DriverSettings(**settings)
     return load_config(driver.config_file or None, overrides), driver

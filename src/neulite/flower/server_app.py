@@ -48,7 +48,9 @@ def run(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     run_log = RunLog(cfg, driver.out, resume=driver.resume, console=Console(force_terminal=False, soft_wrap=True))
     run_log.resume(server)
     strategy = NeuliteStrategy(server, nodes, experiment.splits.test, run_log.record, run_log.first_round)
-    strategy.start(grid, ArrayRecord(), num_rounds=cfg.method.rounds - run_log.first_round + 1, timeout=driver.round_timeout)
+    strategy.start(
+        grid, ArrayRecord(), num_rounds=cfg.method.rounds - run_log.first_round + 1, timeout=driver.round_timeout
+    )
     final = server.evaluate(experiment.method.final_plan(), experiment.splits.test)
     return run_log.finish(server, final, strategy.validation_accuracy, driver="flower", nodes=len(found))
 

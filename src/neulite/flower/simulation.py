@@ -22,7 +22,9 @@ def run_config_for(cfg: Config, out: str | Path, *, resume: bool = False) -> dic
     return {"config-file": str(config_file), "out": str(out), "resume": resume}
 
 
-def simulate(cfg: Config, out: str | Path, *, resume: bool = False, num_cpus_per_node: float = 1.0, verbose: bool = False) -> dict[str, Any]:
+def simulate(
+    cfg: Config, out: str | Path, *, resume: bool = False, num_cpus_per_node: float = 1.0, verbose: bool = False
+) -> dict[str, Any]:
     """Run `cfg` on Flower's Ray simulation engine with one supernode per client; returns the summary.
 
     The config travels as a TOML file named in the run config (what `flwr run` would pass), so the
@@ -33,8 +35,11 @@ def simulate(cfg: Config, out: str | Path, *, resume: bool = False, num_cpus_per
     run_config = run_config_for(cfg, out, resume=resume)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     run_simulation(
-        make_server_app(run_config), make_client_app(run_config), num_supernodes=cfg.data.num_clients,
-        backend_config={"client_resources": {"num_cpus": num_cpus_per_node, "num_gpus": 0.0}}, verbose_logging=verbose,
+        make_server_app(run_config),
+        make_client_app(run_config),
+        num_supernodes=cfg.data.num_clients,
+        backend_config={"client_resources": {"num_cpus": num_cpus_per_node, "num_gpus": 0.0}},
+        verbose_logging=verbose,
     )
     summary = Path(out) / "summary.json"
     if not summary.is_file():

@@ -47,7 +47,9 @@ def profile_nodes(grid: Grid, full_peak: int, *, min_nodes: int, wait: float) ->
             raise NeuliteError(f"only {len(nodes)} of {min_nodes} nodes connected within {wait:.0f} s (node-wait)")
         time.sleep(1.0)
     query = RecordDict({"config": ConfigRecord({"full-peak": full_peak})})
-    replies = grid.send_and_receive([Message(query, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes], timeout=wait)
+    replies = grid.send_and_receive(
+        [Message(query, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes], timeout=wait
+    )
     found: dict[int, tuple[int, int]] = {}
     for reply in replies:
         node = reply.metadata.src_node_id
@@ -62,9 +64,13 @@ def profile_nodes(grid: Grid, full_peak: int, *, min_nodes: int, wait: float) ->
             log.warning("node %d left out: partition %d is already held by node %d", node, cid, found[cid][0])
         else:
             found[cid] = (node, budget)
-            log.info("node %d: partition %d, budget %.1f MiB (%s)", node, cid, budget / MIB, profile.get("budget-source"))
+            log.info(
+                "node %d: partition %d, budget %.1f MiB (%s)", node, cid, budget / MIB, profile.get("budget-source")
+            )
     if len(found) < min_nodes:
-        raise NeuliteError(f"only {len(found)} of {min_nodes} nodes answered the profiling query; stopping before training")
+        raise NeuliteError(
+            f"only {len(found)} of {min_nodes} nodes answered the profiling query; stopping before training"
+        )
     return dict(sorted(found.items()))
 
 
@@ -115,8 +121,13 @@ class NeuliteStrategy(Strategy):
     """
 
     def __init__(
-        self, server: Server, nodes: dict[int, int], test: TensorDataset,
-        on_round: Callable[[RoundRecord, Server], None], first_round: int = 1, validate: bool = True,
+        self,
+        server: Server,
+        nodes: dict[int, int],
+        test: TensorDataset,
+        on_round: Callable[[RoundRecord, Server], None],
+        first_round: int = 1,
+        validate: bool = True,
     ) -> None:
         self.server, self.nodes, self.test = server, nodes, test
         self.cids = {node: cid for cid, node in nodes.items()}
@@ -126,14 +137,26 @@ class NeuliteStrategy(Strategy):
 
     def summary(self) -> None:
         m = self.server.method
-        log.info("neulite %s: %d nodes, %d per round, stages %s", self.server.cfg.method.name, len(self.nodes), self.server.cfg.clients.per_round,
-                 [p.stage for p in m.plans()])
+        log.info(
+            "neulite %s: %d nodes, %d per round, stages %s",
+            self.server.cfg.method.name,
+            len(self.nodes),
+            self.server.cfg.clients.per_round,
+            [p.stage for p in m.plans()],
+        )
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         self.round = self.server.configure(server_round + self.rounds_before)
-        return [Message(encode_task(task), dst_node_id=self.nodes[cid], message_type=MessageType.TRAIN) for cid, task in self.round.tasks.items()]
+        return [
+            Message(encode_task(task), dst_node_id=self.nodes[cid], message_type=MessageType.TRAIN)
+            for cid, task in self.round.tasks.items()
+        ]
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check each reply against its task; aggregate the usable ones (the global model lives in the method)."""
         rnd = self.round
         if rnd is None:
@@ -154,13 +177,20 @@ class NeuliteStrategy(Strategy):
             log.warning("round %d: no usable reply from partitions %s", rnd.number, silent)
         record = self.server.aggregate(rnd, results, self.test)
         self.on_round(record, self.server)
-        return None, MetricRecord({"train_loss": record.train_loss, "participants": record.participants, "accuracy": record.accuracy})
+        return None, MetricRecord(
+            {"train_loss": record.train_loss, "participants": record.participants, "accuracy": record.accuracy}
+        )
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         if not self.validate or server_round + self.rounds_before != self.server.cfg.method.rounds:
             return []
         record = encode_task(self.server.method.evaluation_task())
-        return [Message(record, dst_node_id=self.nodes[cid], message_type=MessageType.EVALUATE) for cid in self.server.fitting_clients()]
+        return [
+            Message(record, dst_node_id=self.nodes[cid], message_type=MessageType.EVALUATE)
+            for cid in self.server.fitting_clients()
+        ]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Validation accuracy of the deployable model, weighted by the nodes' validation sizes."""

@@ -21,7 +21,10 @@ from neulite.models.stage_net import StagePlan
 
 
 def encode_plan(plan: StagePlan) -> dict[str, int | bool | str]:
-    return {"plan-type": type(plan).__name__, **{f"plan-{f.name}": getattr(plan, f.name) for f in dataclasses.fields(plan)}}
+    return {
+        "plan-type": type(plan).__name__,
+        **{f"plan-{f.name}": getattr(plan, f.name) for f in dataclasses.fields(plan)},
+    }
 
 
 def decode_plan(config: ConfigRecord) -> StagePlan:
@@ -39,9 +42,13 @@ def _arrays(record: RecordDict) -> Arrays:
 
 def encode_task(task: ClientTask) -> RecordDict:
     config = ConfigRecord({"round": task.round, "seed": task.seed, **encode_plan(task.plan)})
-    return RecordDict({
-        "arrays": ArrayRecord(torch_state_dict=task.arrays), "config": config, "method-config": ConfigRecord(dict(task.config)),
-    })
+    return RecordDict(
+        {
+            "arrays": ArrayRecord(torch_state_dict=task.arrays),
+            "config": config,
+            "method-config": ConfigRecord(dict(task.config)),
+        }
+    )
 
 
 def decode_task(record: RecordDict) -> ClientTask:

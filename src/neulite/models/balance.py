@@ -47,7 +47,10 @@ def unit_costs(model: BlockModel, pieces: Sequence[nn.Module], batch_size: int) 
             counter.section = i
             x = piece(x)
     model.train(was_training)
-    return [counter.bytes[i] + 3 * sum(p.numel() * p.element_size() for p in piece.parameters()) for i, piece in enumerate(pieces)]
+    return [
+        counter.bytes[i] + 3 * sum(p.numel() * p.element_size() for p in piece.parameters())
+        for i, piece in enumerate(pieces)
+    ]
 
 
 def balanced_cuts(costs: Sequence[int], num_blocks: int) -> list[int]:
@@ -79,7 +82,7 @@ def split_at(model: BlockModel, cuts: Sequence[int]) -> BlockModel:
     """The same modules (and weights) regrouped into blocks ending at `cuts`."""
     pieces = units(model)
     bounds = [0, *cuts, len(pieces)]
-    blocks = [nn.Sequential(*pieces[a:b]) for a, b in zip(bounds, bounds[1:])]
+    blocks = [nn.Sequential(*pieces[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
     return BlockModel(blocks, model.head, model.input_shape, model.num_classes)
 
 

@@ -115,7 +115,11 @@ def tail_modules(block: nn.Module) -> list[str]:
     The Harmonizer keeps these trainable at the next stage so that block t's gradient reaches
     into block t-1.
     """
-    leaves = [(n, m) for n, m in block.named_modules() if n and not list(m.children()) and any(True for _ in m.parameters(recurse=False))]
+    leaves = [
+        (n, m)
+        for n, m in block.named_modules()
+        if n and not list(m.children()) and any(True for _ in m.parameters(recurse=False))
+    ]
     for i in range(len(leaves) - 1, -1, -1):
         if isinstance(leaves[i][1], (nn.Conv1d, nn.Conv2d, nn.Linear)):
             return [n for n, _ in leaves[i:]]

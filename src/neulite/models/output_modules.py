@@ -33,7 +33,9 @@ def light_layer(in_shape: Sequence[int], out_shape: Sequence[int]) -> nn.Module:
         return nn.Sequential(*layers)
     in_features = in_shape[0] if len(in_shape) == 1 else int(torch.Size(in_shape).numel())
     flatten: list[nn.Module] = [nn.Flatten()] if len(in_shape) != 1 else []
-    return nn.Sequential(*flatten, nn.Linear(in_features, out_shape[0], bias=False), nn.BatchNorm1d(out_shape[0]), nn.ReLU())
+    return nn.Sequential(
+        *flatten, nn.Linear(in_features, out_shape[0], bias=False), nn.BatchNorm1d(out_shape[0]), nn.ReLU()
+    )
 
 
 class OutputModule(nn.Module):
@@ -64,7 +66,11 @@ class ProjectionHead(nn.Module):
         super().__init__()
         hidden, out_features = min(256, in_features), min(128, in_features)
         self.net = nn.Sequential(
-            nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, out_features)
+            nn.Linear(in_features, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, out_features),
         )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,6 @@ from torch import nn
 from neulite.models.blocks import BlockModel, tail_modules
 from neulite.models.output_modules import OutputModule, ProjectionHead
 
-
 FULL_MODEL = 0  # the `stage` of a plan that trains the whole model (plain FedAvg)
 
 
@@ -104,7 +103,11 @@ class StageNet(nn.Module):
         names = self.state_names(plan.trainable_modules(self))
         if plan.bn_drift:
             trained = set(names)
-            names += [k for k in self.state_names(plan.frozen_modules()) if k not in trained and not isinstance(self.get_parameter_or_buffer(k), nn.Parameter)]
+            names += [
+                k
+                for k in self.state_names(plan.frozen_modules())
+                if k not in trained and not isinstance(self.get_parameter_or_buffer(k), nn.Parameter)
+            ]
         return names
 
     def get_parameter_or_buffer(self, name: str) -> torch.Tensor:

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from neulite.errors import NeuliteError
-from neulite.models.blocks import BlockModel, ClassifierHead
 from neulite.models.balance import balanced_cuts, split_at, unit_costs, units
+from neulite.models.blocks import BlockModel, ClassifierHead
 
 MODEL_NAMES: tuple[str, ...] = ("small_cnn", "resnet18", "resnet34", "vgg11", "vgg16", "mobilenetv2")
 
@@ -47,7 +47,9 @@ def _init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def _conv_bn_act(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+def _conv_bn_act(
+    cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, act: type[nn.Module] = nn.ReLU
+) -> nn.Sequential:
     return nn.Sequential(
         OrderedDict(
             conv=nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False),
@@ -102,7 +104,7 @@ def _resnet(
     ch = _scaler(width)
     blocks: list[nn.Module] = []
     in_full = full_channels[0]
-    for stage, (n, planes_full) in enumerate(zip(layers, full_channels)):
+    for stage, (n, planes_full) in enumerate(zip(layers, full_channels, strict=True)):
         units = []
         for i in range(n):
             s = 2 if i == 0 and stage > 0 else 1
@@ -170,7 +172,15 @@ class InvertedResidual(nn.Module):
 
 
 # (t, c, n, s) for CIFAR: stride 1 in the stem and in the 24-channel stage
-_MBV2_SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+_MBV2_SETTINGS = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 1),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
 _MBV2_GROUPS = ((0, 1), (2,), (3, 4), (5, 6))  # settings indices per block, by resolution
 
 
@@ -185,8 +195,12 @@ def _mobilenetv2(input_shape: tuple[int, int, int], num_classes: int, width: flo
             hidden_full = in_full * t
             units.append(
                 InvertedResidual(
-                    ch(in_full), ch(hidden_full), ch(c), stride,
-                    expand=t != 1, residual=stride == 1 and in_full == c,
+                    ch(in_full),
+                    ch(hidden_full),
+                    ch(c),
+                    stride,
+                    expand=t != 1,
+                    residual=stride == 1 and in_full == c,
                 )
             )
             in_full = c
@@ -219,7 +233,9 @@ def _small_cnn(input_shape: tuple[int, int, int], num_classes: int, width: float
 # ------------------------------------------------------------------------------------------ entry
 
 
-def _finish(blocks: list[nn.Module], head: nn.Module, input_shape: tuple[int, int, int], num_classes: int) -> BlockModel:
+def _finish(
+    blocks: list[nn.Module], head: nn.Module, input_shape: tuple[int, int, int], num_classes: int
+) -> BlockModel:
     for b in blocks:
         _init_weights(b)
     return BlockModel(blocks, head, input_shape, num_classes)
@@ -235,7 +251,9 @@ _BUILDERS: dict[str, Callable[[tuple[int, int, int], int, float], BlockModel]] =
 }
 
 
-def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int, width: float = 1.0, blocks: int = 0) -> BlockModel:
+def build_model(
+    name: str, input_shape: tuple[int, int, int], num_classes: int, width: float = 1.0, blocks: int = 0
+) -> BlockModel:
     """Build the built-in network `name` for (C, H, W) inputs and `num_classes` classes.
 
     `width` scales every hidden channel count to max(1, round(c * width)). `blocks` = 0 gives one
@@ -244,8 +262,13 @@ def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int, 
     """
     if blocks:
         if not isinstance(blocks, int) or blocks < 1:
-            raise NeuliteError(f"model blocks must be 0 (one per resolution stage) or a positive integer, got {blocks!r}")
-        return split_at(build_model(name, input_shape, num_classes, width), _balanced_cuts(name, tuple(input_shape), num_classes, blocks))
+            raise NeuliteError(
+                f"model blocks must be 0 (one per resolution stage) or a positive integer, got {blocks!r}"
+            )
+        return split_at(
+            build_model(name, input_shape, num_classes, width),
+            _balanced_cuts(name, tuple(input_shape), num_classes, blocks),
+        )
     if not isinstance(name, str) or name not in _BUILDERS:
         raise NeuliteError(f"unknown model {name!r}: valid names are {', '.join(MODEL_NAMES)}")
     try:
