@@ -1,10 +1,12 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from neulite.cli import main
+from neulite.config import config_to_toml, load_config
 from neulite.simulation import Simulation
 
 TINY = ["data.num_clients=6", "clients.per_round=3", "train.local_epochs=1", "method.rounds=4"]
@@ -36,7 +38,7 @@ def test_end_to_end_run_learns_and_writes_the_results_folder(tmp_path: Path):
         assert (out / name).is_file(), name
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in rows] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
-    state = torch.load(out / "model.pt")
+    state = torch.load(out / "model.pt", weights_only=True)
     assert all(k.startswith(("blocks.", "head.")) for k in state), "only the deployable model, no scaffolding"
 
 
@@ -54,7 +56,10 @@ def test_resume_after_a_crash_gives_the_same_model(tmp_path: Path, monkeypatch: 
     assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 2
     monkeypatch.setattr(Simulation, "run_round", original)
     assert main(["run", "--quiet", "--resume", "--out", str(tmp_path / "b")]) == 0
-    a, b = torch.load(tmp_path / "a" / "model.pt"), torch.load(tmp_path / "b" / "model.pt")
+    a, b = (
+        torch.load(tmp_path / "a" / "model.pt", weights_only=True),
+        torch.load(tmp_path / "b" / "model.pt", weights_only=True),
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 4
 
@@ -64,7 +69,26 @@ def test_corrupted_checkpoint_is_a_clear_error(tmp_path: Path, capsys: pytest.Ca
     assert _run(out, [*TINY, "method.rounds=3"]) == 0
     (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
     assert main(["run", "--quiet", "--resume", "--out", str(out)]) == 2
-    assert "corrupted checkpoint" in capsys.readouterr().err
+    assert "corrupted or unsafe checkpoint" in capsys.readouterr().err
+
+
+class _Payload:
+    """Unpickling this runs a command: what a crafted checkpoint would do."""
+
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_a_crafted_checkpoint_is_refused_without_running_its_code(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "c"
+    out.mkdir()
+    (out / "config.toml").write_text(config_to_toml(load_config(overrides=TINY)))
+    torch.save({"round": 1, "simulation": _Payload()}, out / "checkpoint.pt")
+    assert main(["run", "--quiet", "--resume", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unsafe checkpoint" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "PWNED").exists()
 
 
 @pytest.mark.parametrize(

@@ -51,5 +51,8 @@ def test_every_method_runs_on_flower_as_in_process(tmp_path, monkeypatch, name: 
     ]
     for key in ("final_accuracy", "validation_accuracy", "participation", "peak_memory_bytes"):
         assert flower[key] == local[key], key
-    a, b = torch.load(tmp_path / "local" / "model.pt"), torch.load(tmp_path / "flower" / "model.pt")
+    a, b = (
+        torch.load(tmp_path / "local" / "model.pt", weights_only=True),
+        torch.load(tmp_path / "flower" / "model.pt", weights_only=True),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -75,10 +75,11 @@ class ResultsDir:
     def load_checkpoint(self) -> dict[str, Any] | None:
         if not self.checkpoint_path.is_file():
             return None
-        try:
-            state = torch.load(self.checkpoint_path, weights_only=False)
+        try:  # tensors and plain values only: a crafted checkpoint cannot run code
+            state = torch.load(self.checkpoint_path, weights_only=True)
         except Exception as exc:
-            raise NeuliteError(f"corrupted checkpoint {self.checkpoint_path}: {type(exc).__name__}: {exc}") from None
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise NeuliteError(f"corrupted or unsafe checkpoint {self.checkpoint_path}: {reason}") from None
         if not isinstance(state, dict) or not {"round", "simulation"} <= state.keys():
             raise NeuliteError(f"corrupted checkpoint {self.checkpoint_path}: missing 'round' or 'simulation'")
         return state
