@@ -1,9 +1,12 @@
+import functools
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from neulite.algorithms.neulite import neulite_loss
 from neulite.config import load_config
 from neulite.errors import NeuliteError
 from neulite.memory import estimate
@@ -62,7 +65,8 @@ def test_rebalanced_resnet_needs_less_than_one_block_per_stage():
     assert balanced.num_stages == 4
 
     def worst(net: StageNet) -> int:
-        return max(estimate(net, net.plan(t, harmonize=True, mentor=True), 32).total for t in range(1, 5))
+        loss = functools.partial(neulite_loss, lambda1=1.0, lambda2=1.0, sigma=5.0)
+        return max(estimate(net, net.plan(t, harmonize=True, mentor=True), 32, loss).total for t in range(1, 5))
 
     assert worst(balanced) < worst(per_stage)
     x = torch.randn(2, 3, 32, 32)
