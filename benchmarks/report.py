@@ -309,25 +309,19 @@ def accuracy_section(data: dict[str, Any]) -> list[str]:
         "",
         f"Machine: {machine(data['machine'])}.",
         "",
-        f"### Dirichlet({cfg['data']['alpha']}) split",
-        "",
-        methods_table(data["methods"]),
-        "",
-        _headline_sentence(data["methods"]),
-        "",
     ]
-    if (RESULTS / "accuracy-dirichlet.png").is_file():
-        out += ["![Accuracy by round, Dirichlet split](results/accuracy-dirichlet.png)", ""]
-    out += [
-        "### IID split",
-        "",
-        methods_table(data["iid"]["methods"]),
-        "",
-        _headline_sentence(data["iid"]["methods"]),
-        "",
-    ]
-    if (RESULTS / "accuracy-iid.png").is_file():
-        out += ["![Accuracy by round, IID split](results/accuracy-iid.png)", ""]
+    out += _split_section(
+        f"Dirichlet({cfg['data']['alpha']})", data["methods"], "accuracy-dirichlet.png", "Dirichlet split"
+    )
+    out += _split_section("IID", data["iid"]["methods"], "accuracy-iid.png", "IID split")
+    return out
+
+
+def _split_section(title: str, methods: dict[str, Any], plot: str, alt: str) -> list[str]:
+    """One split's table, headline and (when committed) accuracy plot."""
+    out = [f"### {title} split", "", methods_table(methods), "", _headline_sentence(methods), ""]
+    if (RESULTS / plot).is_file():
+        out += [f"![Accuracy by round, {alt}](results/{plot})", ""]
     return out
 
 

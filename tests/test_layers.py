@@ -13,30 +13,24 @@ def _imports(path: Path) -> set[str]:
     return names | {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
 
 
+def _forbidden(paths: list[Path], prefixes: tuple[str, ...]) -> dict[str, set[str]]:
+    """Per file, the imports that start with one of `prefixes`."""
+    found = {path.name: {m for m in _imports(path) if m.startswith(prefixes)} for path in paths}
+    return {name: bad for name, bad in found.items() if bad}
+
+
 def test_models_and_memory_know_no_algorithm_or_driver():
-    for path in [SRC / "memory.py", SRC / "saved_tensors.py", *(SRC / "models").glob("*.py")]:
-        bad = {
-            m
-            for m in _imports(path)
-            if m.startswith(("neulite.algorithms", "neulite.simulation", "neulite.flower", "neulite.server"))
-        }
-        assert not bad, f"{path.name} imports {bad}"
+    paths = [SRC / "memory.py", SRC / "saved_tensors.py", *(SRC / "models").glob("*.py")]
+    assert not _forbidden(paths, ("neulite.algorithms", "neulite.simulation", "neulite.flower", "neulite.server"))
 
 
 def test_algorithms_know_no_driver():
-    for path in (SRC / "algorithms").glob("*.py"):
-        bad = {
-            m
-            for m in _imports(path)
-            if m.startswith(("neulite.simulation", "neulite.flower", "neulite.server", "neulite.experiment"))
-        }
-        assert not bad, f"{path.name} imports {bad}"
+    paths = list((SRC / "algorithms").glob("*.py"))
+    assert not _forbidden(paths, ("neulite.simulation", "neulite.flower", "neulite.server", "neulite.experiment"))
 
 
 def test_the_flower_driver_does_not_import_the_in_process_simulator():
-    for path in (SRC / "flower").glob("*.py"):
-        bad = {m for m in _imports(path) if m.startswith(("neulite.simulation", "neulite.runner"))}
-        assert not bad, f"flower/{path.name} imports {bad}"
+    assert not _forbidden(list((SRC / "flower").glob("*.py")), ("neulite.simulation", "neulite.runner"))
 
 
 def test_the_wire_format_names_no_algorithm():
