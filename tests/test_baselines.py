@@ -1,4 +1,5 @@
-"""The baselines of issue 3: each one's distinctive mechanism, and a short run of each through the simulator."""
+"""The baseline methods (HeteroFL, FedRolex, DepthFL, ProFL, AllSmall): each one's distinctive mechanism,
+and a short run of each through the simulator."""
 
 from __future__ import annotations
 
@@ -245,6 +246,7 @@ def test_two_rounds_through_the_simulator(name: str):
             "clients.per_round=3",
             "method.rounds=3",
             "train.local_epochs=1",
+            "data.train_size=1000",
         ]
     )
     sim = Simulation(cfg)
@@ -253,4 +255,24 @@ def test_two_rounds_through_the_simulator(name: str):
         assert record.participants >= 1
         assert all(math.isfinite(v) for v in (record.accuracy, record.loss, record.train_loss))
     assert all(math.isfinite(v) for v in sim.final_accuracy())
-    sim.server.load_state_dict(sim.server.state_dict())
+    restored = Simulation(cfg)  # a checkpoint restores into a freshly built federation
+    restored.server.load_state_dict(sim.server.state_dict())
+    _assert_same(restored.server.state_dict(), sim.server.state_dict())
+    assert restored.method.plan(3) == sim.method.plan(3)
+    assert restored.final_accuracy() == sim.final_accuracy()
+
+
+def _assert_same(a, b, path: str = "state") -> None:
+    assert type(a) is type(b), path
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _assert_same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ from neulite.cli import main
 from neulite.config import config_to_toml, load_config
 from neulite.simulation import Simulation
 
-TINY = ["data.num_clients=6", "clients.per_round=3", "train.local_epochs=1", "method.rounds=4"]
+TINY = ["data.num_clients=6", "clients.per_round=3", "train.local_epochs=1", "method.rounds=4", "data.train_size=1000"]
 
 
 def _run(out: Path, overrides: list[str], *extra: str) -> int:
@@ -42,8 +43,15 @@ def test_end_to_end_run_learns_and_writes_the_results_folder(tmp_path: Path):
     assert all(k.startswith(("blocks.", "head.")) for k in state), "only the deployable model, no scaffolding"
 
 
-def test_resume_after_a_crash_gives_the_same_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    assert _run(tmp_path / "a", TINY) == 0
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished TINY run, shared read-only: copy it before changing it."""
+    out = tmp_path_factory.mktemp("tiny") / "a"
+    assert _run(out, TINY) == 0
+    return out
+
+
+def test_resume_after_a_crash_gives_the_same_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_run: Path):
     original = Simulation.run_round
 
     def crash_in_round_3(self, rnd, on_client=None):
@@ -57,16 +65,15 @@ def test_resume_after_a_crash_gives_the_same_model(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(Simulation, "run_round", original)
     assert main(["run", "--quiet", "--resume", "--out", str(tmp_path / "b")]) == 0
     a, b = (
-        torch.load(tmp_path / "a" / "model.pt", weights_only=True),
+        torch.load(tiny_run / "model.pt", weights_only=True),
         torch.load(tmp_path / "b" / "model.pt", weights_only=True),
     )
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 4
 
 
-def test_corrupted_checkpoint_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
-    out = tmp_path / "c"
-    assert _run(out, [*TINY, "method.rounds=3"]) == 0
+def test_corrupted_checkpoint_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_run: Path):
+    out = shutil.copytree(tiny_run, tmp_path / "c")
     (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
     assert main(["run", "--quiet", "--resume", "--out", str(out)]) == 2
     assert "corrupted or unsafe checkpoint" in capsys.readouterr().err

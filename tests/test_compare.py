@@ -17,6 +17,8 @@ TINY = [
     "method.rounds=3",
     "--set",
     "clients.fractions=[0.5, 1.5]",
+    "--set",
+    "data.train_size=1000",
 ]
 
 

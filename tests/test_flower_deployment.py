@@ -22,6 +22,8 @@ pytest.importorskip("flwr")
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow  # starts a SuperLink and SuperNodes
+
 BUDGETS_MB = (12, 18, 30)  # small_cnn peaks: stage 3 ~10 MiB, stage 2 ~16 MiB, stage 1 ~21 MiB, full ~28 MiB
 
 
@@ -71,7 +73,9 @@ class Processes:
             for pid in helpers:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pid, sig)
-            time.sleep(1)
+            end = time.monotonic() + 1
+            while time.monotonic() < end and any(Path(f"/proc/{pid}").exists() for pid in helpers):
+                time.sleep(0.05)
 
 
 def _wait(what: str, check, deadline: float, logs: Path) -> None:
@@ -79,7 +83,7 @@ def _wait(what: str, check, deadline: float, logs: Path) -> None:
     while time.monotonic() < end:
         if check():
             return
-        time.sleep(1)
+        time.sleep(0.2)
     tails = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(logs.glob("*.log")))
     pytest.fail(f"timed out waiting for {what}\n{tails}")
 
@@ -153,9 +157,12 @@ def test_superlink_and_three_supernodes_on_loopback_train_with_reported_budgets(
         run_config = f'method.rounds=3 data.num_clients=3 clients.per_round=3 train.local_epochs=1 out="{out}" round-timeout=300.0'
         started = procs.flwr("run", str(ROOT / "apps" / "flower"), "local", "--run-config", run_config)
         assert started["success"], started
-        status = {}
+        status, asked = {}, [0.0]
 
         def finished() -> bool:
+            if not (out / "summary.json").is_file() and time.monotonic() - asked[0] < 10:
+                return False  # each `flwr ls` is a new Python process: until the summary appears, ask every 10 s
+            asked[0] = time.monotonic()
             status.update(procs.flwr("ls", "local", "--run-id", started["run-id"])["runs"][0])
             return status["status"].startswith("finished")
 

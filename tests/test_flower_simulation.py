@@ -24,6 +24,8 @@ SMALL = ["data.num_clients=6", "clients.per_round=3", "method.rounds=3", "client
 HANG_SECONDS = 40.0
 BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
 
+pytestmark = pytest.mark.slow  # every test here starts Ray
+
 
 def _rows(path):
     rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]

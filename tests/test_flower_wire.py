@@ -20,6 +20,7 @@ SMALL = [
     "train.local_epochs=1",
     "method.rounds=3",
     "clients.fractions=[0.8, 1.1]",
+    "data.train_size=1000",
 ]
 
 
@@ -31,6 +32,7 @@ def test_each_stage_sends_down_only_prefix_and_trained_parts_and_up_only_trained
         configured = sim.server.configure(rnd)
         plan = configured.plan
         assert plan.stage == rnd
+        results = {}
         for cid, task in configured.tasks.items():
             record = encode_task(task)
             sent = record.array_records["arrays"]
@@ -47,7 +49,7 @@ def test_each_stage_sends_down_only_prefix_and_trained_parts_and_up_only_trained
             )
             assert all(torch.equal(received.arrays[n], task.arrays[n]) for n in task.arrays)
 
-            result = sim.method.client_update(received, sim.clients[cid].train, augment=False)
+            result = results[cid] = sim.method.client_update(received, sim.clients[cid].train, augment=False)
             reply = decode_result(encode_result(result), sim.method.reply_spec(task))
             up = sim.method.net.up_names(plan)
             assert sorted(reply.arrays) == sorted(up)
@@ -58,17 +60,12 @@ def test_each_stage_sends_down_only_prefix_and_trained_parts_and_up_only_trained
                 assert 0 < len(returned) < len(first_block)
             if rnd == 3:  # block 1 is wholly frozen: sent down, never returned
                 assert not returned
-        sim.server.aggregate(
-            configured,
-            {
-                cid: sim.method.client_update(t, sim.clients[cid].train, augment=False)
-                for cid, t in configured.tasks.items()
-            },
-            sim.splits.test,
-        )
+        sim.server.aggregate(configured, results, sim.splits.test)
 
 
-def _reply():
+@pytest.fixture(scope="module")
+def reply():
+    """One client's reply to a round-1 task and what the server expects back; shared, never mutated."""
     sim = Simulation(load_config(overrides=SMALL))
     configured = sim.server.configure(1)
     cid, task = next(iter(configured.tasks.items()))
@@ -86,8 +83,8 @@ def _reply():
     ],
     ids=["nan", "wrong-shape", "missing", "extra"],
 )
-def test_malformed_replies_are_rejected_naming_the_problem(corrupt, message):
-    result, spec = _reply()
+def test_malformed_replies_are_rejected_naming_the_problem(corrupt, message, reply):
+    result, spec = reply
     bad = ClientResult(corrupt(dict(result.arrays)), result.num_examples, result.metrics)
     with pytest.raises(NeuliteError, match=message):
         decode_result(encode_result(bad), spec)

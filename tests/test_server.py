@@ -47,6 +47,7 @@ def test_too_few_usable_replies_stop_the_round_with_a_clear_message():
                 "method.rounds=3",
                 "clients.min_replies=3",
                 "clients.fractions=[1.2, 1.3]",
+                "data.train_size=1000",
             ]
         )
     )

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from neulite.config import load_config
 from neulite.errors import NeuliteError
 from neulite.models.blocks import BlockModel, tail_modules
 from neulite.models.zoo import MODEL_NAMES, BasicBlock, InvertedResidual, build_model
@@ -26,8 +27,12 @@ def _n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def test_model_names():
-    assert MODEL_NAMES == ("small_cnn", "resnet18", "resnet34", "vgg11", "vgg16", "mobilenetv2")
+def test_model_names_are_what_the_config_accepts_and_the_tests_cover():
+    assert set(NUM_BLOCKS) == set(MODEL_NAMES)  # every built-in model is under the parametrized tests below
+    for name in MODEL_NAMES:
+        assert load_config(overrides=[f"model.name={name}"]).model.name == name
+    with pytest.raises(NeuliteError, match="model.name = 'resnet50' is not one of " + ", ".join(MODEL_NAMES)):
+        load_config(overrides=["model.name=resnet50"])
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -150,7 +155,7 @@ def test_init():
 
 
 def test_unknown_name():
-    with pytest.raises(NeuliteError) as exc:
+    with pytest.raises(NeuliteError, match="unknown model 'resnet50': valid names are") as exc:
         build_model("resnet50", (3, 32, 32), 10)
     msg = str(exc.value)
     assert "\n" not in msg
@@ -160,16 +165,26 @@ def test_unknown_name():
 
 @pytest.mark.parametrize("width", [0, -0.5, float("nan"), float("inf"), "wide"])
 def test_bad_width(width):
-    with pytest.raises(NeuliteError):
+    with pytest.raises(NeuliteError, match=f"model width must be a positive number, got {width!r}"):
         build_model("small_cnn", (1, 28, 28), 10, width=width)
 
 
-@pytest.mark.parametrize("shape,classes", [((28, 28), 10), ((1, 0, 28), 10), ((1, 28, 28), 0), ((1, 28, 28), 2.5)])
-def test_bad_shape_or_classes(shape, classes):
-    with pytest.raises(NeuliteError):
+@pytest.mark.parametrize(
+    "shape,classes,message",
+    [
+        ((28, 28), 10, r"input shape must be three positive integers \(C, H, W\), got \(28, 28\)"),
+        ((1, 0, 28), 10, r"input shape must be three positive integers \(C, H, W\), got \(1, 0, 28\)"),
+        ((1, 28, 28), 0, "number of classes must be a positive integer, got 0"),
+        ((1, 28, 28), 2.5, r"the class count a positive integer, got \(1, 28, 28\) and 2.5"),
+    ],
+)
+def test_bad_shape_or_classes(shape, classes, message):
+    with pytest.raises(NeuliteError, match=message):
         build_model("small_cnn", shape, classes)
 
 
 def test_too_small_input_is_a_neulite_error():
-    with pytest.raises(NeuliteError):
+    with pytest.raises(
+        NeuliteError, match=r"model cannot be split: forward through blocks failed for input shape \(3, 8, 8\)"
+    ):
         build_model("vgg11", (3, 8, 8), 10)
