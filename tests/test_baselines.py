@@ -18,7 +18,7 @@ from neulite.algorithms.local import cross_entropy_loss
 from neulite.algorithms.payload import ClientResult
 from neulite.algorithms.profl import ProFL
 from neulite.algorithms.submodel import WIDTHS, scatter_average, width_net, window
-from neulite.config import load_config
+from neulite.config import ServerConfig, load_config
 from neulite.data import TensorDataset
 from neulite.memory import estimate
 from neulite.models.blocks import BlockModel
@@ -38,7 +38,7 @@ def test_scatter_average_is_per_element_over_the_clients_that_trained_it():
     old = {"w": torch.arange(16.0).view(4, 4), "b": torch.arange(4.0)}
     narrow = ClientResult({"w": torch.full((2, 2), 1.0), "b": torch.full((2,), 1.0)}, num_examples=1)
     wide = ClientResult({"w": torch.full((3, 4), 5.0), "b": torch.full((3,), 5.0)}, num_examples=3)
-    merged = scatter_average(old, [narrow, wide], offset=0)
+    merged = scatter_average(old, [narrow, wide], offset=0, rule=ServerConfig())
     expected_w = old["w"].clone()
     expected_w[:3, :] = 5.0  # only the wide client trained these (its second dimension is whole)
     expected_w[:2, :2] = (1.0 * 1 + 5.0 * 3) / 4  # both trained these: data-size weighted
@@ -246,7 +246,8 @@ def test_two_rounds_through_the_simulator(name: str):
             "clients.per_round=3",
             "method.rounds=3",
             "train.local_epochs=1",
-            "data.train_size=1000",
+            "data.train_size=600",
+            "model.width=0.5",
         ]
     )
     sim = Simulation(cfg)

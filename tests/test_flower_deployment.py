@@ -1,6 +1,7 @@
 """Flower's deployment engine on loopback: a real SuperLink (TLS, SuperNode authentication) and 3
 SuperNodes, each with its partition and memory budget in its node config, run neulite for 3 rounds
-through `flwr run apps/flower`. The budgets the nodes report decide who trains which stage."""
+through `flwr run apps/flower`. The budgets the nodes report decide who trains which stage; a fourth
+SuperNode, whose key was never registered, is refused."""
 
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ def test_superlink_and_three_supernodes_on_loopback_train_with_reported_budgets(
     logs.mkdir()
     home.mkdir()
     subprocess.run(
-        [str(ROOT / "scripts" / "make-dev-certs.sh"), "-n", "3", str(certs)], check=True, capture_output=True
+        [str(ROOT / "scripts" / "make-dev-certs.sh"), "-n", "4", str(certs)], check=True, capture_output=True
     )
     port = _free_port()
     (home / "config.toml").write_text(
@@ -137,7 +138,7 @@ def test_superlink_and_three_supernodes_on_loopback_train_with_reported_budgets(
         _wait("the SuperLink", healthy, 60, logs)
         for i in range(3):
             assert procs.flwr("supernode", "register", str(certs / f"supernode-{i}.pub"), "local")["success"]
-        for i, budget in enumerate(BUDGETS_MB):
+        for i, budget in enumerate((*BUDGETS_MB, 1000)):  # supernode-3's key is never registered
             procs.start(
                 f"supernode-{i}",
                 "flower-supernode",
@@ -172,6 +173,8 @@ def test_superlink_and_three_supernodes_on_loopback_train_with_reported_budgets(
         procs.stop()
     summary = json.loads((out / "summary.json").read_text())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # the SuperLink activated the three registered nodes only: the unregistered one never joined
+    assert (logs / "superlink.log").read_text().count("[Fleet.ActivateNode] Activated") == 3
     # stage 1 fits only the 30 MB node, stage 2 the 18 and 30 MB nodes, stage 3 all three
     assert [(r["stage"], r["eligible"], r["participants"]) for r in rows] == [(1, 1, 1), (2, 2, 2), (3, 3, 3)]
     assert summary["driver"] == "flower" and summary["nodes"] == 3 and summary["participation"] == 1.0

@@ -1,14 +1,17 @@
 """Every registered method runs on the Flower driver exactly as in the in-process simulator: the
 same rows (stages, eligibility, sampling, bytes) and the same model, bit for bit, through the
-strategy, the wire format and the ClientApp (delivered in-process by `LoopbackGrid`)."""
+strategy, the wire format and the ClientApp (delivered in-process by `LoopbackGrid`); hostile and
+failing nodes are left out on that same path."""
 
 import json
+import logging
 
 import pytest
 import torch
 
 from neulite.algorithms.registry import METHODS
 from neulite.config import load_config
+from neulite.errors import NeuliteError
 from neulite.simulation import run_experiment
 
 pytest.importorskip("flwr")
@@ -18,7 +21,7 @@ from neulite.flower.client_app import load_node, make_client_app  # noqa: E402
 from neulite.flower.server_app import run  # noqa: E402
 from neulite.flower.simulation import run_config_for  # noqa: E402
 
-from .loopback import LoopbackGrid  # noqa: E402
+from .loopback import LoopbackGrid, faulty_app  # noqa: E402
 
 SMALL = [
     "data.num_clients=4",
@@ -27,7 +30,7 @@ SMALL = [
     "train.local_epochs=1",
     "data.train_size=600",
     "model.width=0.5",
-    "eval.every=2",
+    "eval.every=3",
     "clients.fractions=[0.3, 1.1]",
 ]
 
@@ -36,13 +39,17 @@ def _rows(path):
     return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("name", list(METHODS))
-def test_every_method_runs_on_flower_as_in_process(tmp_path, monkeypatch, name: str):
+@pytest.fixture(autouse=True)
+def _identity(monkeypatch):
     for key in ("_run_id", "_node_id", "_task_id"):  # who is sending: Flower's runtime sets these
         monkeypatch.setattr(TaskIdentity, key, 1)
+    load_node.cache_clear()
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_runs_on_flower_as_in_process(tmp_path, name: str):
     cfg = load_config(overrides=[*SMALL, f"method.name={name}"])
     local = run_experiment(cfg, tmp_path / "local")
-    load_node.cache_clear()
     run_config = run_config_for(cfg, tmp_path / "flower")
     flower = run(LoopbackGrid(make_client_app(run_config), run_config, cfg.data.num_clients), run_config)
     keys = ("round", "stage", "eligible", "participants", "bytes_down", "bytes_up", "accuracy", "train_loss")
@@ -56,3 +63,57 @@ def test_every_method_runs_on_flower_as_in_process(tmp_path, monkeypatch, name: 
         torch.load(tmp_path / "flower" / "model.pt", weights_only=True),
     )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+FEDAVG = [
+    "clients.fractions=[1.2, 1.3]",
+    "method.name=fedavg",
+    "data.train_size=600",
+    "train.local_epochs=1",
+]
+
+
+def test_hostile_nodes_cannot_claim_what_is_not_theirs(tmp_path, caplog):
+    cfg = load_config(overrides=[*FEDAVG, "data.num_clients=6", "clients.per_round=3", "method.rounds=2"])
+    run_config = {**run_config_for(cfg, tmp_path), "min-nodes": 3}
+    faults = {1: "inflate", 2: "huge", 3: "steal", 4: "outside", 5: "budget"}
+    with caplog.at_level(logging.WARNING):
+        summary = run(LoopbackGrid(faulty_app(run_config, faults), run_config, 6), run_config)
+    assert summary["nodes"] == 3  # partitions 0, 1, 2: the thief, the outsider and the negative budget are out
+    assert [r["participants"] for r in _rows(tmp_path)] == [1, 1]  # only partition 0's replies are merged
+    for reason in (
+        "partition 0 is already held",
+        "is not in [0, 6)",
+        "budget -1 bytes",
+        "more than the client's partition",
+    ):
+        assert any(reason in m for m in caplog.messages), reason
+    assert any("client 2 left out: its update" in m for m in caplog.messages)
+    model = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert all(t.isfinite().all() and t.abs().max() < 1e3 for t in model.values() if t.is_floating_point())
+
+
+def test_too_few_usable_replies_stop_a_flower_run_and_resume_continues_it(tmp_path):
+    cfg = load_config(
+        overrides=[*FEDAVG, "data.num_clients=4", "clients.per_round=4", "method.rounds=3", "clients.min_replies=2"]
+    )
+    run_config = run_config_for(cfg, tmp_path)
+    faulty = faulty_app(run_config, {1: "nan", 2: "shape", 3: "error"}, from_round=2)
+    with pytest.raises(NeuliteError, match="round 2: 1 of 4 sampled clients returned a usable result"):
+        run(LoopbackGrid(faulty, run_config, 4), run_config)
+    assert not (tmp_path / "summary.json").exists()
+    assert [r["participants"] for r in _rows(tmp_path)] == [4]  # round 1 is kept, checkpointed
+    resumed = {**run_config, "resume": True}  # the nodes recover: the run continues after round 1
+    run(LoopbackGrid(make_client_app(resumed), resumed, 4), resumed)
+    assert [r["participants"] for r in _rows(tmp_path)] == [4, 4, 4]
+    assert json.loads((tmp_path / "summary.json").read_text())["rounds"] == 3
+
+
+def test_failing_and_hung_nodes_are_left_out_and_the_round_goes_on(tmp_path):
+    cfg = load_config(overrides=[*FEDAVG, "data.num_clients=5", "clients.per_round=5", "method.rounds=2"])
+    run_config = {**run_config_for(cfg, tmp_path), "round-timeout": 8.0}
+    faults = {1: "nan", 2: "shape", 3: "error", 4: "hang"}
+    summary = run(LoopbackGrid(faulty_app(run_config, faults, hang=9.0), run_config, 5), run_config)
+    # round 1: only partition 0's reply is used (4 timed out); in round 2 partition 4 answers in time
+    assert [r["participants"] for r in _rows(tmp_path)] == [1, 2]
+    assert summary["participation"] == 0.4 and summary["final_accuracy"] > 0.1

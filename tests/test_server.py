@@ -17,9 +17,8 @@ def _server(budgets_of_full: dict[int, float], *overrides: str) -> Server:
     cfg = load_config(overrides=["data.num_clients=4", "clients.per_round=4", "method.rounds=3", *overrides])
     experiment = build_experiment(cfg)
     full = experiment.full_peak
-    return Server(
-        experiment.method, {cid: int(f * full) for cid, f in budgets_of_full.items()}, cfg, full, query=lambda task: {}
-    )
+    budgets = {cid: int(f * full) for cid, f in budgets_of_full.items()}
+    return Server(experiment.method, budgets, cfg, full, lambda task: {}, experiment.partition_sizes)
 
 
 def test_a_node_that_fits_no_stage_is_never_sent_work():
@@ -52,16 +51,16 @@ def test_too_few_usable_replies_stop_the_round_with_a_clear_message():
         )
     )
     configured = sim.server.configure(1)
-    two = {
+    three = {
         cid: sim.method.client_update(task, sim.clients[cid].train, augment=False)
-        for cid, task in list(configured.tasks.items())[:2]
+        for cid, task in list(configured.tasks.items())[:3]
     }
+    two = dict(list(three.items())[:2])
     with pytest.raises(
         NeuliteError, match="2 of 4 sampled clients returned a usable result, fewer than clients.min_replies=3"
     ):
         sim.server.aggregate(configured, two, sim.splits.test)
-    record = sim.server.aggregate(sim.server.configure(2), {**two, 2: two[next(iter(two))]}, sim.splits.test)
-    assert record.participants == 3
+    assert sim.server.aggregate(configured, three, sim.splits.test).participants == 3
 
 
 def _perturb(module: torch.nn.Module) -> None:

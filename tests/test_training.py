@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from neulite.algorithms.local import local_update
+from neulite.algorithms.merge import merge_results
 from neulite.algorithms.neulite import DEFAULT_LAMBDA1, DEFAULT_LAMBDA2, curriculum, neulite_loss, stage_round_budget
-from neulite.algorithms.payload import ClientResult, ClientTask, weighted_average
-from neulite.config import TrainConfig, load_config
+from neulite.algorithms.payload import ClientResult, ClientTask
+from neulite.config import ServerConfig, TrainConfig, load_config
 from neulite.data import TensorDataset
 from neulite.errors import NeuliteError
 from neulite.models.arrays import assign_arrays, nbytes
@@ -55,7 +56,7 @@ def test_malformed_payload_is_rejected():
 def test_weighted_average_uses_data_sizes_and_never_averages_counters():
     a = ClientResult({"w": torch.tensor([0.0, 4.0]), "n": torch.tensor(3)}, 1)
     b = ClientResult({"w": torch.tensor([4.0, 8.0]), "n": torch.tensor(7)}, 3)
-    out = weighted_average([a, b])
+    out = merge_results([a, b], ServerConfig())
     assert torch.allclose(out["w"], torch.tensor([3.0, 7.0]))
     assert out["n"].dtype == torch.int64 and out["n"].item() == 7
 

@@ -23,10 +23,18 @@ def _run(args: argparse.Namespace) -> None:
     if args.resume:
         if args.out is None:
             raise NeuliteError("--resume needs --out DIR (the folder of the run to continue)")
-        cfg = ResultsDir(args.out).load_config()
+        folder = ResultsDir(args.out)
+        folder.check_target(resume=True, overwrite=args.overwrite)
+        # --config/--set with --resume are checked against the checkpoint, never silently dropped
+        cfg = (
+            load_config(args.config or folder.config_path, args.set)
+            if args.config or args.set
+            else folder.load_config()
+        )
     else:
         cfg = load_config(args.config, args.set)
     out = args.out or Path("results") / f"{cfg.method.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    ResultsDir(out).check_target(resume=args.resume, overwrite=args.overwrite)
     console = Console(quiet=args.quiet)
     console.print(
         f"neulite run: {cfg.method.name} on {cfg.data.name} with {cfg.model.name}, {cfg.method.rounds} rounds, {args.engine} engine -> {out}"
@@ -34,9 +42,9 @@ def _run(args: argparse.Namespace) -> None:
     if args.engine == "flower":
         from neulite.flower.simulation import simulate
 
-        simulate(cfg, out, resume=args.resume)
+        simulate(cfg, out, resume=args.resume, overwrite=args.overwrite)
     else:
-        run_experiment(cfg, out, resume=args.resume, console=console)
+        run_experiment(cfg, out, resume=args.resume, overwrite=args.overwrite, console=console)
     console.print(f"results in {out}")
 
 
@@ -45,7 +53,9 @@ def _compare(args: argparse.Namespace) -> None:
     from neulite.compare import compare
 
     cfg = load_config(args.config, args.set)
-    methods = args.methods.split(",") if args.methods else list(METHODS)
+    methods = list(METHODS) if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise NeuliteError(f"--methods names no method (valid: {', '.join(METHODS)})")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise NeuliteError(f"unknown method(s) {', '.join(unknown)} (valid: {', '.join(METHODS)})")
@@ -53,6 +63,8 @@ def _compare(args: argparse.Namespace) -> None:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         raise NeuliteError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    if bad := [s for s in seeds if not 0 <= s < 2**32]:
+        raise NeuliteError(f"--seeds must be integers in [0, 2**32), got {bad[0]}")
     console = Console(quiet=args.quiet)
     compare(cfg, methods, seeds, args.out, target=args.target, console=console)
     console.print(f"comparison in {args.out}")
@@ -61,6 +73,14 @@ def _compare(args: argparse.Namespace) -> None:
 def _memory(args: argparse.Namespace) -> None:
     from neulite.memory_report import memory_report
 
+    if args.batch_size < 1:
+        raise NeuliteError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.num_classes < 2:
+        raise NeuliteError(f"--num-classes must be >= 2, got {args.num_classes}")
+    if not 0 < args.width <= 64:
+        raise NeuliteError(f"--width must be in (0, 64], got {args.width}")
+    if args.blocks < 0:
+        raise NeuliteError(f"--blocks must be >= 0, got {args.blocks}")
     shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape.replace(",", "").isdigit() else ()
     if len(shape) != 3:
         raise NeuliteError(f"--input-shape must be C,H,W, got {args.input_shape!r}")
@@ -114,7 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config value, e.g. --set train.lr=0.1",
     )
     run.add_argument("--out", help="results folder (default: results/<method>-<time>)")
-    run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last checkpoint (--config/--set must then match the run's config)",
+    )
+    run.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     run.add_argument(
         "--engine",
         choices=("local", "flower"),

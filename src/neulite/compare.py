@@ -58,7 +58,7 @@ def run_one(
         run_cfg = cfg.replace(seed=seed, method=dataclasses.replace(cfg.method, name=method))
         resume = results.checkpoint_path.is_file()
         console.print(f"{'resuming' if resume else 'running'} {method}, seed {seed}")
-        run_experiment(run_cfg, folder, resume=resume, console=Console(quiet=True))
+        run_experiment(run_cfg, folder, resume=resume, overwrite=not resume, console=Console(quiet=True))
     else:
         console.print(f"done already: {method}, seed {seed}")
     return json.loads(summary_path.read_text()), results.read_metrics()

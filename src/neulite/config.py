@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -170,6 +171,27 @@ class ClientsConfig:
 
 
 @dataclass(frozen=True)
+class ServerConfig:
+    """How the server merges replies it does not trust.
+
+    aggregation: "mean" (data-size weighted), or per tensor element over the clients that hold it,
+    "trimmed_mean" (drop the `trim` share of the largest and of the smallest values, average the rest)
+    or "median"; both robust rules weigh every client equally, so a claimed sample count moves nothing.
+    outlier_ratio: a reply whose update (its distance from the tensors it was sent) is more than this
+    many times the round's median update is left out (0: off; needs 3 or more replies to judge).
+    """
+
+    aggregation: str = "mean"
+    trim: float = 0.2
+    outlier_ratio: float = 10.0
+
+    def __post_init__(self) -> None:
+        choice("server.aggregation", self.aggregation, ("mean", "trimmed_mean", "median"))
+        check(0 <= self.trim < 0.5, "server.trim must be in [0, 0.5)")
+        check(self.outlier_ratio == 0 or self.outlier_ratio > 1, "server.outlier_ratio must be 0 (off) or > 1")
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     every: int = 1
 
@@ -185,9 +207,14 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     clients: ClientsConfig = field(default_factory=ClientsConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
+        check(
+            isinstance(self.seed, int) and 0 <= self.seed < 2**32,
+            f"seed must be an integer in [0, 2**32), got {self.seed!r}",
+        )
         check(
             self.clients.per_round <= self.data.num_clients,
             f"clients.per_round ({self.clients.per_round}) exceeds data.num_clients ({self.data.num_clients})",
@@ -221,7 +248,12 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         return value
     if hint is float:
         check(isinstance(value, (int, float)) and not isinstance(value, bool), f"{key} must be a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        check(math.isfinite(number), f"{key} must be a finite number, got {value!r}")
+        return number
     if hint is str:
         check(isinstance(value, str), f"{key} must be a string, got {value!r}")
         return value
@@ -284,7 +316,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise NeuliteError(f"config file not found: {p}")
         try:
-            raw = tomllib.loads(p.read_text())
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise NeuliteError(f"config file {p} is not UTF-8 text") from None
         except tomllib.TOMLDecodeError as exc:
             raise NeuliteError(f"config file {p} is not valid TOML: {exc}") from None
     for item in overrides or []:
@@ -313,6 +347,19 @@ def _toml_table(name: str, table: dict[str, Any]) -> str:
     head = f"\n[{name}]\n" if name else ""
     nested = "".join(_toml_table(f"{name}.{k}" if name else k, v) for k, v in table.items() if isinstance(v, dict))
     return head + plain + nested
+
+
+def config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two `Config.to_dict()` trees."""
+    keys = dict.fromkeys([*a, *b])
+    out = []
+    for key in keys:
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += config_differences(x, y, f"{prefix}{key}.")
+        elif x != y:
+            out.append(f"{prefix}{key}")
+    return out
 
 
 def config_to_toml(cfg: Config) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from neulite.algorithms.base import Method
@@ -17,7 +18,8 @@ from neulite.algorithms.local import cross_entropy_loss
 from neulite.algorithms.registry import build_method, build_network
 from neulite.config import Config
 from neulite.data import DataSplits
-from neulite.federation import load_splits
+from neulite.errors import NeuliteError
+from neulite.federation import client_indices, load_splits
 from neulite.memory import estimate
 from neulite.server import Query, Server
 
@@ -32,21 +34,35 @@ class Experiment:
 
     cfg: Config
     splits: DataSplits
+    indices: list[tuple[np.ndarray, np.ndarray]]
     method: Method
     full_peak: int
+
+    @property
+    def partition_sizes(self) -> dict[int, int]:
+        """Each client's number of training samples: the most a reply may claim to have trained on."""
+        return {cid: len(train) for cid, (train, _) in enumerate(self.indices)}
 
     def server(self, budgets: Mapping[int, int], query: Query) -> Server:
         """The core server for clients with these budgets; fails before training if a stage fits none."""
         self.method.setup(budgets)
-        server = Server(self.method, budgets, self.cfg, self.full_peak, query)
+        server = Server(self.method, budgets, self.cfg, self.full_peak, query, self.partition_sizes)
         server.check_feasible()
         return server
 
 
 def build_experiment(cfg: Config) -> Experiment:
-    """Seed, data, network and method for `cfg`."""
+    """Seed, data, partition, network and method for `cfg`; the data's size is checked before any
+    tensor of the configured batch size is built."""
     torch.manual_seed(cfg.seed)
     splits = load_splits(cfg)
+    share = len(splits.train) // cfg.data.num_clients
+    if cfg.train.batch_size > share:
+        raise NeuliteError(
+            f"train.batch_size = {cfg.train.batch_size} exceeds the {share} training samples each of the "
+            f"{cfg.data.num_clients} clients gets on average from {len(splits.train)}: lower train.batch_size"
+        )
+    indices = client_indices(cfg, splits)
     net = build_network(cfg, splits.input_shape, splits.train.num_classes)
     full_peak = estimate(net, net.full_plan(), cfg.train.batch_size, cross_entropy_loss).total
-    return Experiment(cfg, splits, build_method(cfg, net), full_peak)
+    return Experiment(cfg, splits, indices, build_method(cfg, net), full_peak)

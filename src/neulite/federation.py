@@ -68,8 +68,8 @@ def load_splits(cfg: Config) -> DataSplits:
     return splits
 
 
-def client_shards(cfg: Config, splits: DataSplits) -> list[tuple[TensorDataset, TensorDataset]]:
-    """Every client's (train, validation) data: the partition of the training set for this config and seed."""
+def client_indices(cfg: Config, splits: DataSplits) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every client's (train, validation) indices into the training set, for this config and seed."""
     d = cfg.data
     shards = partition(
         splits.train.y.numpy(),
@@ -81,11 +81,12 @@ def client_shards(cfg: Config, splits: DataSplits) -> list[tuple[TensorDataset, 
         min_size=math.ceil(cfg.train.batch_size / (1.0 - d.val_fraction)),
         on_small=d.on_small,
     )
-    out = []
-    for cid, idx in enumerate(shards):
-        train_idx, val_idx = train_val_split(idx, d.val_fraction, cfg.seed + cid)
-        out.append((_subset(splits.train, train_idx), _subset(splits.train, val_idx)))
-    return out
+    return [train_val_split(idx, d.val_fraction, cfg.seed + cid) for cid, idx in enumerate(shards)]
+
+
+def client_shards(cfg: Config, splits: DataSplits) -> list[tuple[TensorDataset, TensorDataset]]:
+    """Every client's (train, validation) data: the partition of the training set for this config and seed."""
+    return [(_subset(splits.train, t), _subset(splits.train, v)) for t, v in client_indices(cfg, splits)]
 
 
 def simulated_budgets(cfg: Config, full_peak: int) -> list[int]:
@@ -93,9 +94,12 @@ def simulated_budgets(cfg: Config, full_peak: int) -> list[int]:
     return draw_budgets(cfg.clients, cfg.data.num_clients, full_peak, np.random.default_rng([cfg.seed, 1]))
 
 
-def make_clients(cfg: Config, splits: DataSplits, full_peak: int) -> list[Client]:
-    """Partition the training set, split each shard into train/val, and give each client a budget."""
-    shards, budgets = client_shards(cfg, splits), simulated_budgets(cfg, full_peak)
+def make_clients(
+    cfg: Config, splits: DataSplits, indices: list[tuple[np.ndarray, np.ndarray]], full_peak: int
+) -> list[Client]:
+    """Each client's train/validation data (from `client_indices`) and budget."""
+    budgets = simulated_budgets(cfg, full_peak)
     return [
-        Client(cid, train, val, budget) for cid, ((train, val), budget) in enumerate(zip(shards, budgets, strict=True))
+        Client(cid, _subset(splits.train, train), _subset(splits.train, val), budget)
+        for cid, ((train, val), budget) in enumerate(zip(indices, budgets, strict=True))
     ]

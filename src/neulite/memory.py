@@ -11,6 +11,7 @@ torch.profiler (or torch.cuda.max_memory_allocated on a GPU), in a fresh process
 from __future__ import annotations
 
 import copy
+import dataclasses
 import multiprocessing
 import weakref
 from collections.abc import Callable
@@ -101,12 +102,48 @@ class LiveTensorBytes(TorchDispatchMode):
         self._seen.discard(ptr)
 
 
+PROBE_BATCH = 256
+"""Largest batch the estimate runs a real step at: beyond it, the batch-dependent bytes are
+extrapolated linearly from steps at half and all of it, so no batch size can exhaust the host."""
+
+
+_ESTIMATES: dict[tuple, MemoryBreakdown] = {}
+_MAX_CACHED = 1024
+
+
 def estimate(net: StageNet, plan: StagePlan, batch_size: int, loss: StepLoss) -> MemoryBreakdown:
-    """Account for the peak of one training step of `plan` with `loss` at `batch_size` (fp32, SGD with momentum)."""
+    """Account for the peak of one training step of `plan` with `loss` at `batch_size` (fp32, SGD with momentum).
+
+    The peak depends on the network's architecture and tensor shapes, never on its values, so an
+    estimate is computed once per process for each (architecture, plan, batch size, loss)."""
+    layout = tuple((name, t.dtype, tuple(t.shape)) for name, t in net.state_dict().items())
+    key = (repr(net), layout, plan, batch_size, repr(loss))
+    if key not in _ESTIMATES:
+        if len(_ESTIMATES) >= _MAX_CACHED:
+            _ESTIMATES.clear()
+        _ESTIMATES[key] = _estimate(net, plan, batch_size, loss)
+    return _ESTIMATES[key]
+
+
+def _estimate(net: StageNet, plan: StagePlan, batch_size: int, loss: StepLoss) -> MemoryBreakdown:
+    if batch_size <= PROBE_BATCH:
+        return _account(net, plan, batch_size, loss)
+    half, full = _account(net, plan, PROBE_BATCH // 2, loss), _account(net, plan, PROBE_BATCH, loss)
+    scale = (batch_size - PROBE_BATCH) / (PROBE_BATCH - PROBE_BATCH // 2)
+
+    def grow(field: str) -> int:
+        a, b = getattr(half, field), getattr(full, field)
+        return round(b + (b - a) * scale)
+
+    return dataclasses.replace(full, **{f: grow(f) for f in ("batch", "activations", "frozen_forward", "training")})
+
+
+def _account(net: StageNet, plan: StagePlan, batch_size: int, loss: StepLoss) -> MemoryBreakdown:
     work = copy.deepcopy(net)
     params = work.prepare(plan)
-    x = torch.randn(batch_size, *work.model.input_shape)
-    y = torch.randint(0, work.model.num_classes, (batch_size,))
+    generator = torch.Generator().manual_seed(0)  # the global RNG is the experiment's: never drawn from here
+    x = torch.randn(batch_size, *work.model.input_shape, generator=generator)
+    y = torch.randint(0, work.model.num_classes, (batch_size,), generator=generator)
     n_frozen = 0 if plan.full else plan.stage - 1
     with torch.no_grad(), LiveTensorBytes() as prefix:
         h = x

@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from neulite.config import Config, config_to_toml, load_config
+from neulite.config import Config, config_differences, config_to_toml, load_config
 from neulite.errors import NeuliteError
 from neulite.memory import MIB
 from neulite.models.stage_net import FULL_MODEL
@@ -44,8 +44,27 @@ class ResultsDir:
     def metrics_path(self) -> Path:
         return self.path / "metrics.jsonl"
 
+    RUN_FILES = ("config.toml", "metrics.jsonl", "checkpoint.pt", "summary.json", "model.pt")
+
+    def check_target(self, *, resume: bool, overwrite: bool) -> None:
+        """Refuse a folder a run cannot write to, and a finished or started run's folder unless
+        the user asked to continue it (`resume`) or to replace it (`overwrite`)."""
+        if self.path.exists() and not self.path.is_dir():
+            raise NeuliteError(f"--out {self.path} is a file, not a results folder")
+        if resume and overwrite:
+            raise NeuliteError("--resume and --overwrite exclude each other")
+        held = [name for name in self.RUN_FILES if (self.path / name).exists()]
+        if held and not (resume or overwrite):
+            raise NeuliteError(
+                f"{self.path} already holds a run ({', '.join(held)}): pass --resume to continue it "
+                "or --overwrite to replace it"
+            )
+
     def start(self, cfg: Config) -> None:
+        """A fresh run: the resolved config, empty metrics, and nothing left of a replaced run."""
         self.path.mkdir(parents=True, exist_ok=True)
+        for name in self.RUN_FILES:
+            (self.path / name).unlink(missing_ok=True)
         self.config_path.write_text(config_to_toml(cfg))
         self.metrics_path.write_text("")
 
@@ -80,8 +99,11 @@ class ResultsDir:
         except Exception as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise NeuliteError(f"corrupted or unsafe checkpoint {self.checkpoint_path}: {reason}") from None
-        if not isinstance(state, dict) or not {"round", "simulation"} <= state.keys():
-            raise NeuliteError(f"corrupted checkpoint {self.checkpoint_path}: missing 'round' or 'simulation'")
+        keys = {"round", "wall_seconds", "simulation", "config"}
+        if not isinstance(state, dict) or not keys <= state.keys():
+            raise NeuliteError(
+                f"corrupted checkpoint {self.checkpoint_path}: it lacks one of {', '.join(sorted(keys))}"
+            )
         return state
 
     def finish(
@@ -144,12 +166,20 @@ def plot_memory(memory_rows: list[dict[str, Any]], path: Path) -> None:
 class RunLog:
     """The results folder of a running experiment: resumes from its checkpoint, logs every round."""
 
-    def __init__(self, cfg: Config, out: str | Path, *, resume: bool, console: Console) -> None:
+    def __init__(
+        self, cfg: Config, out: str | Path, *, resume: bool, console: Console, overwrite: bool = False
+    ) -> None:
         self.cfg, self.console = cfg, console
         self.folder = ResultsDir(out)
+        self.folder.check_target(resume=resume, overwrite=overwrite)
         self.state = self.folder.load_checkpoint() if resume else None
         self.first_round, elapsed = 1, 0.0
         if self.state is not None:
+            if changed := config_differences(self.state["config"], cfg.to_dict()):
+                raise NeuliteError(
+                    f"cannot resume {out}: the config differs from the checkpoint's in {', '.join(changed)} "
+                    "(a run resumes only on the config it started with; start a new run to change it)"
+                )
             self.first_round, elapsed = self.state["round"] + 1, self.state["wall_seconds"]
             self.folder.rewrite_metrics(self.folder.read_metrics(self.state["round"]))
             console.print(f"resuming {out} after round {self.state['round']}")
@@ -161,7 +191,13 @@ class RunLog:
     def resume(self, server: Server) -> None:
         """Restore the server from the checkpoint, if this run resumes one."""
         if self.state is not None:
-            server.load_state_dict(self.state["simulation"])
+            try:
+                server.load_state_dict(self.state["simulation"])
+            except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise NeuliteError(
+                    f"corrupted checkpoint {self.folder.checkpoint_path}: it does not fit this run ({reason})"
+                ) from None
 
     def record(self, record: RoundRecord, server: Server) -> None:
         """Append the round's metrics and replace the checkpoint (atomically)."""
@@ -169,7 +205,12 @@ class RunLog:
         self.rows.append(row)
         self.folder.append_metrics(row)
         self.folder.save_checkpoint(
-            {"round": record.round, "wall_seconds": time.perf_counter() - self.start, "simulation": server.state_dict()}
+            {
+                "round": record.round,
+                "wall_seconds": time.perf_counter() - self.start,
+                "simulation": server.state_dict(),
+                "config": self.cfg.to_dict(),
+            }
         )
         if not self.console.is_terminal:  # a log file gets one line per round instead of progress bars
             stage = "full model" if record.stage == FULL_MODEL else f"stage {record.stage}"

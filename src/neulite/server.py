@@ -8,6 +8,8 @@ so the same config and seed sample the same clients whichever driver moves the b
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -16,17 +18,19 @@ from typing import Any
 import numpy as np
 
 from neulite.algorithms.base import Method
-from neulite.algorithms.payload import ClientResult, ClientTask
+from neulite.algorithms.payload import ClientResult, ClientTask, check_result
 from neulite.config import Config
 from neulite.data import TensorDataset
 from neulite.errors import NeuliteError
 from neulite.memory import MIB
-from neulite.models.arrays import nbytes
+from neulite.models.arrays import Arrays, nbytes
 from neulite.models.stage_net import StagePlan
+
+log = logging.getLogger(__name__)
 
 Query = Callable[[ClientTask], Mapping[int, ClientResult]]
 """How a driver asks every client to answer a task outside training (HeteroFL's calibration):
-the replies that arrived, by client id, already checked."""
+the replies that arrived, by client id (the server checks them as it checks training replies)."""
 
 
 @dataclass(frozen=True)
@@ -83,11 +87,23 @@ class Server:
     query : Query
         The driver's way to ask every client for a calibration reply before an evaluation, for
         methods that need one (`Method.calibration_task`).
+    partition_sizes : Mapping[int, int]
+        Each client's number of training samples, known to the server from the partition: a
+        reply claiming more is refused.
     """
 
-    def __init__(self, method: Method, budgets: Mapping[int, int], cfg: Config, full_peak: int, query: Query) -> None:
+    def __init__(
+        self,
+        method: Method,
+        budgets: Mapping[int, int],
+        cfg: Config,
+        full_peak: int,
+        query: Query,
+        partition_sizes: Mapping[int, int],
+    ) -> None:
         self.method = method
         self.query = query
+        self.partition_sizes = dict(partition_sizes)
         self.budgets = dict(sorted(budgets.items()))
         self.cfg = cfg
         self.full_peak = full_peak
@@ -132,9 +148,57 @@ class Server:
         }
         return Round(number, plan, len(eligible), tasks, started)
 
-    def aggregate(self, configured: Round, results: Mapping[int, ClientResult], test: TensorDataset) -> RoundRecord:
-        """Merge the replies that arrived, evaluate when due, and report the round."""
+    def accept(self, configured: Round, replies: Mapping[int, ClientResult]) -> dict[int, ClientResult]:
+        """The replies fit to touch the global model, each left-out one logged with its reason.
+
+        A reply must be exactly the finite tensors its task asked for; its update (RMS distance from
+        what was sent) must be within `server.outlier_ratio` times the sent model's own RMS and, with
+        three or more well-formed replies, times their median update; and it may claim no more
+        examples than the client's partition holds.
+        """
+        number, checked = configured.number, {}
+        for cid, result in replies.items():
+            try:
+                if cid not in configured.tasks:
+                    raise NeuliteError("it was not sampled this round")
+                check_result(result, self.method.reply_spec(configured.tasks[cid]))
+                checked[cid] = result
+            except NeuliteError as exc:
+                log.warning("round %d: client %d left out: %s", number, cid, exc)
+        if ratio := self.cfg.server.outlier_ratio:
+            moved = {cid: update_size(configured.tasks[cid].arrays, r.arrays) for cid, r in checked.items()}
+            typical = float(np.median(list(moved.values()))) if len(moved) >= 3 else math.inf
+            for cid, size in moved.items():
+                scale = rms(configured.tasks[cid].arrays)
+                if size > ratio * scale or size > ratio * typical:
+                    log.warning(
+                        "round %d: client %d left out: its update (RMS %.3g) exceeds server.outlier_ratio = %g times "
+                        "the sent model's RMS (%.3g) or the round's median update (%.3g)",
+                        number,
+                        cid,
+                        size,
+                        ratio,
+                        scale,
+                        typical,
+                    )
+                    del checked[cid]
+        for cid, result in list(checked.items()):
+            limit = self.partition_sizes.get(cid)
+            if limit is not None and result.num_examples > limit:
+                log.warning(
+                    "round %d: client %d left out: it claims %d examples, more than the client's partition holds (%d)",
+                    number,
+                    cid,
+                    result.num_examples,
+                    limit,
+                )
+                del checked[cid]
+        return checked
+
+    def aggregate(self, configured: Round, replies: Mapping[int, ClientResult], test: TensorDataset) -> RoundRecord:
+        """Check the replies that arrived, merge the usable ones, evaluate when due, and report the round."""
         number, plan = configured.number, configured.plan
+        results = self.accept(configured, replies)
         needed = min(self.cfg.clients.min_replies, len(configured.tasks))
         if len(results) < needed:
             raise NeuliteError(
@@ -142,6 +206,12 @@ class Server:
                 f"fewer than clients.min_replies={needed}; stopping (the last checkpoint is kept)"
             )
         self.method.aggregate_train(number, plan, list(results.values()))
+        if bad := [
+            n for n, t in self.method.net.state_dict().items() if t.is_floating_point() and not t.isfinite().all()
+        ]:
+            raise NeuliteError(
+                f"round {number}: the merged model holds NaN or Inf in {bad[0]!r}; stopping (the last checkpoint is kept)"
+            )
         self.participated.update(results)
         acc = loss = float("nan")
         if number % self.cfg.eval.every == 0 or number == self.cfg.method.rounds:
@@ -170,7 +240,14 @@ class Server:
         """(accuracy, loss) of `plan`'s model on `data`, after the calibration query the method may need."""
         task = self.method.calibration_task()
         if task is not None:
-            replies = self.query(task)
+            spec = self.method.calibration_spec()
+            replies = {}
+            for cid, reply in self.query(task).items():
+                try:
+                    check_result(reply, spec, self.partition_sizes.get(cid))
+                    replies[cid] = reply
+                except NeuliteError as exc:
+                    log.warning("calibration reply of client %d left out: %s", cid, exc)
             if not replies:
                 raise NeuliteError(f"{self.cfg.method.name} cannot evaluate: no client answered the calibration query")
             self.method.calibrate(list(replies.values()))
@@ -210,6 +287,24 @@ class Server:
         self.method.load_state_dict(state["method"])
         self._rng.bit_generator.state = state["rng"]
         self.participated = set(state["participated"])
+
+
+def rms(arrays: Arrays) -> float:
+    """Root-mean-square of all floating elements: the scale of a model's weights."""
+    floats = [t.double() for t in arrays.values() if t.is_floating_point()]
+    count = sum(t.numel() for t in floats)
+    return math.sqrt(sum(float(t.square().sum()) for t in floats) / count) if count else 0.0
+
+
+def update_size(sent: Arrays, returned: Arrays) -> float:
+    """Root-mean-square change of the floating tensors a client returned, against what it was sent."""
+    total, count = 0.0, 0
+    for name, value in returned.items():
+        before = sent.get(name)
+        if before is not None and value.is_floating_point() and before.shape == value.shape:
+            total += float((value.double() - before.double()).square().sum())
+            count += value.numel()
+    return math.sqrt(total / count) if count else 0.0
 
 
 def client_seed(seed: int, rnd: int, cid: int) -> int:

@@ -18,11 +18,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from neulite.algorithms.payload import ClientResult, ClientTask
 from neulite.config import Config
-from neulite.errors import NeuliteError
 from neulite.experiment import build_experiment
 from neulite.federation import Client, augment_enabled, make_clients
 from neulite.models.stage_net import StagePlan
-from neulite.results import RunLog
+from neulite.results import ResultsDir, RunLog
 from neulite.server import RoundRecord
 
 log = logging.getLogger(__name__)
@@ -35,7 +34,7 @@ class Simulation:
         self.cfg = cfg
         experiment = build_experiment(cfg)
         self.splits, self.method = experiment.splits, experiment.method
-        self.clients = make_clients(cfg, self.splits, experiment.full_peak)
+        self.clients = make_clients(cfg, self.splits, experiment.indices, experiment.full_peak)
         self.augment = augment_enabled(cfg, self.splits)
         self.server = experiment.server({c.cid: c.budget for c in self.clients}, self.query)
 
@@ -47,14 +46,20 @@ class Simulation:
         """The clients that can take part in a stage, each with the capacity level it would train."""
         return [(self.clients[cid], level) for cid, level in self.server.eligible(plan)]
 
+    def train(self, cid: int, task: ClientTask) -> ClientResult:
+        """One client's reply to its task (a subclass may stand in for a faulty or hostile client)."""
+        return self.method.client_update(task, self.clients[cid].train, augment=self.augment)
+
     def run_round(self, rnd: int, on_client: Callable[[], None] | None = None) -> RoundRecord:
+        """Every sampled client trains; a client that fails is left out and logged, as a node that
+        fails is on Flower, and the server checks every reply before merging (`Server.accept`)."""
         configured = self.server.configure(rnd)
         results: dict[int, ClientResult] = {}
         for cid, task in configured.tasks.items():
             try:
-                results[cid] = self.method.client_update(task, self.clients[cid].train, augment=self.augment)
-            except NeuliteError as exc:
-                log.warning("client %d left out of round %d: %s", cid, rnd, exc)
+                results[cid] = self.train(cid, task)
+            except Exception as exc:  # a client's failure is its own: the round goes on from the others
+                log.warning("round %d: client %d left out: it failed: %s: %s", rnd, cid, type(exc).__name__, exc)
             finally:
                 if on_client is not None:
                     on_client()
@@ -76,12 +81,17 @@ class Simulation:
 
 
 def run_experiment(
-    cfg: Config, out: str | Path, *, resume: bool = False, console: Console | None = None
+    cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool = False, console: Console | None = None
 ) -> dict[str, Any]:
-    """Run (or, with `resume`, continue from its checkpoint) an experiment; returns the summary."""
+    """Run an experiment into `out`; returns the summary.
+
+    `resume` continues the run in `out` from its checkpoint (on the same config), `overwrite`
+    replaces it; without either, a folder that holds a run is refused.
+    """
     console = console or Console(quiet=True)
+    ResultsDir(out).check_target(resume=resume, overwrite=overwrite)
     sim = Simulation(cfg)  # everything is built and checked before the results folder is touched
-    run = RunLog(cfg, out, resume=resume, console=console)
+    run = RunLog(cfg, out, resume=resume, overwrite=overwrite, console=console)
     run.resume(sim.server)
     rounds = cfg.method.rounds
     with Progress(

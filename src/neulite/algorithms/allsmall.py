@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
+
 from neulite.algorithms.fedavg import FedAvg
 from neulite.algorithms.submodel import WIDTHS, width_net
 from neulite.config import Config
@@ -35,7 +37,9 @@ class AllSmall(FedAvg):
     def setup(self, budgets: Mapping[int, int]) -> None:
         weakest = min(budgets.values())
         for level, width in enumerate(WIDTHS):
-            self.net, self.level = width_net(self.cfg, self.net, width), level
+            with torch.random.fork_rng():  # the small model's initial weights depend on the seed alone
+                torch.manual_seed(self.cfg.seed)
+                self.net, self.level = width_net(self.cfg, self.net, width), level
             self._memory.clear()
             if self.memory(self.net.full_plan()).total <= weakest:
                 break

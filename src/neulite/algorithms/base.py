@@ -17,7 +17,8 @@ import torch
 
 from neulite.algorithms.evaluate import evaluate
 from neulite.algorithms.local import cross_entropy_loss, local_update
-from neulite.algorithms.payload import ClientResult, ClientTask, ConfigValue, weighted_average
+from neulite.algorithms.merge import merge_results
+from neulite.algorithms.payload import ClientResult, ClientTask, ConfigValue
 from neulite.config import Config
 from neulite.data.datasets import TensorDataset
 from neulite.memory import MemoryBreakdown, StepLoss, estimate
@@ -118,7 +119,7 @@ class Method(ABC):
 
     def aggregate_train(self, rnd: int, plan: StagePlan, results: Sequence[ClientResult]) -> None:
         """Merge the replies of round `rnd` into the global model."""
-        assign_arrays(self.net, weighted_average(results))
+        assign_arrays(self.net, merge_results(results, self.cfg.server))
 
     def calibration_task(self) -> ClientTask | None:
         """A query the server sends every client before evaluating (HeteroFL's static BatchNorm

@@ -12,7 +12,8 @@ from torch import nn
 from neulite.algorithms.base import Method, Spec
 from neulite.algorithms.evaluate import evaluate
 from neulite.algorithms.local import cross_entropy_loss
-from neulite.algorithms.payload import ClientResult, ClientTask, weighted_average
+from neulite.algorithms.merge import merge_results
+from neulite.algorithms.payload import ClientResult, ClientTask
 from neulite.algorithms.submodel import WIDTHS, extract, scatter_average, width_net
 from neulite.config import Config
 from neulite.data.datasets import TensorDataset
@@ -150,7 +151,9 @@ class HeteroFL(Method):
         )
 
     def aggregate_train(self, rnd: int, plan: StagePlan, results: Sequence[ClientResult]) -> None:
-        assign_arrays(self.net, scatter_average(self.net.state_dict(), results, self.window_start(rnd)))
+        assign_arrays(
+            self.net, scatter_average(self.net.state_dict(), results, self.window_start(rnd), self.cfg.server)
+        )
 
     def calibration_task(self) -> ClientTask:
         plan = self.final_plan()
@@ -171,7 +174,7 @@ class HeteroFL(Method):
         return ClientResult(bn_statistics(net.model, data), len(data))
 
     def calibrate(self, results: Sequence[ClientResult]) -> None:
-        self._statistics = weighted_average([r for r in results if r.num_examples > 0])
+        self._statistics = merge_results(list(results), self.cfg.server)
 
     def evaluate(self, plan: StagePlan, data: TensorDataset) -> tuple[float, float]:
         if self._statistics is None:

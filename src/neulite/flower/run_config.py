@@ -26,6 +26,7 @@ class DriverSettings:
     config-file : str (default "")   neulite TOML config the overrides apply to ("" = built-in defaults)
     out : str (default "results/flower")   results folder written by the ServerApp
     resume : bool (default false)   continue the run in `out` from its last checkpoint
+    overwrite : bool (default false)   replace the run already in `out` (without it or `resume`, such a folder is refused)
     round-timeout : float (default 600)   seconds to wait for a round's replies
     node-wait : float (default 120)   seconds to wait for enough nodes to connect, and for their profiling answers
     min-nodes : int (default 0)   nodes that must answer the profiling query (0 = data.num_clients)
@@ -34,6 +35,7 @@ class DriverSettings:
     config_file: str = ""
     out: str = "results/flower"
     resume: bool = False
+    overwrite: bool = False
     round_timeout: float = 600.0
     node_wait: float = 120.0
     min_nodes: int = 0

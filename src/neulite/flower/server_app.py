@@ -41,11 +41,14 @@ def run(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     cfg, driver = parse_run_config(run_config)
     experiment = build_experiment(cfg)
     min_nodes = driver.min_nodes or cfg.data.num_clients
-    found = profile_nodes(grid, experiment.full_peak, min_nodes=min_nodes, wait=driver.node_wait)
+    found = profile_nodes(
+        grid, experiment.full_peak, partitions=cfg.data.num_clients, min_nodes=min_nodes, wait=driver.node_wait
+    )
     nodes = {cid: node for cid, (node, _) in found.items()}
     query = NodeQuery(grid, nodes, experiment.method, timeout=driver.round_timeout)
     server = experiment.server({cid: budget for cid, (_, budget) in found.items()}, query)
-    run_log = RunLog(cfg, driver.out, resume=driver.resume, console=Console(force_terminal=False, soft_wrap=True))
+    console = Console(force_terminal=False, soft_wrap=True)
+    run_log = RunLog(cfg, driver.out, resume=driver.resume, overwrite=driver.overwrite, console=console)
     run_log.resume(server)
     strategy = NeuliteStrategy(server, nodes, experiment.splits.test, run_log.record, run_log.first_round)
     strategy.start(

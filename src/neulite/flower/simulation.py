@@ -11,19 +11,27 @@ from neulite.config import Config, config_to_toml
 from neulite.errors import NeuliteError
 from neulite.flower.client_app import make_client_app
 from neulite.flower.server_app import make_server_app
+from neulite.results import ResultsDir
 
 
-def run_config_for(cfg: Config, out: str | Path, *, resume: bool = False) -> dict[str, Any]:
+def run_config_for(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """The Flower run config that runs `cfg` into `out`: the config as a TOML file in `out`."""
+    ResultsDir(out).check_target(resume=resume, overwrite=overwrite)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     config_file = out / "flower-config.toml"
     config_file.write_text(config_to_toml(cfg))
-    return {"config-file": str(config_file), "out": str(out), "resume": resume}
+    return {"config-file": str(config_file), "out": str(out), "resume": resume, "overwrite": overwrite}
 
 
 def simulate(
-    cfg: Config, out: str | Path, *, resume: bool = False, num_cpus_per_node: float = 1.0, verbose: bool = False
+    cfg: Config,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    num_cpus_per_node: float = 1.0,
+    verbose: bool = False,
 ) -> dict[str, Any]:
     """Run `cfg` on Flower's Ray simulation engine with one supernode per client; returns the summary.
 
@@ -32,7 +40,7 @@ def simulate(
     """
     from flwr.simulation import run_simulation
 
-    run_config = run_config_for(cfg, out, resume=resume)
+    run_config = run_config_for(cfg, out, resume=resume, overwrite=overwrite)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     run_simulation(
         make_server_app(run_config),

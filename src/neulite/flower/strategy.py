@@ -34,12 +34,19 @@ from neulite.server import Round, RoundRecord, Server
 log = logging.getLogger(__name__)
 
 
-def profile_nodes(grid: Grid, full_peak: int, *, min_nodes: int, wait: float) -> dict[int, tuple[int, int]]:
+MAX_BUDGET = 2**50
+"""The largest budget a node may report (1 PiB): beyond it a claim is not a device's."""
+
+
+def profile_nodes(
+    grid: Grid, full_peak: int, *, partitions: int, min_nodes: int, wait: float
+) -> dict[int, tuple[int, int]]:
     """Ask every connected node for its partition and budget: {partition id: (node id, budget bytes)}.
 
     Waits up to `wait` seconds for `min_nodes` to connect and as long again for their answers
-    (a node loads its data first), and fails if fewer than `min_nodes` answer. A node that errors
-    or claims a partition another node holds is left out and logged.
+    (a node loads its data first), and fails if fewer than `min_nodes` answer. A node that errors,
+    claims a partition outside [0, partitions) or one another node holds, or reports a budget that
+    is not a positive number of bytes up to `MAX_BUDGET`, is left out and logged.
     """
     deadline = time.monotonic() + wait
     while len(nodes := list(grid.get_node_ids())) < min_nodes:
@@ -60,6 +67,10 @@ def profile_nodes(grid: Grid, full_peak: int, *, min_nodes: int, wait: float) ->
         cid, budget = profile.get("partition-id"), profile.get("budget-bytes")
         if not isinstance(cid, int) or not isinstance(budget, int):
             log.warning("node %d left out: malformed profile %s", node, dict(profile))
+        elif not 0 <= cid < partitions:
+            log.warning("node %d left out: partition %d is not in [0, %d)", node, cid, partitions)
+        elif not 0 < budget <= MAX_BUDGET:
+            log.warning("node %d left out: budget %d bytes is not in (0, %d]", node, budget, MAX_BUDGET)
         elif cid in found:
             log.warning("node %d left out: partition %d is already held by node %d", node, cid, found[cid][0])
         else:
@@ -195,13 +206,24 @@ class NeuliteStrategy(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Validation accuracy of the deployable model, weighted by the nodes' validation sizes."""
         correct = total = 0.0
+        seen: set[int] = set()
         for reply in replies:
+            node = reply.metadata.src_node_id
             metrics = None if reply.has_error() else reply.content.metric_records.get("metrics")
-            if metrics is None or not {"accuracy", "num-examples"} <= set(metrics):
-                log.warning("validation reply from node %d left out", reply.metadata.src_node_id)
+            cid = self.cids.get(node)
+            if metrics is None or cid is None or cid in seen or not {"accuracy", "num-examples"} <= set(metrics):
+                log.warning("validation reply from node %d left out", node)
                 continue
-            correct += float(metrics["accuracy"]) * int(metrics["num-examples"])
-            total += int(metrics["num-examples"])
+            accuracy, count = metrics["accuracy"], metrics["num-examples"]
+            if not (isinstance(count, int) and 0 <= count <= self.server.partition_sizes.get(cid, 0)):
+                log.warning("validation reply of partition %d left out: it claims %r examples", cid, count)
+                continue
+            if not (isinstance(accuracy, (int, float)) and 0.0 <= accuracy <= 1.0):
+                log.warning("validation reply of partition %d left out: accuracy %r", cid, accuracy)
+                continue
+            seen.add(cid)
+            correct += float(accuracy) * count
+            total += count
         if not total:
             return None
         self.validation_accuracy = correct / total

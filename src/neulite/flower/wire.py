@@ -3,21 +3,28 @@
 A task goes down as `RecordDict{"arrays": only the stage's tensors, "config": round, seed and the
 stage plan, "method-config": the method's own knobs}`; a result comes up as `{"arrays": only the
 trained tensors, "metrics": num-examples and train_loss}`. Plans are rebuilt by type name from
-`StagePlan.types`, where every kind of plan registers itself, so this format knows no method. Decoding a reply checks it against what the task asked
-for, so a malformed reply is a `NeuliteError` naming the problem, never a crash inside aggregation.
+`StagePlan.types`, where every kind of plan registers itself, so this format knows no method.
+
+Decoding a reply checks its tensors' metadata against what the task asked for before deserialising
+them, so a malformed reply is a `NeuliteError` naming the problem, never a crash inside aggregation;
+the server then checks the values (`Server.accept`), as it does for the in-process simulator.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from neulite.algorithms.base import Spec
-from neulite.algorithms.payload import ClientResult, ClientTask, check_result
+from neulite.algorithms.payload import ClientResult, ClientTask
 from neulite.errors import NeuliteError
 from neulite.models.arrays import Arrays
 from neulite.models.stage_net import StagePlan
+
+NPY_HEADER_BYTES = 4096
+"""Room for the .npy header Flower wraps each tensor's bytes in (about 128 bytes in practice)."""
 
 
 def encode_plan(plan: StagePlan) -> dict[str, int | bool | str]:
@@ -66,14 +73,36 @@ def encode_result(result: ClientResult) -> RecordDict:
 
 
 def decode_result(record: RecordDict, spec: Spec, required: tuple[str, ...] = ("train_loss",)) -> ClientResult:
-    """The reply as a `ClientResult`, checked against `spec` (the tensors the task asked for) and
-    holding the `required` metrics."""
+    """The reply as a `ClientResult` holding the `required` metrics. Its tensors' names, shapes,
+    dtypes and byte sizes are checked against `spec` before any is deserialised, so an oversized
+    reply costs nothing more; the server then checks the values like any driver's replies."""
     metrics = record.metric_records.get("metrics")
     if metrics is None or "num-examples" not in metrics:
         raise NeuliteError("malformed reply: no 'metrics' record with num-examples")
+    if not isinstance(metrics["num-examples"], int):
+        raise NeuliteError(f"malformed reply: num-examples is {metrics['num-examples']!r}, not an integer")
     values = {k: float(v) for k, v in metrics.items() if k != "num-examples" and isinstance(v, (int, float))}
-    result = ClientResult(_arrays(record), int(metrics["num-examples"]), values)
     if missing := [k for k in required if k not in values]:
         raise NeuliteError(f"malformed reply: no {missing[0]} metric")
-    check_result(result, spec)
-    return result
+    check_sizes(record, spec)
+    return ClientResult(_arrays(record), metrics["num-examples"], values)
+
+
+def check_sizes(record: RecordDict, spec: Spec) -> None:
+    """Names, shapes, dtypes and byte sizes of the reply's serialised tensors against `spec`."""
+    if "arrays" not in record.array_records:
+        raise NeuliteError("malformed message: no 'arrays' record")
+    arrays = record.array_records["arrays"]
+    if missing := sorted(set(spec) - set(arrays)):
+        raise NeuliteError(f"malformed reply: missing {len(missing)} tensor(s), e.g. {missing[0]!r}")
+    if extra := sorted(set(arrays) - set(spec)):
+        raise NeuliteError(f"malformed reply: unexpected tensor {extra[0]!r}")
+    for name, (shape, dtype) in spec.items():
+        array, expected = arrays[name], str(dtype).removeprefix("torch.")
+        if tuple(array.shape) != shape or array.dtype != expected:
+            raise NeuliteError(
+                f"malformed reply: {name!r} is {array.dtype}{list(array.shape)}, expected {expected}{list(shape)}"
+            )
+        limit = math.prod(shape) * dtype.itemsize + NPY_HEADER_BYTES
+        if len(array.data) > limit:
+            raise NeuliteError(f"malformed reply: {name!r} carries {len(array.data)} bytes, more than its shape needs")
