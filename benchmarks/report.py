@@ -417,6 +417,34 @@ def flower_section(data: dict[str, Any]) -> list[str]:
     ]
 
 
+def robustness_table(data: dict[str, Any]) -> str:
+    rules = data["rules"]
+    attacks = list(next(iter(rules.values()))["attacks"])
+    out = ["| `server.aggregation` | clean | " + " | ".join(a.replace("-k", ", k=") for a in attacks) + " |"]
+    out.append("|---|---:|" + "---:|" * len(attacks))
+    for rule, r in rules.items():
+        out.append(f"| {rule} | {pct(r['clean'])} | " + " | ".join(pct(r["attacks"][a]) for a in attacks) + " |")
+    return "\n".join(out)
+
+
+def robustness_section(data: dict[str, Any]) -> list[str]:
+    return [
+        "## Robustness: `python benchmarks/robustness.py`",
+        "",
+        "NeuLite on a small federation (10 clients, all training every round) in which the first k clients",
+        "answer every round with an attack instead of their update: `nan` (every tensor NaN), `huge` (every",
+        "tensor 1e30), `inflate` (the honest update claiming 10^12 examples) and `sign_flip` (the update",
+        "reversed and tripled: finite, in range, plausible). Median final test accuracy over the seeds; a run",
+        "that stopped counts as 0.",
+        "",
+        f"Machine: {machine(data['machine'])}. Setting: default config with "
+        f"{', '.join(f'`{s}`' for s in data['federation'])}; seeds {', '.join(map(str, data['seeds']))}.",
+        "",
+        robustness_table(data),
+        "",
+    ]
+
+
 SWEEPS = {
     "lr": "The local learning rate of the accuracy benchmark, chosen on the FedAvg oracle so that the choice favours no memory-efficient method; every method then shares it.",
     "schedule": "NeuLite's rounds per stage on the accuracy benchmark, at the chosen learning rate (applies to every `neulite*` variant).",
@@ -513,6 +541,11 @@ def index(available: dict[str, dict[str, Any] | None], tunes: list[Path]) -> lis
             "`python benchmarks/flower.py`",
             "in-process simulator against Flower's engine: time, accuracy, bytes",
         ),
+        (
+            "robustness",
+            "`python benchmarks/robustness.py`",
+            "final accuracy with 1 or 2 hostile clients of 10, under each aggregation rule",
+        ),
     ]
     out = ["| command | measures | results | machine |", "|---|---|---|---|"]
     for name, command, what in rows:
@@ -531,7 +564,7 @@ def index(available: dict[str, dict[str, Any] | None], tunes: list[Path]) -> lis
 
 def render_benchmarks() -> str:
     """The whole text of benchmarks/README.md."""
-    data = {name: load(name) for name in ("memory", "accuracy", "compute", "speed", "flower")}
+    data = {name: load(name) for name in ("memory", "accuracy", "compute", "speed", "flower", "robustness")}
     tunes = tune_paths()
     out = INTRO + index(data, tunes)
     for name, section in (
@@ -540,6 +573,7 @@ def render_benchmarks() -> str:
         ("compute", compute_section),
         ("speed", speed_section),
         ("flower", flower_section),
+        ("robustness", robustness_section),
     ):
         if data[name]:
             out += section(data[name])
@@ -602,6 +636,25 @@ def render_summary() -> str:
             f"in-process and {pct(p['final_accuracy']['flower_simulation'])} on Flower's engine, with the same clients and bytes every "
             f"round; over {len(fl['rounds'])} rounds the clients receive {down / whole:.0%} and return {up / whole:.0%} of the bytes "
             f"that sending the whole model would cost."
+        )
+    if rob := load("robustness"):
+        rules = rob["rules"]
+        flip = {rule: r["attacks"]["sign_flip-k2"] for rule, r in rules.items()}
+        drop = max(
+            0.0,
+            *(
+                r["clean"] - r["attacks"][f"{a}-k{k}"]
+                for r in rules.values()
+                for a in ("nan", "huge", "inflate")
+                for k in (1, 2)
+            ),
+        )
+        out.append(
+            f"- **Robustness** (`python benchmarks/robustness.py`, 2 hostile clients of 10): NaN, 1e30 and inflated-count "
+            f"replies are refused under every rule (at most {drop * 100:.1f} points below the clean run); "
+            f"against a sign-flipping pair the final accuracy is {pct(flip['mean'])} with `mean`, "
+            f"{pct(flip['trimmed_mean'])} with `trimmed_mean` and {pct(flip['median'])} with `median` "
+            f"(clean: {pct(rules['mean']['clean'])}, {pct(rules['trimmed_mean']['clean'])}, {pct(rules['median']['clean'])})."
         )
     return "\n".join(out) + "\n"
 
