@@ -177,13 +177,14 @@ class ServerConfig:
     aggregation: "mean" (data-size weighted), or per tensor element over the clients that hold it,
     "trimmed_mean" (drop the `trim` share of the largest and of the smallest values, average the rest)
     or "median"; both robust rules weigh every client equally, so a claimed sample count moves nothing.
-    outlier_ratio: a reply whose update (its distance from the tensors it was sent) is more than this
-    many times the round's median update is left out (0: off; needs 3 or more replies to judge).
+    outlier_ratio: a reply whose update (its RMS distance from the tensors it was sent) is more than
+    this many times the sent model's RMS, or than the round's median update (with 3 or more replies),
+    is left out (0: off). Honest clients on label-skewed data differ by more than 10x; 100 leaves them be.
     """
 
     aggregation: str = "mean"
     trim: float = 0.2
-    outlier_ratio: float = 10.0
+    outlier_ratio: float = 100.0
 
     def __post_init__(self) -> None:
         choice("server.aggregation", self.aggregation, ("mean", "trimmed_mean", "median"))
