@@ -1,5 +1,7 @@
 import ast
 import inspect
+import subprocess
+import sys
 
 import pytest
 from torch import nn
@@ -66,7 +68,10 @@ def test_the_memory_module_depends_on_models_only():
         if isinstance(node, ast.ImportFrom)
     }
     assert all(
-        not m.startswith("neulite.") or m.startswith("neulite.models") or m == "neulite.saved_tensors" for m in imported
+        not m.startswith("neulite.")
+        or m.startswith("neulite.models")
+        or m in ("neulite.saved_tensors", "neulite.errors")
+        for m in imported
     ), imported
 
 
@@ -81,3 +86,28 @@ def test_estimate_of_each_methods_step_holds_against_the_measured_allocator_peak
     est = m.memory(plan).total
     real = measure(m.net, plan, cfg.train.batch_size, m.loss(m.task_config(plan)))
     assert abs(est - real) / real < 0.15, (est, real)
+
+
+SCRIPT = """
+import sys
+from neulite.algorithms.local import cross_entropy_loss
+from neulite.memory import measure
+from neulite.models.stage_net import StageNet
+from neulite.models.zoo import build_model
+
+def main():
+    net = StageNet(build_model("small_cnn", (1, 28, 28), 10, 0.5, 0))
+    print("peak", measure(net, net.full_plan(), 8, cross_entropy_loss))
+"""
+
+
+@pytest.mark.parametrize("guarded", [True, False])
+def test_measure_from_a_script_with_or_without_a_main_guard_never_hangs(tmp_path, guarded: bool):
+    script = tmp_path / "mine.py"
+    script.write_text(SCRIPT + ('if __name__ == "__main__":\n    main()\n' if guarded else "main()\n"))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    if guarded:
+        assert done.returncode == 0 and done.stdout.startswith("peak ") and int(done.stdout.split()[1]) > 0
+        assert done.stderr == ""  # the profiler's log lines stay out of the user's terminal
+    else:
+        assert done.returncode != 0 and 'if __name__ == "__main__":' in done.stderr

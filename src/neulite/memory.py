@@ -13,15 +13,19 @@ from __future__ import annotations
 import copy
 import dataclasses
 import multiprocessing
+import os
 import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from multiprocessing.connection import Connection
+from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from neulite.errors import NeuliteError
 from neulite.models.arrays import assign_arrays, extract_arrays
 from neulite.models.stage_net import StageNet, StagePlan
 from neulite.saved_tensors import SavedTensorCounter
@@ -187,12 +191,40 @@ def measure(
 ) -> int:
     """The real peak bytes of `steps` training steps of a client that received only its tensors.
 
-    Runs in a fresh process: the CPU profiler's memory events are only complete in a process's
-    first profiling session.
+    Runs in a fresh (spawned) process: the CPU profiler's memory events are only complete in a
+    process's first profiling session. Its output stays out of the terminal, and if it cannot
+    start (a script that calls this outside `if __name__ == "__main__":` re-runs itself in the
+    child) the call fails at once saying so, instead of waiting forever.
     """
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        return pool.apply(_measure_here, (net, plan, batch_size, loss, device, steps))
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_measure_child, args=(send, net, plan, batch_size, loss, device, steps))
+    child.start()
+    send.close()
+    try:
+        outcome = receive.recv()
+    except EOFError:
+        outcome = (
+            "error",
+            "the measuring process died before it measured; a script that calls neulite.memory.measure must do so "
+            'under `if __name__ == "__main__":` (the spawned process re-imports the script)',
+        )
+    finally:
+        child.join()
+    kind, value = outcome
+    if kind == "error":
+        raise NeuliteError(f"memory measurement failed: {value}")
+    return value
+
+
+def _measure_child(send: Connection, *args: Any) -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)  # the profiler's own log lines are not the user's business
+    os.dup2(devnull, 2)
+    try:
+        send.send(("bytes", _measure_here(*args)))
+    except Exception as exc:
+        send.send(("error", f"{type(exc).__name__}: {exc}"))
 
 
 def _measure_here(net: StageNet, plan: StagePlan, batch_size: int, loss: StepLoss, device: str, steps: int) -> int:
