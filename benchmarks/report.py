@@ -651,8 +651,8 @@ def render_summary() -> str:
         )
         out.append(
             f"- **Robustness** (`python benchmarks/robustness.py`, 2 hostile clients of 10): NaN, 1e30 and inflated-count "
-            f"replies are refused under every rule (at most {drop * 100:.1f} points below the clean run); "
-            f"against a sign-flipping pair the final accuracy is {pct(flip['mean'])} with `mean`, "
+            f"replies are refused under every rule (at most {drop * 100:.1f} points lost); "
+            f"against a sign-flipping pair, final accuracy is {pct(flip['mean'])} with `mean`, "
             f"{pct(flip['trimmed_mean'])} with `trimmed_mean` and {pct(flip['median'])} with `median` "
             f"(clean: {pct(rules['mean']['clean'])}, {pct(rules['trimmed_mean']['clean'])}, {pct(rules['median']['clean'])})."
         )
