@@ -22,7 +22,7 @@ def _run(out: Path, overrides: list[str], *extra: str) -> int:
 
 def test_end_to_end_run_learns_and_writes_the_results_folder(tmp_path: Path):
     out = tmp_path / "run"
-    overrides = ["data.num_clients=8", "clients.per_round=4", "method.rounds=6", "train.local_epochs=1", "eval.every=3"]
+    overrides = ["data.num_clients=8", "clients.per_round=3", "method.rounds=6", "train.local_epochs=1", "eval.every=3"]
     assert _run(out, overrides) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final_accuracy"] > 0.4, "10 classes: chance is 0.1"

@@ -161,8 +161,8 @@ def test_superlink_and_three_supernodes_on_loopback_train_with_reported_budgets(
         status, asked = {}, [0.0]
 
         def finished() -> bool:
-            if not (out / "summary.json").is_file() and time.monotonic() - asked[0] < 10:
-                return False  # each `flwr ls` is a new Python process: until the summary appears, ask every 10 s
+            if not (out / "summary.json").is_file() and time.monotonic() - asked[0] < 30:
+                return False  # each `flwr ls` is a new Python process: until the summary appears, ask every 30 s
             asked[0] = time.monotonic()
             status.update(procs.flwr("ls", "local", "--run-id", started["run-id"])["runs"][0])
             return status["status"].startswith("finished")
