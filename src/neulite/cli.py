@@ -23,18 +23,11 @@ def _run(args: argparse.Namespace) -> None:
     if args.resume:
         if args.out is None:
             raise NeuliteError("--resume needs --out DIR (the folder of the run to continue)")
-        folder = ResultsDir(args.out)
-        folder.check_target(resume=True, overwrite=args.overwrite)
         # --config/--set with --resume are checked against the checkpoint, never silently dropped
-        cfg = (
-            load_config(args.config or folder.config_path, args.set)
-            if args.config or args.set
-            else folder.load_config()
-        )
+        cfg = load_config(args.config, args.set) if args.config else ResultsDir(args.out).load_config(args.set)
     else:
         cfg = load_config(args.config, args.set)
     out = args.out or Path("results") / f"{cfg.method.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    ResultsDir(out).check_target(resume=args.resume, overwrite=args.overwrite)
     console = Console(quiet=args.quiet)
     console.print(
         f"neulite run: {cfg.method.name} on {cfg.data.name} with {cfg.model.name}, {cfg.method.rounds} rounds, {args.engine} engine -> {out}"

@@ -26,6 +26,12 @@ from neulite.models.stage_net import FULL_MODEL
 from neulite.server import RoundRecord, Server
 
 
+def _first_line(exc: BaseException) -> str:
+    """An exception's message reduced to one line (its type when it has none), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class ResultsDir:
     """One experiment's folder."""
 
@@ -68,10 +74,11 @@ class ResultsDir:
         self.config_path.write_text(config_to_toml(cfg))
         self.metrics_path.write_text("")
 
-    def load_config(self) -> Config:
+    def load_config(self, overrides: list[str] | None = None) -> Config:
+        """The run's config, with `--set` overrides (which resume then checks against the checkpoint)."""
         if not self.config_path.is_file():
             raise NeuliteError(f"cannot resume: {self.config_path} not found")
-        return load_config(self.config_path)
+        return load_config(self.config_path, overrides)
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as f:
@@ -97,8 +104,7 @@ class ResultsDir:
         try:  # tensors and plain values only: a crafted checkpoint cannot run code
             state = torch.load(self.checkpoint_path, weights_only=True)
         except Exception as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise NeuliteError(f"corrupted or unsafe checkpoint {self.checkpoint_path}: {reason}") from None
+            raise NeuliteError(f"corrupted or unsafe checkpoint {self.checkpoint_path}: {_first_line(exc)}") from None
         keys = {"round", "wall_seconds", "simulation", "config"}
         if not isinstance(state, dict) or not keys <= state.keys():
             raise NeuliteError(
@@ -194,9 +200,8 @@ class RunLog:
             try:
                 server.load_state_dict(self.state["simulation"])
             except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise NeuliteError(
-                    f"corrupted checkpoint {self.folder.checkpoint_path}: it does not fit this run ({reason})"
+                    f"corrupted checkpoint {self.folder.checkpoint_path}: it does not fit this run ({_first_line(exc)})"
                 ) from None
 
     def record(self, record: RoundRecord, server: Server) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from neulite.algorithms.base import Method
-from neulite.algorithms.payload import ClientResult, ClientTask, check_result
+from neulite.algorithms.payload import ClientResult, ClientTask, check_claim, check_result
 from neulite.config import Config
 from neulite.data import TensorDataset
 from neulite.errors import NeuliteError
@@ -183,15 +183,10 @@ class Server:
                     )
                     del checked[cid]
         for cid, result in list(checked.items()):
-            limit = self.partition_sizes.get(cid)
-            if limit is not None and result.num_examples > limit:
-                log.warning(
-                    "round %d: client %d left out: it claims %d examples, more than the client's partition holds (%d)",
-                    number,
-                    cid,
-                    result.num_examples,
-                    limit,
-                )
+            try:
+                check_claim(result, self.partition_sizes.get(cid))
+            except NeuliteError as exc:
+                log.warning("round %d: client %d left out: %s", number, cid, exc)
                 del checked[cid]
         return checked
 
@@ -244,7 +239,8 @@ class Server:
             replies = {}
             for cid, reply in self.query(task).items():
                 try:
-                    check_result(reply, spec, self.partition_sizes.get(cid))
+                    check_result(reply, spec)
+                    check_claim(reply, self.partition_sizes.get(cid))
                     replies[cid] = reply
                 except NeuliteError as exc:
                     log.warning("calibration reply of client %d left out: %s", cid, exc)

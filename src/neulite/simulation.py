@@ -47,7 +47,7 @@ class Simulation:
         return [(self.clients[cid], level) for cid, level in self.server.eligible(plan)]
 
     def train(self, cid: int, task: ClientTask) -> ClientResult:
-        """One client's reply to its task (a subclass may stand in for a faulty or hostile client)."""
+        """One client's reply to its task (replaced on an instance to stand in for a faulty or hostile client)."""
         return self.method.client_update(task, self.clients[cid].train, augment=self.augment)
 
     def run_round(self, rnd: int, on_client: Callable[[], None] | None = None) -> RoundRecord:

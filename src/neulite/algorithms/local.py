@@ -60,6 +60,4 @@ def local_update(
     if not steps:
         raise NeuliteError(f"{n} training sample(s), fewer than the two a BatchNorm step needs: nothing trained")
     arrays = extract_arrays(net, net.up_names(plan))
-    return ClientResult(
-        arrays, n, {"train_loss": total_loss / max(steps, 1), "train_seconds": time.perf_counter() - started}
-    )
+    return ClientResult(arrays, n, {"train_loss": total_loss / steps, "train_seconds": time.perf_counter() - started})

@@ -43,34 +43,49 @@ class ClientResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def check_result(
-    result: ClientResult, spec: dict[str, tuple[tuple[int, ...], torch.dtype]], max_examples: int | None = None
-) -> None:
+Layout = Mapping[str, tuple[tuple[int, ...], str]]
+"""Tensor name -> (shape, dtype name as numpy spells it: "float32", "int64")."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def check_layout(found: Layout, spec: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+    """Reject tensors that are not exactly the `spec` ones (names, shapes, dtypes), whether held as
+    tensors or still serialised. Names the first problem."""
+    if missing := sorted(set(spec) - set(found)):
+        raise NeuliteError(f"malformed reply: missing {len(missing)} tensor(s), e.g. {missing[0]!r}")
+    if extra := sorted(set(found) - set(spec)):
+        raise NeuliteError(f"malformed reply: unexpected tensor {extra[0]!r}")
+    for name, (shape, dtype) in spec.items():
+        got_shape, got_dtype = found[name]
+        if tuple(got_shape) != shape or got_dtype != dtype_name(dtype):
+            raise NeuliteError(
+                f"malformed reply: {name!r} is {got_dtype}{list(got_shape)}, expected {dtype_name(dtype)}{list(shape)}"
+            )
+
+
+def check_result(result: ClientResult, spec: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
     """Reject a reply that is not exactly what the task asked for: the `spec` tensors (names,
-    shapes, dtypes), all finite, from a positive number of examples no larger than `max_examples`
-    (the client's partition, when the server knows it). Names the first problem."""
+    shapes, dtypes), all finite, from a positive number of examples. Names the first problem."""
     if not isinstance(result, ClientResult):
         raise NeuliteError(f"malformed reply: a {type(result).__name__}, not a ClientResult")
     if not isinstance(result.arrays, Mapping):
         raise NeuliteError(f"malformed reply: arrays is a {type(result.arrays).__name__}, not a mapping of tensors")
-    names = set(result.arrays)
-    if missing := sorted(set(spec) - names):
-        raise NeuliteError(f"malformed reply: missing {len(missing)} tensor(s), e.g. {missing[0]!r}")
-    if extra := sorted(names - set(spec)):
-        raise NeuliteError(f"malformed reply: unexpected tensor {extra[0]!r}")
-    for name, (shape, dtype) in spec.items():
-        value = result.arrays[name]
-        if not isinstance(value, torch.Tensor):
-            raise NeuliteError(f"malformed reply: {name!r} is a {type(value).__name__}, not a tensor")
-        if tuple(value.shape) != shape or value.dtype != dtype:
-            raise NeuliteError(
-                f"malformed reply: {name!r} is {value.dtype}{list(value.shape)}, expected {dtype}{list(shape)}"
-            )
+    if bad := [name for name, value in result.arrays.items() if not isinstance(value, torch.Tensor)]:
+        raise NeuliteError(f"malformed reply: {bad[0]!r} is a {type(result.arrays[bad[0]]).__name__}, not a tensor")
+    check_layout({name: (tuple(t.shape), dtype_name(t.dtype)) for name, t in result.arrays.items()}, spec)
+    for name, value in result.arrays.items():
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise NeuliteError(f"malformed reply: {name!r} holds NaN or Inf")
     if not isinstance(result.num_examples, int) or not result.num_examples > 0:
         raise NeuliteError(f"malformed reply: num_examples is {result.num_examples!r}")
-    if max_examples is not None and result.num_examples > max_examples:
+
+
+def check_claim(result: ClientResult, partition_size: int | None) -> None:
+    """Reject a reply claiming more examples than the client's partition holds (when the server knows it)."""
+    if partition_size is not None and result.num_examples > partition_size:
         raise NeuliteError(
-            f"reply claims {result.num_examples} examples, more than the client's partition holds ({max_examples})"
+            f"it claims {result.num_examples} examples, more than the client's partition holds ({partition_size})"
         )

@@ -18,7 +18,7 @@ import math
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from neulite.algorithms.base import Spec
-from neulite.algorithms.payload import ClientResult, ClientTask
+from neulite.algorithms.payload import ClientResult, ClientTask, check_layout
 from neulite.errors import NeuliteError
 from neulite.models.arrays import Arrays
 from neulite.models.stage_net import StagePlan
@@ -93,16 +93,10 @@ def check_sizes(record: RecordDict, spec: Spec) -> None:
     if "arrays" not in record.array_records:
         raise NeuliteError("malformed message: no 'arrays' record")
     arrays = record.array_records["arrays"]
-    if missing := sorted(set(spec) - set(arrays)):
-        raise NeuliteError(f"malformed reply: missing {len(missing)} tensor(s), e.g. {missing[0]!r}")
-    if extra := sorted(set(arrays) - set(spec)):
-        raise NeuliteError(f"malformed reply: unexpected tensor {extra[0]!r}")
+    check_layout({name: (tuple(a.shape), a.dtype) for name, a in arrays.items()}, spec)
     for name, (shape, dtype) in spec.items():
-        array, expected = arrays[name], str(dtype).removeprefix("torch.")
-        if tuple(array.shape) != shape or array.dtype != expected:
-            raise NeuliteError(
-                f"malformed reply: {name!r} is {array.dtype}{list(array.shape)}, expected {expected}{list(shape)}"
-            )
         limit = math.prod(shape) * dtype.itemsize + NPY_HEADER_BYTES
-        if len(array.data) > limit:
-            raise NeuliteError(f"malformed reply: {name!r} carries {len(array.data)} bytes, more than its shape needs")
+        if len(arrays[name].data) > limit:
+            raise NeuliteError(
+                f"malformed reply: {name!r} carries {len(arrays[name].data)} bytes, more than its shape needs"
+            )
