@@ -17,7 +17,8 @@ from neulite.simulation import run_experiment
 pytest.importorskip("flwr")
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
-from neulite.flower.client_app import load_node, make_client_app  # noqa: E402
+from neulite.federation import client_side  # noqa: E402
+from neulite.flower.client_app import make_client_app  # noqa: E402
 from neulite.flower.server_app import run  # noqa: E402
 from neulite.flower.simulation import run_config_for  # noqa: E402
 
@@ -43,7 +44,7 @@ def _rows(path):
 def _identity(monkeypatch):
     for key in ("_run_id", "_node_id", "_task_id"):  # who is sending: Flower's runtime sets these
         monkeypatch.setattr(TaskIdentity, key, 1)
-    load_node.cache_clear()
+    client_side.cache_clear()
 
 
 @pytest.mark.parametrize("name", list(METHODS))

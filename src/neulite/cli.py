@@ -35,9 +35,13 @@ def _run(args: argparse.Namespace) -> None:
     if args.engine == "flower":
         from neulite.flower.simulation import simulate
 
+        if args.workers != 1:
+            raise NeuliteError(
+                "--workers is the local engine's: Flower's simulation engine runs every node in its own process"
+            )
         simulate(cfg, out, resume=args.resume, overwrite=args.overwrite)
     else:
-        run_experiment(cfg, out, resume=args.resume, overwrite=args.overwrite, console=console)
+        run_experiment(cfg, out, resume=args.resume, overwrite=args.overwrite, console=console, workers=args.workers)
     console.print(f"results in {out}")
 
 
@@ -59,7 +63,7 @@ def _compare(args: argparse.Namespace) -> None:
     if bad := [s for s in seeds if not 0 <= s < 2**32]:
         raise NeuliteError(f"--seeds must be integers in [0, 2**32), got {bad[0]}")
     console = Console(quiet=args.quiet)
-    compare(cfg, methods, seeds, args.out, target=args.target, console=console)
+    compare(cfg, methods, seeds, args.out, target=args.target, console=console, workers=args.workers)
     console.print(f"comparison in {args.out}")
 
 
@@ -112,6 +116,12 @@ def _memory(args: argparse.Namespace) -> None:
     )
 
 
+WORKERS_HELP = (
+    "train each round's clients in N processes, one torch thread each (the same replies as --workers 1 "
+    "on one thread, bit for bit; local engine only)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="neulite", description="Memory-efficient federated learning by progressive block-wise training."
@@ -139,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="local",
         help="local: the in-process simulator; flower: Flower's simulation engine, one supernode per client (needs the flower extra)",
     )
+    run.add_argument("--workers", type=int, default=1, metavar="N", help=WORKERS_HELP)
     run.add_argument("--quiet", action="store_true", help="no progress bars or tables")
     run.set_defaults(func=_run)
     cmp = sub.add_parser("compare", help="run several methods over several seeds on the same data and budgets")
@@ -150,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--target", type=float, help="accuracy for rounds/time-to-target (default: ExclusiveFL's final accuracy)"
     )
     cmp.add_argument("--out", default="results/compare", help="comparison folder; re-running resumes it")
+    cmp.add_argument("--workers", type=int, default=1, metavar="N", help=WORKERS_HELP)
     cmp.add_argument("--quiet", action="store_true")
     cmp.set_defaults(func=_compare)
     mem = sub.add_parser("memory", help="per-stage peak training memory against full-model training")

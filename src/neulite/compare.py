@@ -48,7 +48,7 @@ def machine() -> dict[str, Any]:
 
 
 def run_one(
-    cfg: Config, method: str, seed: int, out: Path, console: Console
+    cfg: Config, method: str, seed: int, out: Path, console: Console, workers: int = 1
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One finished (method, seed) run: read back if done, resumed if interrupted, else started."""
     folder = out / "runs" / method / f"seed{seed}"
@@ -58,7 +58,9 @@ def run_one(
         run_cfg = cfg.replace(seed=seed, method=dataclasses.replace(cfg.method, name=method))
         resume = results.checkpoint_path.is_file()
         console.print(f"{'resuming' if resume else 'running'} {method}, seed {seed}")
-        run_experiment(run_cfg, folder, resume=resume, overwrite=not resume, console=Console(quiet=True))
+        run_experiment(
+            run_cfg, folder, resume=resume, overwrite=not resume, console=Console(quiet=True), workers=workers
+        )
     else:
         console.print(f"done already: {method}, seed {seed}")
     return json.loads(summary_path.read_text()), results.read_metrics()
@@ -91,11 +93,13 @@ def compare(
     *,
     target: float | None = None,
     console: Console | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Run every method on every seed and write the comparison; returns summary.json's content.
 
     The target accuracy for "time to target" defaults to ExclusiveFL's median final accuracy
-    when ExclusiveFL is among the methods.
+    when ExclusiveFL is among the methods. `workers` > 1 trains each round's clients in that many
+    processes (see `Simulation`).
     """
     console = console or Console(quiet=True)
     out = Path(out)
@@ -108,7 +112,7 @@ def compare(
     skipped: dict[str, str] = {}
     for m in methods:
         try:
-            runs[m] = [run_one(cfg, m, s, out, console) for s in seeds]
+            runs[m] = [run_one(cfg, m, s, out, console, workers) for s in seeds]
         except NeuliteError as exc:  # e.g. no client fits this method's model: report it, compare the rest
             skipped[m] = str(exc)
             console.print(f"[yellow]skipping {m}: {exc}[/yellow]")

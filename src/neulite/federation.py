@@ -6,6 +6,7 @@ same config and seed.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass, replace
@@ -13,6 +14,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from neulite.algorithms.base import Method
+from neulite.algorithms.registry import build_method, build_network
 from neulite.config import ClientsConfig, Config
 from neulite.data import DataSplits, TensorDataset, load_dataset, partition, subsample, train_val_split
 from neulite.memory import MIB
@@ -84,11 +87,6 @@ def client_indices(cfg: Config, splits: DataSplits) -> list[tuple[np.ndarray, np
     return [train_val_split(idx, d.val_fraction, cfg.seed + cid) for cid, idx in enumerate(shards)]
 
 
-def client_shards(cfg: Config, splits: DataSplits) -> list[tuple[TensorDataset, TensorDataset]]:
-    """Every client's (train, validation) data: the partition of the training set for this config and seed."""
-    return [(_subset(splits.train, t), _subset(splits.train, v)) for t, v in client_indices(cfg, splits)]
-
-
 def simulated_budgets(cfg: Config, full_peak: int) -> list[int]:
     """Every client's budget as the config's budget model draws it (the same for every driver)."""
     return draw_budgets(cfg.clients, cfg.data.num_clients, full_peak, np.random.default_rng([cfg.seed, 1]))
@@ -103,3 +101,33 @@ def make_clients(
         Client(cid, _subset(splits.train, train), _subset(splits.train, val), budget)
         for cid, ((train, val), budget) in enumerate(zip(indices, budgets, strict=True))
     ]
+
+
+@dataclass(frozen=True)
+class Node:
+    """A client as a process of its own holds it (a Flower node, a simulator worker): its shard and
+    the method's client-side skeleton."""
+
+    cid: int
+    train: TensorDataset
+    val: TensorDataset
+    augment: bool
+    method: Method
+
+
+@functools.lru_cache(maxsize=2)
+def client_side(cfg: Config) -> tuple[DataSplits, list[tuple[np.ndarray, np.ndarray]], Method]:
+    """What a process serving clients builds once from the config alone: the data, the partition
+    (the same as every other driver's) and a method whose network lives on the meta device (a
+    client materialises only what a task sends)."""
+    splits = load_splits(cfg)
+    with torch.device("meta"):
+        method = build_method(cfg, build_network(cfg, splits.input_shape, splits.train.num_classes))
+    return splits, client_indices(cfg, splits), method
+
+
+def load_node(cfg: Config, cid: int) -> Node:
+    """Client `cid` of the experiment `cfg`, as a process of its own serves it."""
+    splits, indices, method = client_side(cfg)
+    train, val = indices[cid]
+    return Node(cid, _subset(splits.train, train), _subset(splits.train, val), augment_enabled(cfg, splits), method)

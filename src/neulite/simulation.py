@@ -17,7 +17,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from neulite.algorithms.payload import ClientResult, ClientTask
+from neulite.client_pool import ClientPool
 from neulite.config import Config
+from neulite.errors import NeuliteError
 from neulite.experiment import build_experiment
 from neulite.federation import Client, augment_enabled, make_clients
 from neulite.models.stage_net import StagePlan
@@ -28,15 +30,33 @@ log = logging.getLogger(__name__)
 
 
 class Simulation:
-    """Clients, data and server for one config; `run_round` advances the experiment by one round."""
+    """Clients, data and server for one config; `run_round` advances the experiment by one round.
 
-    def __init__(self, cfg: Config) -> None:
+    `workers` > 1 trains a round's clients side by side in that many processes (`ClientPool`),
+    one torch thread each: the same replies as one worker on one thread, bit for bit. Call
+    `close` (or use `with`) to stop them.
+    """
+
+    def __init__(self, cfg: Config, workers: int = 1) -> None:
+        if not isinstance(workers, int) or workers < 1:
+            raise NeuliteError(f"workers must be a positive integer, got {workers!r}")
         self.cfg = cfg
         experiment = build_experiment(cfg)
         self.splits, self.method = experiment.splits, experiment.method
         self.clients = make_clients(cfg, self.splits, experiment.indices, experiment.full_peak)
         self.augment = augment_enabled(cfg, self.splits)
         self.server = experiment.server({c.cid: c.budget for c in self.clients}, self.query)
+        self.pool = ClientPool(cfg, workers) if workers > 1 else None
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+
+    def __enter__(self) -> Simulation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def query(self, task: ClientTask) -> Mapping[int, ClientResult]:
         """Every client's calibration reply for `task` (see `Server.query`)."""
@@ -55,15 +75,29 @@ class Simulation:
         fails is on Flower, and the server checks every reply before merging (`Server.accept`)."""
         configured = self.server.configure(rnd)
         results: dict[int, ClientResult] = {}
-        for cid, task in configured.tasks.items():
-            try:
-                results[cid] = self.train(cid, task)
-            except Exception as exc:  # a client's failure is its own: the round goes on from the others
-                log.warning("round %d: client %d left out: it failed: %s: %s", rnd, cid, type(exc).__name__, exc)
-            finally:
-                if on_client is not None:
-                    on_client()
-        return self.server.aggregate(configured, results, self.splits.test)
+
+        def done(cid: int, result: ClientResult | None, error: str) -> None:
+            if result is None:
+                log.warning("round %d: client %d left out: it failed: %s", rnd, cid, error)
+            else:
+                results[cid] = result
+            if on_client is not None:
+                on_client()
+
+        if self.pool is not None:
+            self.pool.train(configured.tasks, done)
+        else:
+            for cid, task in configured.tasks.items():
+                try:
+                    result = self.train(cid, task)
+                except Exception as exc:  # a client's failure is its own: the round goes on from the others
+                    done(cid, None, f"{type(exc).__name__}: {exc}")
+                else:
+                    done(cid, result, "")
+        in_task_order = {
+            cid: results[cid] for cid in configured.tasks if cid in results
+        }  # the same sums whoever finished first
+        return self.server.aggregate(configured, in_task_order, self.splits.test)
 
     def final_accuracy(self) -> tuple[float, float]:
         """(accuracy, loss) of the deployable model on the global test set."""
@@ -81,35 +115,42 @@ class Simulation:
 
 
 def run_experiment(
-    cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool = False, console: Console | None = None
+    cfg: Config,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    console: Console | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Run an experiment into `out`; returns the summary.
 
     `resume` continues the run in `out` from its checkpoint (on the same config), `overwrite`
-    replaces it; without either, a folder that holds a run is refused.
+    replaces it; without either, a folder that holds a run is refused. `workers` > 1 trains each
+    round's clients in that many processes (see `Simulation`).
     """
     console = console or Console(quiet=True)
     ResultsDir(out).check_target(resume=resume, overwrite=overwrite)
-    sim = Simulation(cfg)  # everything is built and checked before the results folder is touched
-    run = RunLog(cfg, out, resume=resume, overwrite=overwrite, console=console)
-    run.resume(sim.server)
-    rounds = cfg.method.rounds
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    ) as progress:
-        round_bar = progress.add_task("rounds", total=rounds, completed=run.first_round - 1)
-        client_bar = progress.add_task("clients", total=cfg.clients.per_round)
-        for rnd in range(run.first_round, rounds + 1):
-            plan = sim.method.plan(rnd)
-            stage = "full model" if plan.full else f"stage {plan.stage}/{plan.num_stages}"
-            progress.update(round_bar, description=f"round {rnd} ({stage})")
-            progress.reset(client_bar, total=min(cfg.clients.per_round, len(sim.eligible(plan))))
-            run.record(sim.run_round(rnd, on_client=lambda: progress.advance(client_bar)), sim.server)
-            progress.advance(round_bar)
-    return run.finish(sim.server, sim.final_accuracy(), sim.validation_accuracy())
+    with Simulation(cfg, workers) as sim:  # everything is built and checked before the results folder is touched
+        run = RunLog(cfg, out, resume=resume, overwrite=overwrite, console=console)
+        run.resume(sim.server)
+        rounds = cfg.method.rounds
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        ) as progress:
+            round_bar = progress.add_task("rounds", total=rounds, completed=run.first_round - 1)
+            client_bar = progress.add_task("clients", total=cfg.clients.per_round)
+            for rnd in range(run.first_round, rounds + 1):
+                plan = sim.method.plan(rnd)
+                stage = "full model" if plan.full else f"stage {plan.stage}/{plan.num_stages}"
+                progress.update(round_bar, description=f"round {rnd} ({stage})")
+                progress.reset(client_bar, total=min(cfg.clients.per_round, len(sim.eligible(plan))))
+                run.record(sim.run_round(rnd, on_client=lambda: progress.advance(client_bar)), sim.server)
+                progress.advance(round_bar)
+        return run.finish(sim.server, sim.final_accuracy(), sim.validation_accuracy())

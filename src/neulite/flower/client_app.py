@@ -15,37 +15,20 @@ the device's available memory), so a simulation sees the same federation as `neu
 
 from __future__ import annotations
 
-import functools
 import logging
-from dataclasses import dataclass
 from typing import Any
 
-import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from neulite.algorithms.base import Method
-from neulite.algorithms.registry import build_method, build_network
 from neulite.config import Config
-from neulite.data import TensorDataset
 from neulite.errors import NeuliteError
-from neulite.federation import augment_enabled, client_shards, load_splits, simulated_budgets
+from neulite.federation import Node, load_node, simulated_budgets
 from neulite.flower.run_config import parse_run_config
 from neulite.flower.wire import decode_task, encode_result
 from neulite.memory import MIB
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Node:
-    """What a node keeps between messages: its shard and the method's client-side skeleton."""
-
-    cid: int
-    train: TensorDataset
-    val: TensorDataset
-    augment: bool
-    method: Method
 
 
 def partition_id(context: Context, cfg: Config) -> int:
@@ -55,17 +38,6 @@ def partition_id(context: Context, cfg: Config) -> int:
             f"node config partition-id must be an integer in [0, {cfg.data.num_clients}) (data.num_clients), got {pid!r}"
         )
     return pid
-
-
-@functools.lru_cache(maxsize=4)
-def load_node(cfg: Config, cid: int) -> Node:
-    """Build once per process: the shard (the same partition as every other driver) and a method
-    whose network lives on the meta device (a client materialises only what a task sends)."""
-    splits = load_splits(cfg)
-    train, val = client_shards(cfg, splits)[cid]
-    with torch.device("meta"):
-        method = build_method(cfg, build_network(cfg, splits.input_shape, splits.train.num_classes))
-    return Node(cid, train, val, augment_enabled(cfg, splits), method)
 
 
 def node_budget(context: Context, cfg: Config, cid: int, full_peak: int) -> tuple[int, str]:
