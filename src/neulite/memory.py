@@ -76,7 +76,8 @@ class LiveTensorBytes(TorchDispatchMode):
     """Tracks the bytes of every storage an op creates until it is freed, and their peak.
 
     Seeing tensors rather than allocator calls, it counts what a training step holds on any
-    device; the resident-memory measurement (`measure`) is the independent check.
+    device, plus the one workspace kernels hold that no tensor shows (`_kernel_workspace`); the
+    resident-memory measurement (`measure`) is the independent check.
     """
 
     def __init__(self) -> None:
@@ -93,6 +94,7 @@ class LiveTensorBytes(TorchDispatchMode):
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:  # views are not new memory
                 self._track(t.untyped_storage())
+        self.peak = max(self.peak, self.live + _kernel_workspace(func, args, out))
         return out
 
     def _track(self, storage: torch.UntypedStorage) -> None:
@@ -107,6 +109,22 @@ class LiveTensorBytes(TorchDispatchMode):
     def _release(self, ptr: int, size: int) -> None:
         self.live -= size
         self._seen.discard(ptr)
+
+
+def _kernel_workspace(func: object, args: tuple, out: object) -> int:
+    """Bytes a convolution holds on top of its outputs while it runs (the estimate runs on a CPU).
+
+    oneDNN, torch's CPU convolution library, computes on private copies of a convolution's tensors
+    in its own blocked layout. Forward, it copies the input and the weights and writes a blocked
+    output that is then copied out to the dense result; backward, it holds copies of the output
+    gradient, the input and the weights. On a weight-heavy layer that is a second copy of the
+    weights, on an activation-heavy one a second copy of its activations.
+    """
+    if func is torch.ops.aten.convolution.default:
+        return max(_bytes(args[0]) + _bytes(args[1]), _bytes(out))
+    if func is torch.ops.aten.convolution_backward.default:
+        return sum(_bytes(t) for t in args[:3])  # grad_output, input, weight
+    return 0
 
 
 PROBE_BATCH = 256
