@@ -1,7 +1,10 @@
 """Headline memory figures: per-stage NeuLite peak against full-model training, estimated and measured.
 
 ResNet-18/34, VGG-16 and MobileNetV2 on 32x32 inputs at batch 32, 64 and 128, with one block per
-resolution stage, and ResNet-34 cut into 4 memory-balanced blocks (`model.blocks = 4`).
+resolution stage, and ResNet-34 cut into 4 memory-balanced blocks (`model.blocks = 4`); the two
+user CNNs of examples/user_cnns.py (one block per conv) at batch 32 and 64: weight-heavy
+`heavy_cnn` on 8x8 inputs, VGG-like `plain_cnn` on 32x32. For those the full model's peak is also
+read by benchmarks/rss_check.py, an independent check of the measurement.
 Writes benchmarks/results/memory.json; entries already there are kept (delete the file to redo all).
 Run: python benchmarks/memory.py
 """
@@ -9,16 +12,36 @@ Run: python benchmarks/memory.py
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from neulite.compare import machine
-from neulite.memory import MIB
-from neulite.memory_report import memory_report
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the user models are imported as examples.user_cnns
+
+from rss_check import resident_peak  # noqa: E402
+
+from examples.user_cnns import heavy_cnn, plain_cnn  # noqa: E402
+from neulite.algorithms.local import cross_entropy_loss  # noqa: E402
+from neulite.compare import machine  # noqa: E402
+from neulite.memory import MIB  # noqa: E402
+from neulite.memory_report import memory_report  # noqa: E402
+from neulite.models.stage_net import StageNet  # noqa: E402
 
 MODELS = (("resnet18", 0), ("resnet34", 0), ("vgg16", 0), ("mobilenetv2", 0), ("resnet34", 4))
 BATCHES = (32, 64, 128)
+USER_MODELS = ((heavy_cnn, (3, 8, 8)), (plain_cnn, (3, 32, 32)))
+USER_BATCHES = (32, 64)
 OUT = Path(__file__).parent / "results" / "memory.json"
+
+
+def user_report(build: Any, input_shape: tuple[int, int, int], batch: int) -> dict[str, Any]:
+    """memory_report's figures for a user model, and the full model's peak as rss_check reads it."""
+    report = memory_report(f"{build.__module__}:{build.__name__}", batch, input_shape, 10)
+    net = StageNet(build(input_shape, 10))
+    report["full"]["rss_check_bytes"] = resident_peak(net, net.full_plan(), batch, cross_entropy_loss)
+    return report
 
 
 def main() -> None:
@@ -31,19 +54,30 @@ def main() -> None:
     for model, blocks in MODELS:
         for batch in BATCHES:
             label = "one per resolution stage" if not blocks else f"{blocks} memory-balanced"
-            r = done.get((model, label, batch)) or memory_report(model, batch, (3, 32, 32), 10, blocks=blocks)
-            reports.append(r)
-            stages = ", ".join(f"{s['estimated_bytes'] / MIB:.0f}/{s['measured_bytes'] / MIB:.0f}" for s in r["stages"])
-            print(
-                f"{model:12s} {label:24s} batch {batch:3d}: full {r['full']['estimated_bytes'] / MIB:.0f}/{r['full']['measured_bytes'] / MIB:.0f} MiB (est/meas); "
-                f"stages {stages}; worst stage {r['worst_stage_fraction']:.0%} of full",
-                flush=True,
+            reports.append(
+                done.get((model, label, batch)) or memory_report(model, batch, (3, 32, 32), 10, blocks=blocks)
             )
+            show(reports[-1])
+    for build, shape in USER_MODELS:
+        for batch in USER_BATCHES:
+            key = (f"{build.__module__}:{build.__name__}", "one per resolution stage", batch)
+            reports.append(done.get(key) or user_report(build, shape, batch))
+            show(reports[-1])
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(
         json.dumps({"machine": info, "seconds": time.perf_counter() - start, "reports": reports}, indent=2) + "\n"
     )
     print(f"wrote {OUT}")
+
+
+def show(r: dict[str, Any]) -> None:
+    stages = ", ".join(f"{s['estimated_bytes'] / MIB:.0f}/{s['measured_bytes'] / MIB:.0f}" for s in r["stages"])
+    check = f", rss_check {r['full']['rss_check_bytes'] / MIB:.1f}" if "rss_check_bytes" in r["full"] else ""
+    print(
+        f"{r['model']:12s} {r['blocks']:24s} batch {r['batch_size']:3d}: full {r['full']['estimated_bytes'] / MIB:.0f}/{r['full']['measured_bytes'] / MIB:.0f} MiB (est/meas{check}); "
+        f"stages {stages}; worst stage {r['worst_stage_fraction']:.0%} of full",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -78,9 +78,11 @@ def _memory_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for r in data["reports"]:
         balanced = r.get("blocks", "one per resolution stage") != "one per resolution stage"
+        user = ":" in r["model"]  # module:function
+        label = r["model"].split(":")[-1] + (" ({}x{} inputs)".format(*r["input_shape"][1:]) if user else "")
         rows.append(
             {
-                "label": r["model"] + (f" ({r['blocks']})" if balanced else ""),
+                "label": label + (f" ({r['blocks']})" if balanced else ""),
                 "model": r["model"],
                 "batch": r["batch_size"],
                 "balanced": balanced,
@@ -91,6 +93,18 @@ def _memory_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def _measured_with(rows: list[dict[str, Any]]) -> str:
+    """Each way of measuring the rows used, with the models it measured (results.json keeps older rows)."""
+    models: dict[str, list[str]] = {}
+    for r in rows:
+        labels = models.setdefault(r["report"]["measured_with"], [])
+        if r["label"] not in labels:
+            labels.append(r["label"])
+    if len(models) == 1:
+        return next(iter(models))
+    return "; ".join(f"{how} ({', '.join(labels)})" for how, labels in models.items())
 
 
 def memory_table(data: dict[str, Any]) -> str:
@@ -238,18 +252,29 @@ def memory_section(data: dict[str, Any]) -> list[str]:
         "## Memory: `python benchmarks/memory.py`",
         "",
         "Peak training memory of each NeuLite stage (Mentor and Harmonizer on) against training the whole",
-        "model, for ResNet-18/34, VGG-16 and MobileNetV2 on 32x32 inputs, 10 classes, SGD with momentum.",
-        "Each cell is *estimate / measurement* in MiB. The estimate is `neulite.memory`'s exact accounting;",
-        "the measurement runs two real training steps in a fresh process and reads the allocator's",
-        'high-water mark. "Worst stage" is the largest stage as a share of full-model training (by the',
+        "model, for ResNet-18/34, VGG-16 and MobileNetV2 on 32x32 inputs and the two user CNNs of",
+        "examples/user_cnns.py (one block per conv; `heavy_cnn` weight-heavy, `plain_cnn` VGG-like), 10",
+        "classes, SGD with momentum. Each cell is *estimate / measurement* in MiB. The estimate is",
+        "`neulite.memory`'s exact accounting; the measurement runs two real training steps in a fresh",
+        'process. "Worst stage" is the largest stage as a share of full-model training (by the',
         "estimate, by the measurement). The rows marked *4 memory-balanced* cut the same layers into four",
         "blocks of similar memory (`model.blocks = 4`) instead of one block per resolution stage.",
         "",
-        f"Machine: {machine(data['machine'])}. Measured with {data['reports'][0]['measured_with']}.",
+        f"Machine: {machine(data['machine'])}. Measured with {_measured_with(rows)}.",
         "",
         memory_table(data),
         "",
     ]
+    checked = [r for r in rows if "rss_check_bytes" in r["report"]["full"]]
+    if checked:
+        gap = max(
+            abs(r["report"]["full"]["measured_bytes"] / r["report"]["full"]["rss_check_bytes"] - 1) for r in checked
+        )
+        out += [
+            "benchmarks/rss_check.py, which reads a client's peak resident memory with code of its own, is within "
+            f"{gap:.1%} of the measurement on the full models it checked ({', '.join(dict.fromkeys(r['label'] for r in checked))}).",
+            "",
+        ]
     by_key = {(r["model"], r["batch"], r["balanced"]): r for r in rows}
     plain, balanced = by_key.get(("resnet34", 64, False)), by_key.get(("resnet34", 64, True))
     if plain and balanced:

@@ -1,16 +1,23 @@
 import ast
+import functools
+import importlib.util
 import inspect
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
+import torch
 from torch import nn
 
 import neulite.memory
+from examples.user_cnns import heavy_cnn
+from neulite.algorithms.base import Method
 from neulite.algorithms.local import cross_entropy_loss
 from neulite.algorithms.registry import build_method, build_network
 from neulite.config import load_config
-from neulite.memory import estimate, measure
+from neulite.memory import LiveTensorBytes, estimate, measure
 from neulite.models.blocks import BlockModel, ClassifierHead
 from neulite.models.stage_net import StageNet
 
@@ -76,7 +83,7 @@ def test_the_memory_module_depends_on_models_only():
 
 
 @pytest.mark.parametrize(("method", "stage"), [("fedavg", 0), ("neulite", 1), ("neulite", 3), ("depthfl", 0)])
-def test_estimate_of_each_methods_step_holds_against_the_measured_allocator_peak(method: str, stage: int):
+def test_estimate_of_each_methods_step_holds_against_the_measured_peak(method: str, stage: int):
     """The step a method's clients really run (NeuLite's Mentor terms, DepthFL's exits and
     distillation at the deepest level), estimated and measured."""
     cfg = load_config(overrides=[f"method.name={method}"])
@@ -86,6 +93,65 @@ def test_estimate_of_each_methods_step_holds_against_the_measured_allocator_peak
     est = m.memory(plan).total
     real = measure(m.net, plan, cfg.train.batch_size, m.loss(m.task_config(plan)))
     assert abs(est - real) / real < 0.15, (est, real)
+
+
+def test_a_convolution_counts_the_copies_onednn_computes_on():
+    """Forward: blocked copies of the input and weights, or the blocked output before it is copied
+    out, whichever is larger; backward: copies of the output gradient, input and weights. Both on
+    top of the op's outputs, which no tensor the step holds shows."""
+
+    def size(t: torch.Tensor) -> int:
+        return t.numel() * F32
+
+    conv = nn.Conv2d(4, 8, 3, padding=1, bias=False)
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    with torch.no_grad(), LiveTensorBytes() as forward:
+        y = conv(x)
+    assert forward.peak == size(y) + max(size(x) + size(conv.weight), size(y))
+    y = conv(x)
+    grad = torch.ones_like(y)
+    with LiveTensorBytes() as backward:
+        y.backward(grad)
+    assert backward.peak == size(x.grad) + size(conv.weight.grad) + size(grad) + size(x) + size(conv.weight)
+
+
+@functools.cache
+def heavy_neulite() -> Method:
+    """The weight-heavy user CNN (32-96-192-384 channels) on 8x8 inputs, at the default batch of 32."""
+    return build_method(load_config(overrides=["method.name=neulite"]), StageNet(heavy_cnn((3, 8, 8), 10)))
+
+
+@pytest.mark.parametrize("stage", [0, 1, 3, 4])
+def test_estimate_holds_against_the_measurement_on_a_weight_heavy_cnn(stage: int):
+    """Weights, gradients and momentum are most of the peak, oneDNN's weight-sized copies most of
+    the rest. The estimate used to miss those copies and the measurement (the allocated peak) to
+    count a scratchpad oneDNN books and never writes: 42-46% apart. Stage 2 is laid out like
+    stage 1 and skipped."""
+    m = heavy_neulite()
+    if stage == 0:
+        plan, loss = m.net.full_plan(), cross_entropy_loss
+        est = estimate(m.net, plan, 32, loss).total
+    else:
+        plan = m.plans()[stage - 1]
+        loss, est = m.loss(m.task_config(plan)), m.memory(plan).total
+    real = measure(m.net, plan, 32, loss)
+    assert abs(est - real) / real < 0.10, (est, real)
+
+
+def test_measure_agrees_with_an_independent_resident_memory_check():
+    """benchmarks/rss_check.py reads a client's peak resident memory with code of its own (a child
+    started with MALLOC_MMAP_THRESHOLD_=65536, warmed on a twin, VmHWM restarted). The allocated
+    peak that `measure` used to report was 1.55x that figure on this network."""
+    spec = importlib.util.spec_from_file_location(
+        "rss_check", Path(__file__).parents[1] / "benchmarks" / "rss_check.py"
+    )
+    rss_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rss_check)
+    net = StageNet(heavy_cnn((3, 8, 8), 10))
+    with ThreadPoolExecutor(1) as pool:
+        independent = pool.submit(rss_check.resident_peak, net, net.full_plan(), 32, cross_entropy_loss)
+        measured = measure(net, net.full_plan(), 32, cross_entropy_loss)
+    assert abs(measured - independent.result()) < 0.05 * independent.result(), (measured, independent.result())
 
 
 SCRIPT = """

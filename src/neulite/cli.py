@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument(
         "--blocks", type=int, default=0, help="0: one block per resolution stage; N: N memory-balanced blocks"
     )
-    mem.add_argument("--no-measure", action="store_true", help="estimate only (skip the profiled training steps)")
+    mem.add_argument("--no-measure", action="store_true", help="estimate only (skip the measured training steps)")
     mem.add_argument("--json", action="store_true")
     mem.set_defaults(func=_memory)
     return parser

@@ -4,16 +4,20 @@ Both run the step a method's clients really run: its loss (`StepLoss`, given by 
 the stage's plan. The estimate follows every storage the forward and backward create until it is
 freed (`LiveTensorBytes`) on top of what stays resident: exactly the tensors the client receives,
 the optimizer's momentum and the batch. The saved-for-backward bytes are counted in the same pass,
-as a diagnostic. The measurement is the allocator's high-water mark of real training steps seen by
-torch.profiler (or torch.cuda.max_memory_allocated on a GPU), in a fresh process.
+as a diagnostic. The measurement is the peak growth of resident memory over real training steps
+(torch.cuda.max_memory_allocated on a GPU), in a fresh process.
 """
 
 from __future__ import annotations
 
 import copy
+import ctypes
 import dataclasses
+import gc
 import multiprocessing
 import os
+import platform
+import sys
 import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -21,7 +25,6 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -73,7 +76,8 @@ class LiveTensorBytes(TorchDispatchMode):
     """Tracks the bytes of every storage an op creates until it is freed, and their peak.
 
     Seeing tensors rather than allocator calls, it counts what a training step holds on any
-    device; the allocator-level measurement (`measure`) is the independent check.
+    device, plus the one workspace kernels hold that no tensor shows (`_kernel_workspace`); the
+    resident-memory measurement (`measure`) is the independent check.
     """
 
     def __init__(self) -> None:
@@ -90,6 +94,7 @@ class LiveTensorBytes(TorchDispatchMode):
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:  # views are not new memory
                 self._track(t.untyped_storage())
+        self.peak = max(self.peak, self.live + _kernel_workspace(func, args, out))
         return out
 
     def _track(self, storage: torch.UntypedStorage) -> None:
@@ -104,6 +109,22 @@ class LiveTensorBytes(TorchDispatchMode):
     def _release(self, ptr: int, size: int) -> None:
         self.live -= size
         self._seen.discard(ptr)
+
+
+def _kernel_workspace(func: object, args: tuple, out: object) -> int:
+    """Bytes a convolution holds on top of its outputs while it runs (the estimate runs on a CPU).
+
+    oneDNN, torch's CPU convolution library, computes on private copies of a convolution's tensors
+    in its own blocked layout. Forward, it copies the input and the weights and writes a blocked
+    output that is then copied out to the dense result; backward, it holds copies of the output
+    gradient, the input and the weights. On a weight-heavy layer that is a second copy of the
+    weights, on an activation-heavy one a second copy of its activations.
+    """
+    if func is torch.ops.aten.convolution.default:
+        return max(_bytes(args[0]) + _bytes(args[1]), _bytes(out))
+    if func is torch.ops.aten.convolution_backward.default:
+        return sum(_bytes(t) for t in args[:3])  # grad_output, input, weight
+    return 0
 
 
 PROBE_BATCH = 256
@@ -172,29 +193,16 @@ def _account(net: StageNet, plan: StagePlan, batch_size: int, loss: StepLoss) ->
     )
 
 
-def _peak_from_profile(prof: profile) -> int:
-    events = [
-        e
-        for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
-    ]
-    events.sort(key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 def measure(
     net: StageNet, plan: StagePlan, batch_size: int, loss: StepLoss, *, device: str = "cpu", steps: int = 2
 ) -> int:
     """The real peak bytes of `steps` training steps of a client that received only its tensors.
 
-    Runs in a fresh (spawned) process: the CPU profiler's memory events are only complete in a
-    process's first profiling session. Its output stays out of the terminal, and if it cannot
-    start (a script that calls this outside `if __name__ == "__main__":` re-runs itself in the
-    child) the call fails at once saying so, instead of waiting forever.
+    On a CPU that is the growth of resident memory, the memory a host really backs (see
+    `_measure_here`). It runs in a fresh (spawned) process, so nothing this process holds or has
+    freed blurs the figure. Its output stays out of the terminal, and if it cannot start (a script
+    that calls this outside `if __name__ == "__main__":` re-runs itself in the child) the call fails
+    at once saying so, instead of waiting forever.
     """
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
@@ -219,7 +227,7 @@ def measure(
 
 def _measure_child(send: Connection, *args: Any) -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)  # the profiler's own log lines are not the user's business
+    os.dup2(devnull, 1)  # the libraries' own log lines are not the user's business
     os.dup2(devnull, 2)
     try:
         send.send(("bytes", _measure_here(*args)))
@@ -229,18 +237,28 @@ def _measure_child(send: Connection, *args: Any) -> None:
 
 def _measure_here(net: StageNet, plan: StagePlan, batch_size: int, loss: StepLoss, device: str, steps: int) -> int:
     """The client starts from a meta-device skeleton, so the weights it holds are exactly its
-    payload; everything it allocates from then on is inside the measured window."""
+    payload; everything it allocates from then on is inside the measured window.
+
+    On a CPU the figure is resident memory, not allocated memory: oneDNN asks the allocator for
+    scratchpads it never writes (its gemm-based weight-gradient kernel, picked for layers with
+    tiny output maps, books four times the weights per thread and on one thread writes none of
+    it), and untouched pages cost a host nothing. Kernels run on one thread, as the estimate
+    assumes: on T threads that kernel writes a partial weight gradient per thread, a cost of the
+    host's core count rather than of the step. A twin client's step first compiles the kernels
+    and fills the libraries' caches, which a process pays once, not per client.
+    """
+    torch.set_num_threads(1)
     arrays = {k: v.to(device) for k, v in extract_arrays(net, net.down_names(plan)).items()}
     skeleton = copy.deepcopy(net).to("meta")
 
-    def run() -> None:
-        assign_arrays(skeleton, arrays)
-        params = skeleton.prepare(plan)
+    def run(client: StageNet, n: int) -> None:
+        assign_arrays(client, arrays)
+        params = client.prepare(plan)
         optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)  # the default client optimizer
         xb = torch.randn(batch_size, *net.model.input_shape, device=device)
         yb = torch.randint(0, net.model.num_classes, (batch_size,), device=device)
-        for _ in range(steps):
-            value = loss(skeleton, plan, xb, yb)
+        for _ in range(n):
+            value = loss(client, plan, xb, yb)
             value.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -250,9 +268,40 @@ def _measure_here(net: StageNet, plan: StagePlan, batch_size: int, loss: StepLos
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        run()
+        run(skeleton, steps)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        run()
-    return _peak_from_profile(prof)
+    libc = _glibc()
+    libc.mallopt(_M_MMAP_THRESHOLD, _OWN_MAPPING)
+    run(copy.deepcopy(skeleton), 1)
+    gc.collect()
+    libc.malloc_trim(0)
+    return _resident_growth(lambda: run(skeleton, steps))
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+_OWN_MAPPING = 64 * 1024
+"""Blocks from this size up get a mapping of their own, returned to the system when freed, so
+resident memory follows live memory (within 0.3 MiB of the allocator's count where every
+allocated page is written)."""
+
+
+def _glibc() -> ctypes.CDLL:
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        raise NeuliteError("measuring CPU memory needs Linux with glibc (it reads resident memory from /proc)")
+    return ctypes.CDLL(None)
+
+
+def _resident_growth(step: Callable[[], None]) -> int:
+    """Peak resident bytes while `step` runs, above those resident when it starts."""
+    base = _status_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # restarts the high-water mark (VmHWM) from the current resident size
+    step()
+    return _status_bytes("VmHWM") - base
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(key + ":"))
+    return int(line.split()[1]) * 1024

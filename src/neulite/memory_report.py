@@ -26,7 +26,9 @@ def memory_report(
     *,
     with_measurement: bool = True,
 ) -> dict[str, Any]:
-    """Per-stage NeuLite peaks (Mentor and Harmonizer on) next to full-model training, estimated and measured."""
+    """Per-stage NeuLite peaks (Mentor and Harmonizer on) next to full-model training, estimated and measured.
+
+    `model` is any name a config takes: a built-in, a registered model or an import path "module:function"."""
     cfg = Config(model=ModelConfig(name=model, width=width, blocks=blocks), train=TrainConfig(batch_size=batch_size))
     net = StageNet(build_model(model, input_shape, num_classes, width, blocks))  # type: ignore[arg-type]
     full_plan = net.full_plan()
@@ -57,7 +59,7 @@ def memory_report(
         "stages": rows,
         "worst_stage_fraction": worst,
         "reduction_percent": 100.0 * (1.0 - worst),
-        "measured_with": "torch.profiler allocator events, fresh process, 2 training steps"
+        "measured_with": "peak resident memory growth, fresh process, 1 thread, 2 training steps after a twin's warm-up step"
         if with_measurement
         else None,
     }
