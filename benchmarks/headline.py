@@ -1,0 +1,86 @@
+"""The headline benchmark: every memory-feasible baseline, NeuLite and the FedAvg oracle on the full
+Fashion-MNIST, 100 clients, under Dirichlet(0.1), Dirichlet(0.5) and IID label splits, 3 seeds.
+
+The shared setting is benchmarks/headline.toml. Each split is one resumable `neulite compare` under
+benchmarks/results/headline-runs/SPLIT (re-running continues it), its clients trained side by side
+in `--workers` processes. Writes benchmarks/results/headline.json and an accuracy-against-rounds plot
+per split (headline-SPLIT.png); the target accuracy is ExclusiveFL's median final accuracy.
+Needs `apt-get install dataset-fashion-mnist`.  Run: python benchmarks/headline.py [--workers N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from neulite.compare import compare, machine
+from neulite.config import load_config
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+METHODS = ("fedavg", "exclusivefl", "allsmall", "heterofl", "fedrolex", "depthfl", "profl", "neulite")
+SPLITS = {
+    "dirichlet-0.1": ["data.partition=dirichlet", "data.alpha=0.1"],
+    "dirichlet-0.5": ["data.partition=dirichlet", "data.alpha=0.5"],
+    "iid": ["data.partition=iid"],
+}
+
+
+def headline_row(row: dict) -> dict:
+    """One method's figures in the headline contract."""
+    return {
+        "final_accuracy_mean": row["final_accuracy_mean"],
+        "final_accuracy_std": row["final_accuracy_std"],
+        "participation": row["participation"],
+        "rounds_to_target": row["rounds_to_target"],
+        "critical_path_seconds_to_target": row["client_seconds_to_target"],
+        "wall_seconds_to_target": row["seconds_to_target"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--splits", default=",".join(SPLITS))
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override headline.toml")
+    parser.add_argument("--out", default=str(RESULTS / "headline-runs"), help="run folders (resumable)")
+    parser.add_argument("--report", default=str(RESULTS), help="folder for headline.json and the plots")
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    methods = args.methods.split(",")
+    report_dir = Path(args.report)
+    started = time.perf_counter()
+    splits = {}
+    for split in args.splits.split(","):
+        cfg = load_config(HERE / "headline.toml", [*SPLITS[split], *args.set])
+        runs = Path(args.out) / split
+        result = compare(cfg, methods, seeds, runs, console=Console(), workers=args.workers)
+        shutil.copy(runs / "accuracy.png", report_dir / f"headline-{split}.png")
+        splits[split] = {
+            "methods": {m: headline_row(r) for m, r in result["methods"].items()},
+            "skipped": result["skipped"],
+            "target_accuracy": result["target_accuracy"],
+        }
+    info = machine()
+    report = {
+        "machine": f"{info['cpu']}, {info['cores']} cores, torch {info['torch']}, {args.workers} client worker processes",
+        "splits": splits,
+        "methods": methods,
+        "seeds": seeds,
+        "config": load_config(HERE / "headline.toml", args.set).to_dict(),
+        "seconds_this_invocation": time.perf_counter() - started,
+    }
+    (report_dir / "headline.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {report_dir / 'headline.json'}")
+
+
+if __name__ == "__main__":
+    main()
