@@ -77,7 +77,7 @@ class StageNet(nn.Module):
         self.model = model
         t = model.num_blocks
         self.outputs = nn.ModuleList(OutputModule(model, s) for s in range(1, t))
-        self.projections = nn.ModuleList(ProjectionHead(model.block_shapes[-1][0]) for _ in range(t))
+        self.projections = nn.ModuleList(ProjectionHead(model.block_shapes[-1][0], model.num_classes) for _ in range(t))
 
     @property
     def num_stages(self) -> int:
