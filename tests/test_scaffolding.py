@@ -10,11 +10,13 @@ from examples.user_cnns import heavy_cnn, plain_cnn
 from neulite.algorithms.neulite import NeuLite
 from neulite.algorithms.registry import build_method
 from neulite.config import Config, TrainConfig
+from neulite.errors import NeuliteError
 from neulite.models.blocks import BlockModel, ClassifierHead
 from neulite.models.output_modules import light_layer
 from neulite.models.stage_net import StageNet
 from neulite.models.zoo import build_model
 from neulite.scaffolding import MAX_SCAFFOLDING_SHARE, scaffolding_warning
+from neulite.server import Server
 
 
 def _neulite(model: BlockModel, batch_size: int) -> NeuLite:
@@ -72,6 +74,14 @@ def test_set_up_warns_with_figures_when_blocks_are_too_light():
     message = str(caught[0].message)
     assert "stage 1 needs" in message and "of full-model training" in message and "scaffolding (" in message
     assert "fewer, larger blocks (model.blocks = N with N < 3" in message
+
+
+def test_no_stage_fits_says_when_the_stage_saves_nothing():
+    method = _neulite(_too_light(), 8)
+    full = method.stage_costs()[0].full
+    server = Server(method, {0: full}, method.cfg, full, lambda task: {}, {0: 100})
+    with pytest.raises(NeuliteError, match=r"budget no stage fits: stage 1 .* saves nothing .* fewer, larger blocks"):
+        server.check_feasible()
 
 
 def test_the_default_model_sets_up_without_a_warning():
