@@ -12,7 +12,6 @@ stage skips, and progressive training would save nothing.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -105,19 +104,32 @@ class OutputModule(nn.Module):
         return z, self.head(z)
 
 
-def projection_width(in_features: int, num_classes: int) -> int:
-    """P_t's hidden and output width: the geometric mean of the feature and label sizes, at most the
-    feature size. P_t only has to separate the classes, so its width follows both, and a wide
-    feature no longer pays for a fixed 256-wide MLP."""
-    return min(in_features, max(1, math.isqrt(in_features * num_classes)))
+PROJECTION_WIDTH = 256
+"""P_t's widest layers, used whenever the model can afford them."""
+
+PROJECTION_SHARE = 0.1
+"""P_t reads the last block's features; it may have at most this share of that block's parameters,
+so that on a network of light blocks it is light too."""
+
+
+def projection_width(model: BlockModel) -> int:
+    """P_t's width: `PROJECTION_WIDTH` (at most the feature size), halved while P_t would have more
+    than `PROJECTION_SHARE` of the last block's parameters, and never below the number of classes
+    it has to separate."""
+    features = model.block_shapes[-1][0]
+    floor = min(features, model.num_classes)
+    budget = PROJECTION_SHARE * _count(model.blocks[-1])
+    width = min(features, PROJECTION_WIDTH)
+    while width // 2 >= floor and features * width + 2 * width * width > budget:
+        width //= 2
+    return width
 
 
 class ProjectionHead(nn.Module):
     """P_t: the Mentor's 3-layer MLP from the pooled feature to a small label embedding."""
 
-    def __init__(self, in_features: int, num_classes: int) -> None:
+    def __init__(self, in_features: int, width: int) -> None:
         super().__init__()
-        width = projection_width(in_features, num_classes)
         self.net = nn.Sequential(
             nn.Linear(in_features, width),
             nn.ReLU(),
