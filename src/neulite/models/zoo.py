@@ -226,9 +226,8 @@ def _mobilenetv2(input_shape: tuple[int, int, int], num_classes: int, width: flo
 def _small_cnn(input_shape: tuple[int, int, int], num_classes: int, width: float) -> BlockModel:
     """The fast default: a 3-stage residual CNN (2 basic blocks per stage, 16/32/64 channels).
 
-    Blocks of several layers, not single convs: with one conv per block the Harmonizer's tail is
-    the whole previous block and the output modules need their compact light layers, so a stage
-    saves less.
+    Blocks of several layers, as the method describes, so that its output modules keep the
+    reference's 3x3 light layers (blocks of one conv get compact ones).
     """
     return _resnet((2, 2, 2), input_shape, num_classes, width, full_channels=(16, 32, 64))
 
