@@ -1,7 +1,8 @@
 """Two plain CNNs written the way users write them: one conv + BatchNorm + ReLU per block.
 
-They are the networks neulite was not designed around: every block is a single layer, so any
-scaffolding a stage adds is as large as what it stands in for. `heavy_cnn` is weight-heavy
+They are the networks neulite was not designed around: every block is a single layer, so the
+reference's light layers would be as large as the blocks they stand in for and the output modules
+take their compact form (`neulite.models.output_modules`). `heavy_cnn` is weight-heavy
 (most of its training memory is weights, gradients and momentum), `plain_cnn` VGG-like.
 Both follow neulite's model contract: `(input_shape, num_classes, width) -> BlockModel`.
 """

@@ -17,7 +17,7 @@ from neulite.algorithms.base import Method
 from neulite.algorithms.local import cross_entropy_loss
 from neulite.algorithms.registry import build_method, build_network
 from neulite.config import load_config
-from neulite.memory import LiveTensorBytes, estimate, measure
+from neulite.memory import MIB, LiveTensorBytes, estimate, measure
 from neulite.models.blocks import BlockModel, ClassifierHead
 from neulite.models.stage_net import StageNet
 
@@ -126,7 +126,9 @@ def test_estimate_holds_against_the_measurement_on_a_weight_heavy_cnn(stage: int
     """Weights, gradients and momentum are most of the peak, oneDNN's weight-sized copies most of
     the rest. The estimate used to miss those copies and the measurement (the allocated peak) to
     count a scratchpad oneDNN books and never writes: 42-46% apart. Stage 2 is laid out like
-    stage 1 and skipped."""
+    stage 1 and skipped. With compact output modules stages 1 and 3 hold only 3-6 MiB, and the
+    measurement carries a fixed 0.2-0.6 MiB that the estimate does not see on any step that small
+    (tiny models show it too), hence the 1 MiB floor."""
     m = heavy_neulite()
     if stage == 0:
         plan, loss = m.net.full_plan(), cross_entropy_loss
@@ -135,7 +137,7 @@ def test_estimate_holds_against_the_measurement_on_a_weight_heavy_cnn(stage: int
         plan = m.plans()[stage - 1]
         loss, est = m.loss(m.task_config(plan)), m.memory(plan).total
     real = measure(m.net, plan, 32, loss)
-    assert abs(est - real) / real < 0.10, (est, real)
+    assert abs(est - real) < max(0.10 * real, MIB), (est, real)
 
 
 def test_measure_agrees_with_an_independent_resident_memory_check():

@@ -129,9 +129,16 @@ class Server:
             if not self.eligible(plan):
                 peak = self.method.memory(plan).total
                 what = "full-model training" if plan.full else f"stage {plan.stage}"
+                lighter = (
+                    ""
+                    if plan.full or peak < self.full_peak
+                    else f"; it saves nothing on full-model training ({self.full_peak / MIB:.1f} MiB): the blocks are "
+                    "too light for the scaffolding around them, use fewer, larger blocks (model.blocks = N)"
+                )
                 raise NeuliteError(
                     f"budget no stage fits: {what} needs {peak / MIB:.1f} MiB at batch {self.cfg.train.batch_size}, "
                     f"the largest client budget is {largest / MIB:.1f} MiB (raise the budgets or lower train.batch_size)"
+                    f"{lighter}"
                 )
 
     def configure(self, number: int) -> Round:

@@ -13,16 +13,19 @@ import torch
 def gaussian_kernel(a: torch.Tensor, sigma: float) -> torch.Tensor:
     """exp(-|a_i - a_j|² / (2σ²d)) on features centred and scaled to unit mean square.
 
-    The Gram matrix is formed in the input's precision; distances, exp and everything after run
-    in float64 on the (m x m) matrices, which costs nothing and keeps the near-flat kernels of
-    σ = 5 from losing their signal to rounding.
+    The Gram matrix of the centred features is formed in the input's precision and the unit-mean-
+    square scaling is applied to it (its diagonal holds the squared norms), so the only copy of a
+    feature map that autograd keeps is the centred one: on a large Z this term would otherwise
+    hold several feature-sized tensors, more than the output module itself. Distances, exp and
+    everything after run in float64 on the (m x m) matrices, which costs nothing and keeps the
+    near-flat kernels of σ = 5 from losing their signal to rounding.
     """
     a = a.flatten(1).float()
     a = a - a.mean(0, keepdim=True)
-    a = a / a.pow(2).mean().clamp_min(1e-12).sqrt()
     gram = (a @ a.T).double()
     sq_norms = gram.diagonal()
-    sq_dist = (sq_norms[:, None] + sq_norms[None, :] - 2.0 * gram).clamp_min(0.0)
+    mean_square = (sq_norms.mean() / a.shape[1]).clamp_min(1e-12)
+    sq_dist = (sq_norms[:, None] + sq_norms[None, :] - 2.0 * gram).clamp_min(0.0) / mean_square
     return torch.exp(-sq_dist / (2.0 * sigma**2 * a.shape[1]))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -14,11 +15,13 @@ import torch.nn.functional as F
 
 from neulite.algorithms.base import Method
 from neulite.algorithms.hsic import nhsic
+from neulite.algorithms.local import cross_entropy_loss
 from neulite.algorithms.payload import ConfigValue
 from neulite.config import Config, check, choice
 from neulite.errors import NeuliteError
-from neulite.memory import StepLoss
+from neulite.memory import StepLoss, estimate
 from neulite.models.stage_net import StageNet, StagePlan
+from neulite.scaffolding import StageCost, scaffolding_warning, stage_cost
 
 DEFAULT_LAMBDA1 = (0.5, 0.3, 0.1, 0.0)
 DEFAULT_LAMBDA2 = (0.1, 0.3, 0.5, 0.5)
@@ -159,6 +162,18 @@ class NeuLite(Method):
 
     def summary(self) -> dict[str, Any]:
         return {"lambda1": list(self.lambda1), "lambda2": list(self.lambda2)}
+
+    def setup(self, budgets: Mapping[int, int]) -> None:
+        """Warn, with figures, when the model's blocks are too light for progressive training to gain."""
+        message = scaffolding_warning(self.stage_costs(), self.cfg.train.batch_size)
+        if message:
+            warnings.warn(message, stacklevel=2)
+
+    def stage_costs(self) -> list[StageCost]:
+        """Each stage's estimated peak and the part its scaffolding adds, next to full-model training."""
+        batch = self.cfg.train.batch_size
+        full = estimate(self.net, self.net.full_plan(), batch, cross_entropy_loss).total
+        return [stage_cost(self.net, plan, self.memory(plan).total, full, batch) for plan in self.plans()]
 
     def begin_round(self, plan: StagePlan) -> None:
         if self.schedule != "sequential" or plan.stage <= self._started:

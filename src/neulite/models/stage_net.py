@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from neulite.models.blocks import BlockModel, tail_modules
-from neulite.models.output_modules import OutputModule, ProjectionHead
+from neulite.models.output_modules import OutputModule, ProjectionHead, projection_width
 
 FULL_MODEL = 0  # the `stage` of a plan that trains the whole model (plain FedAvg)
 
@@ -77,7 +77,9 @@ class StageNet(nn.Module):
         self.model = model
         t = model.num_blocks
         self.outputs = nn.ModuleList(OutputModule(model, s) for s in range(1, t))
-        self.projections = nn.ModuleList(ProjectionHead(model.block_shapes[-1][0]) for _ in range(t))
+        self.projections = nn.ModuleList(
+            ProjectionHead(model.block_shapes[-1][0], projection_width(model)) for _ in range(t)
+        )
 
     @property
     def num_stages(self) -> int:

@@ -226,8 +226,8 @@ def _mobilenetv2(input_shape: tuple[int, int, int], num_classes: int, width: flo
 def _small_cnn(input_shape: tuple[int, int, int], num_classes: int, width: float) -> BlockModel:
     """The fast default: a 3-stage residual CNN (2 basic blocks per stage, 16/32/64 channels).
 
-    Blocks of several layers, not single convs: with one conv per block the Harmonizer's tail
-    and the output module's light layers would be as large as the blocks they stand in for.
+    Blocks of several layers, as the method describes, so that its output modules keep the
+    reference's 3x3 light layers (blocks of one conv get compact ones).
     """
     return _resnet((2, 2, 2), input_shape, num_classes, width, full_channels=(16, 32, 64))
 
