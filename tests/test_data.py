@@ -201,7 +201,7 @@ def test_digits():
 
 
 def test_unknown_dataset_lists_names():
-    with pytest.raises(NeuliteError, match="valid names: " + ", ".join(DATASET_NAMES)):
+    with pytest.raises(NeuliteError, match="unknown data set .imagenet.: valid names are " + ", ".join(DATASET_NAMES)):
         load_dataset("imagenet")
 
 
