@@ -5,7 +5,8 @@ resolution stage, and ResNet-34 cut into 4 memory-balanced blocks (`model.blocks
 user CNNs of examples/user_cnns.py (one block per conv) at batch 32 and 64: weight-heavy
 `heavy_cnn` on 8x8 inputs, VGG-like `plain_cnn` on 32x32. For those the full model's peak is also
 read by benchmarks/rss_check.py, an independent check of the measurement.
-Writes benchmarks/results/memory.json; entries already there are kept (delete the file to redo all).
+Writes benchmarks/results/memory.json after each row; rows already there measured the current way are
+kept (delete the file to redo all).
 Run: python benchmarks/memory.py
 """
 
@@ -14,6 +15,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +29,7 @@ from examples.user_cnns import heavy_cnn, plain_cnn  # noqa: E402
 from neulite.algorithms.local import cross_entropy_loss  # noqa: E402
 from neulite.compare import machine  # noqa: E402
 from neulite.memory import MIB  # noqa: E402
-from neulite.memory_report import memory_report  # noqa: E402
+from neulite.memory_report import MEASURED_WITH, memory_report  # noqa: E402
 from neulite.models.stage_net import StageNet  # noqa: E402
 
 MODELS = (("resnet18", 0), ("resnet34", 0), ("vgg16", 0), ("mobilenetv2", 0), ("resnet34", 4))
@@ -45,28 +48,29 @@ def user_report(build: Any, input_shape: tuple[int, int, int], batch: int) -> di
 
 
 def main() -> None:
+    """Measure every row not yet measured the current way, saving after each (an interrupted run resumes)."""
     info = machine()
     print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}")
     old = json.loads(OUT.read_text()) if OUT.is_file() else {"reports": [], "seconds": 0.0}
-    done = {(r["model"], r["blocks"], r["batch_size"]): r for r in old["reports"]}
-    reports = []
+    rows = {(r["model"], r["blocks"], r["batch_size"]): r for r in old["reports"]}
     start = time.perf_counter() - old["seconds"]
+    jobs: list[tuple[tuple[str, str, int], Callable[[], dict[str, Any]]]] = []
     for model, blocks in MODELS:
+        label = "one per resolution stage" if not blocks else f"{blocks} memory-balanced"
         for batch in BATCHES:
-            label = "one per resolution stage" if not blocks else f"{blocks} memory-balanced"
-            reports.append(
-                done.get((model, label, batch)) or memory_report(model, batch, (3, 32, 32), 10, blocks=blocks)
-            )
-            show(reports[-1])
+            jobs.append(((model, label, batch), partial(memory_report, model, batch, (3, 32, 32), 10, blocks=blocks)))
     for build, shape in USER_MODELS:
         for batch in USER_BATCHES:
             key = (f"{build.__module__}:{build.__name__}", "one per resolution stage", batch)
-            reports.append(done.get(key) or user_report(build, shape, batch))
-            show(reports[-1])
+            jobs.append((key, partial(user_report, build, shape, batch)))
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(
-        json.dumps({"machine": info, "seconds": time.perf_counter() - start, "reports": reports}, indent=2) + "\n"
-    )
+    for key, run in jobs:
+        if rows.get(key, {}).get("measured_with") != MEASURED_WITH:
+            rows[key] = run()
+            ordered = [rows[k] for k, _ in jobs if k in rows]
+            report = {"machine": info, "seconds": time.perf_counter() - start, "reports": ordered}
+            OUT.write_text(json.dumps(report, indent=2) + "\n")
+        show(rows[key])
     print(f"wrote {OUT}")
 
 

@@ -15,6 +15,9 @@ from neulite.memory import estimate, measure
 from neulite.models.stage_net import StageNet
 from neulite.models.zoo import build_model
 
+MEASURED_WITH = "peak resident memory growth, fresh process, 1 thread, 2 training steps after a twin's warm-up step"
+"""How `measure` reads a step's peak, recorded with every report (a benchmark re-measures rows read another way)."""
+
 
 def memory_report(
     model: str,
@@ -59,7 +62,5 @@ def memory_report(
         "stages": rows,
         "worst_stage_fraction": worst,
         "reduction_percent": 100.0 * (1.0 - worst),
-        "measured_with": "peak resident memory growth, fresh process, 1 thread, 2 training steps after a twin's warm-up step"
-        if with_measurement
-        else None,
+        "measured_with": MEASURED_WITH if with_measurement else None,
     }
