@@ -58,7 +58,6 @@ def test_two_workers_give_the_sequential_run_bit_for_bit_and_a_failure_costs_onl
         done.clear()
         sim.pool.train(tasks, lambda cid, r, err: (done.setdefault(cid, err), _kill(sim.pool)))
         assert set(done) == set(tasks) and any("worker process died" in e for e in done.values())
-        assert sim.run_round(4).participants == len(tasks)  # a fresh pool serves the next round
 
 
 def test_workers_must_be_a_positive_integer():
