@@ -94,10 +94,11 @@ def test_bad_input_exits_with_a_one_line_error(argv: list[str], fragment: str, c
 
 
 def test_memory_json_report(capsys: pytest.CaptureFixture[str]):
-    assert main(["memory", "--model", "small_cnn", "--input-shape", "1,28,28", "--batch-size", "16", "--json"]) == 0
+    """The JSON contract; how close estimate and measurement are is test_memory's (each measurement is a process)."""
+    argv = ["memory", "--model", "small_cnn", "--input-shape", "1,28,28", "--batch-size", "16", "--json"]
+    assert main([*argv, "--no-measure"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["model"] == "small_cnn" and report["batch_size"] == 16
-    assert report["full"]["estimated_bytes"] > 0 and report["full"]["measured_bytes"] > 0
+    assert report["full"]["estimated_bytes"] > 0 and report["full"]["measured_bytes"] is None
     assert [s["stage"] for s in report["stages"]] == [1, 2, 3]
-    for s in report["stages"]:
-        assert abs(s["estimated_bytes"] - s["measured_bytes"]) / s["measured_bytes"] < 0.15
+    assert all(0 < s["estimated_bytes"] < report["full"]["estimated_bytes"] for s in report["stages"])
