@@ -25,7 +25,8 @@ SMALL = [
     "train.local_epochs=1",
 ]
 
-pytestmark = pytest.mark.slow  # starts Ray
+# starts Ray; never beside the SuperLink test, whose process start-up starves Ray's workers past their start timeout
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("engines")]
 
 
 def _rows(path):

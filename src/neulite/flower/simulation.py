@@ -64,7 +64,12 @@ def simulate(
         make_server_app(run_config),
         make_client_app(run_config),
         num_supernodes=cfg.data.num_clients,
-        backend_config={"client_resources": {"num_cpus": num_cpus_per_node, "num_gpus": 0.0}},
+        backend_config={
+            "client_resources": {"num_cpus": num_cpus_per_node, "num_gpus": 0.0},
+            # a Ray instance of its own: one found through RAY_ADDRESS or `ray start` may have no CPU
+            # free for this run's actors, which then wait for one without a word
+            "init_args": {"address": "local"},
+        },
         verbose_logging=verbose,
     )
     summary = Path(out) / "summary.json"

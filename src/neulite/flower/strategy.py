@@ -80,7 +80,9 @@ def profile_nodes(
             )
     if len(found) < min_nodes:
         raise NeuliteError(
-            f"only {len(found)} of {min_nodes} nodes answered the profiling query; stopping before training"
+            f"only {len(found)} of {min_nodes} nodes answered the profiling query within {wait:.0f} s (node-wait); "
+            "stopping before training (on the simulation engine, nodes that never answer usually mean Ray's "
+            "workers did not start: see Ray's log)"
         )
     return dict(sorted(found.items()))
 
