@@ -3,14 +3,18 @@
 Each sweep runs one method over candidate config overrides and seeds, picks the candidate with the
 best median validation accuracy (the union of the clients' validation splits) and records the test
 accuracy only for information. Run folders under benchmarks/results/tune-runs/ make a sweep resumable.
-Writes benchmarks/results/tune-NAME.json.  Run: python benchmarks/tune.py NAME
+Writes benchmarks/results/tune-NAME.json.
 
 Sweeps:
   lambda    the Mentor's λ scale on the embedded default (configs/default.toml);
   lr        the local learning rate of the accuracy benchmark, chosen on the FedAvg oracle so that the
             choice favours no memory-efficient method (every method then shares it);
   schedule  NeuLite's rounds per stage on the accuracy benchmark, at the chosen learning rate;
-  inherit   whether a new stage starts from the previous output module, on the accuracy benchmark.
+  inherit   whether a new stage starts from the previous output module, on the accuracy benchmark;
+  headline-lr  the local learning rate of the headline benchmark (benchmarks/headline.toml), chosen on
+            the FedAvg oracle on the Dirichlet(0.5) split, as `lr` is;
+  headline-schedule  NeuLite's rounds per stage on the headline benchmark, at its chosen learning rate.
+Run: python benchmarks/tune.py NAME [--workers N]
 """
 
 from __future__ import annotations
@@ -66,6 +70,24 @@ SWEEPS = {
         (0, 1),
         DIRICHLET,
     ),
+    "headline-lr": Sweep(
+        HERE / "headline.toml",
+        "fedavg",
+        tuple(f"train.lr={lr}" for lr in (0.02, 0.05, 0.1, 0.01)),  # 0.01 added when 0.02 came out best
+        (0,),
+        (*DIRICHLET, "eval.every=60"),  # only the final validation accuracy decides
+    ),
+    "headline-schedule": Sweep(
+        HERE / "headline.toml",
+        "neulite",
+        (
+            "method.neulite.stage_split=params",  # [4, 12, 44] rounds
+            "method.neulite.stage_rounds=[10,20,30]",
+            "method.neulite.stage_split=equal",  # [20, 20, 20]
+        ),
+        (0,),
+        (*DIRICHLET, "eval.every=60"),
+    ),
     "inherit": Sweep(
         HERE / "accuracy.toml",
         "neulite",
@@ -76,7 +98,7 @@ SWEEPS = {
 }
 
 
-def run_sweep(name: str) -> dict:
+def run_sweep(name: str, workers: int = 1) -> dict:
     sweep = SWEEPS[name]
     rows = []
     for candidate in sweep.candidates:
@@ -84,7 +106,7 @@ def run_sweep(name: str) -> dict:
         out = HERE / "results" / "tune-runs" / name / candidate.replace("=", "_")
         val, test = [], []
         for seed in sweep.seeds:
-            summary, _ = run_one(cfg, sweep.method, seed, out, Console())
+            summary, _ = run_one(cfg, sweep.method, seed, out, Console(), workers=workers)
             val.append(summary["validation_accuracy"])
             test.append(summary["final_accuracy"])
         rows.append(
@@ -112,8 +134,10 @@ def run_sweep(name: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("sweep", choices=sorted(SWEEPS))
-    name = parser.parse_args().sweep
-    report = run_sweep(name)
+    parser.add_argument("--workers", type=int, default=1, help="client worker processes (results do not depend on it)")
+    args = parser.parse_args()
+    name = args.sweep
+    report = run_sweep(name, args.workers)
     (HERE / "results" / f"tune-{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"best by median validation accuracy: {report['chosen']} (machine: {report['machine']['cpu']})")
 

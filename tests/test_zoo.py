@@ -190,3 +190,18 @@ def test_too_small_input_is_a_neulite_error():
         NeuliteError, match=r"model cannot be split: forward through blocks failed for input shape \(3, 8, 8\)"
     ):
         build_model("vgg11", (3, 8, 8), 10)
+
+
+def test_a_model_cut_into_n_blocks_draws_the_same_weights_whether_its_cuts_are_cached_or_not():
+    from neulite.models.zoo import _balanced_cuts
+
+    _balanced_cuts.cache_clear()
+    torch.manual_seed(0)
+    first = build_model("small_cnn", (1, 12, 12), 10, 0.5, blocks=4)
+    after_first = torch.rand(1)
+    torch.manual_seed(0)
+    second = build_model("small_cnn", (1, 12, 12), 10, 0.5, blocks=4)  # cuts from the cache now
+    assert torch.equal(after_first, torch.rand(1))  # the seeded stream is where it would be without a cache
+    assert all(
+        torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True)
+    )

@@ -21,22 +21,24 @@ from neulite.algorithms.payload import ClientResult, ClientTask
 from neulite.config import Config
 from neulite.errors import NeuliteError
 from neulite.federation import load_node
+from neulite.prefix_cache import PrefixStore
 
 _CONFIG: Config | None = None  # the experiment a worker serves, set once when it starts
+_PREFIXES: PrefixStore | None = None  # the frozen-prefix caches of the clients it has served
 
 
 def _start_worker(cfg: Config) -> None:
-    global _CONFIG
-    _CONFIG = cfg
+    global _CONFIG, _PREFIXES
+    _CONFIG, _PREFIXES = cfg, PrefixStore(cfg.train.prefix_cache_mb)
     torch.set_num_threads(1)
 
 
 def _train(job: tuple[int, ClientTask]) -> tuple[int, ClientResult | None, str]:
     cid, task = job
-    assert _CONFIG is not None
+    assert _CONFIG is not None and _PREFIXES is not None
     try:
         node = load_node(_CONFIG, cid)
-        return cid, node.method.client_update(task, node.train, augment=node.augment), ""
+        return cid, node.method.client_update(task, node.train, augment=node.augment, cache=_PREFIXES.get(cid)), ""
     except Exception as exc:  # the client's failure is its own: the driver leaves it out
         return cid, None, f"{type(exc).__name__}: {exc}"
 

@@ -35,9 +35,11 @@ from neulite.saved_tensors import SavedTensorCounter
 
 MIB = 2**20
 
-StepLoss = Callable[[StageNet, StagePlan, torch.Tensor, torch.Tensor], torch.Tensor]
-"""A method's training objective for one batch: (net, plan, x, y) -> scalar loss. Must pickle
-(a module-level function, or a `functools.partial` of one) so `measure` can run it in a fresh process."""
+StepLoss = Callable[..., torch.Tensor]
+"""A method's training objective for one batch: (net, plan, x, y, prefix=None) -> scalar loss, where
+`prefix` is the output of the plan's frozen blocks for `x` when a `PrefixCache` holds it (passed on
+to `StageNet.stage_forward`). Must pickle (a module-level function, or a `functools.partial` of one)
+so `measure` can run it in a fresh process. Memory is estimated without a prefix: an upper bound."""
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from neulite.errors import NeuliteError
 from neulite.experiment import build_experiment
 from neulite.federation import Client, augment_enabled, make_clients
 from neulite.models.stage_net import StagePlan
+from neulite.prefix_cache import PrefixStore
 from neulite.results import ResultsDir, RunLog
 from neulite.server import RoundRecord
 
@@ -45,6 +46,7 @@ class Simulation:
         self.splits, self.method = experiment.splits, experiment.method
         self.clients = make_clients(cfg, self.splits, experiment.indices, experiment.full_peak)
         self.augment = augment_enabled(cfg, self.splits)
+        self.prefixes = PrefixStore(cfg.train.prefix_cache_mb)
         self.server = experiment.server({c.cid: c.budget for c in self.clients}, self.query)
         self.pool = ClientPool(cfg, workers) if workers > 1 else None
 
@@ -68,7 +70,9 @@ class Simulation:
 
     def train(self, cid: int, task: ClientTask) -> ClientResult:
         """One client's reply to its task (replaced on an instance to stand in for a faulty or hostile client)."""
-        return self.method.client_update(task, self.clients[cid].train, augment=self.augment)
+        return self.method.client_update(
+            task, self.clients[cid].train, augment=self.augment, cache=self.prefixes.get(cid)
+        )
 
     def run_round(self, rnd: int, on_client: Callable[[], None] | None = None) -> RoundRecord:
         """Every sampled client trains; a client that fails is left out and logged, as a node that

@@ -25,6 +25,7 @@ from neulite.memory import MemoryBreakdown, StepLoss, estimate
 from neulite.models.arrays import assign_arrays
 from neulite.models.blocks import BlockModel
 from neulite.models.stage_net import StageNet, StagePlan
+from neulite.prefix_cache import PrefixCache
 
 Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
@@ -112,10 +113,13 @@ class Method(ABC):
         net = self.client_net(task.level)
         return {n: (tuple(t.shape), t.dtype) for n in net.up_names(task.plan) for t in [net.get_parameter_or_buffer(n)]}
 
-    def client_update(self, task: ClientTask, data: TensorDataset, *, augment: bool) -> ClientResult:
-        """The client half: train on local data what the task asks, return what was trained."""
+    def client_update(
+        self, task: ClientTask, data: TensorDataset, *, augment: bool, cache: PrefixCache | None = None
+    ) -> ClientResult:
+        """The client half: train on local data what the task asks, return what was trained (the
+        frozen prefix's output from the client's `cache`, when it has one)."""
         net = self.client_net(task.level)
-        return local_update(net, task, data, self.cfg.train, augment=augment, loss=self.loss(task.config))
+        return local_update(net, task, data, self.cfg.train, augment=augment, loss=self.loss(task.config), cache=cache)
 
     def aggregate_train(self, rnd: int, plan: StagePlan, results: Sequence[ClientResult]) -> None:
         """Merge the replies of round `rnd` into the global model."""

@@ -60,11 +60,16 @@ class DepthNet(StageNet):
             logits.append(self.model.head(x) if i == self.num_stages - 1 else self.outputs[i](x)[1])
         return x, logits
 
-    def stage_forward(self, x: torch.Tensor, plan: StagePlan) -> tuple[torch.Tensor, torch.Tensor]:
-        """For a DepthPlan: (last feature map, the exits' mean logits: the ensemble DepthFL
-        evaluates). Other plans: StageNet's forward."""
+    def frozen_depth(self, plan: StagePlan) -> int:
+        return 0 if isinstance(plan, DepthPlan) else super().frozen_depth(plan)
+
+    def stage_forward(
+        self, x: torch.Tensor, plan: StagePlan, prefix: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a DepthPlan (it freezes nothing, so there is no prefix): (last feature map, the
+        exits' mean logits: the ensemble DepthFL evaluates). Other plans: StageNet's forward."""
         if not isinstance(plan, DepthPlan):
-            return super().stage_forward(x, plan)
+            return super().stage_forward(x, plan, prefix)
         z, logits = self.exits(x, plan.stage)
         return z, torch.stack(logits).mean(0)
 
@@ -88,9 +93,17 @@ def depthfl_loss(logits: list[torch.Tensor], y: torch.Tensor, kd_weight: float, 
 
 
 def depthfl_step_loss(
-    net: DepthNet, plan: StagePlan, x: torch.Tensor, y: torch.Tensor, *, kd_weight: float, temperature: float
+    net: DepthNet,
+    plan: StagePlan,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    prefix: None = None,
+    *,
+    kd_weight: float,
+    temperature: float,
 ) -> torch.Tensor:
-    """`depthfl_loss` over the exits of the plan's prefix: the step a DepthFL client trains."""
+    """`depthfl_loss` over the exits of the plan's prefix: the step a DepthFL client trains (its
+    plans freeze nothing, so there is never a cached prefix)."""
     return depthfl_loss(net.exits(x, plan.stage)[1], y, kd_weight, temperature)
 
 

@@ -16,11 +16,14 @@ from neulite.errors import NeuliteError
 from neulite.memory import StepLoss
 from neulite.models.arrays import assign_arrays, extract_arrays
 from neulite.models.stage_net import StageNet, StagePlan
+from neulite.prefix_cache import PrefixCache
 
 
-def cross_entropy_loss(net: StageNet, plan: StagePlan, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def cross_entropy_loss(
+    net: StageNet, plan: StagePlan, x: torch.Tensor, y: torch.Tensor, prefix: torch.Tensor | None = None
+) -> torch.Tensor:
     """The plain objective: cross-entropy of the stage model's logits (every method without a loss of its own)."""
-    return F.cross_entropy(net.stage_forward(x, plan)[1], y)
+    return F.cross_entropy(net.stage_forward(x, plan, prefix)[1], y)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -28,13 +31,22 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
 
 
 def local_update(
-    net: StageNet, task: ClientTask, data: TensorDataset, cfg: TrainConfig, *, augment: bool, loss: StepLoss
+    net: StageNet,
+    task: ClientTask,
+    data: TensorDataset,
+    cfg: TrainConfig,
+    *,
+    augment: bool,
+    loss: StepLoss,
+    cache: PrefixCache | None = None,
 ) -> ClientResult:
-    """Load the task's tensors, train the stage for `local_epochs` on `loss`, return only what was trained."""
+    """Load the task's tensors, train the stage for `local_epochs` on `loss`, return only what was
+    trained. With a `cache` (and no augmentation) the frozen prefix runs once per stage, not every step."""
     started = time.perf_counter()
     plan = task.plan
     assign_arrays(net, task.arrays)
     optimizer = make_optimizer(net.prepare(plan), cfg)
+    prefix = cache.prefix(net, plan, data) if cache is not None and not augment else None
     generator = torch.Generator().manual_seed(task.seed)
     n = len(data)
     total_loss, steps = 0.0, 0
@@ -47,7 +59,7 @@ def local_update(
             x, y = data.x[idx], data.y[idx]
             if augment:
                 x = random_crop_flip(x, generator=generator)
-            value = loss(net, plan, x, y)
+            value = loss(net, plan, x, y, None if prefix is None else prefix[idx])
             if not math.isfinite(value.item()):
                 raise NeuliteError(
                     f"training diverged at round {task.round}, stage {plan.stage}: loss is {value.item()} (lower train.lr)"

@@ -65,10 +65,18 @@ class NeuLiteOptions:
 
 
 def neulite_loss(
-    net: StageNet, plan: StagePlan, x: torch.Tensor, y: torch.Tensor, *, lambda1: float, lambda2: float, sigma: float
+    net: StageNet,
+    plan: StagePlan,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    prefix: torch.Tensor | None = None,
+    *,
+    lambda1: float,
+    lambda2: float,
+    sigma: float,
 ) -> torch.Tensor:
     """Cross-entropy minus the Mentor's weighted dependence terms: nHSIC(Z_t, X) and nHSIC(P_t(Z_t), Y)."""
-    z, logits = net.stage_forward(x, plan)
+    z, logits = net.stage_forward(x, plan, prefix)
     loss = F.cross_entropy(logits, y)
     if plan.mentor and lambda1:
         loss = loss - lambda1 * nhsic(z, x, sigma)

@@ -27,6 +27,7 @@ from neulite.federation import Node, load_node, simulated_budgets
 from neulite.flower.run_config import parse_run_config
 from neulite.flower.wire import decode_task, encode_result
 from neulite.memory import MIB
+from neulite.prefix_cache import PrefixStore
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,9 @@ def make_client_app(run_config: dict[str, Any] | None = None) -> ClientApp:
     which passes none)."""
     app = ClientApp()
     base = dict(run_config or {})
+    # frozen-prefix caches, per process: they pay off where a process serves a node for many rounds
+    # (a Ray actor); a SuperNode starts a fresh ClientApp process per message, which starts empty
+    prefixes: dict[float, PrefixStore] = {}
 
     def node_of(context: Context) -> tuple[Config, Node]:
         cfg = parse_run_config({**base, **context.run_config})[0]
@@ -78,9 +82,10 @@ def make_client_app(run_config: dict[str, Any] | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        _, node = node_of(context)
+        cfg, node = node_of(context)
         task = decode_task(msg.content)
-        result = node.method.client_update(task, node.train, augment=node.augment)
+        store = prefixes.setdefault(cfg.train.prefix_cache_mb, PrefixStore(cfg.train.prefix_cache_mb))
+        result = node.method.client_update(task, node.train, augment=node.augment, cache=store.get(node.cid))
         return Message(encode_result(result), reply_to=msg)
 
     @app.evaluate()

@@ -129,24 +129,35 @@ class StageNet(nn.Module):
             self.get_submodule(name).train(True)
         return params
 
-    def stage_forward(self, x: torch.Tensor, plan: StagePlan) -> tuple[torch.Tensor, torch.Tensor]:
+    def frozen_depth(self, plan: StagePlan) -> int:
+        """How many leading blocks the stage runs without autograd (a `PrefixCache` may hold their output)."""
+        if plan.full:
+            return 0
+        return plan.stage - 2 if plan.harmonize and plan.stage >= 2 else plan.stage - 1
+
+    def stage_forward(
+        self, x: torch.Tensor, plan: StagePlan, prefix: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(feature map Z for the Mentor, logits) of stage model [θ_1..θ_t, Op_t].
 
-        Fully frozen blocks run without autograd, so none of their activations are kept. With the
-        Harmonizer, block t-1 runs with autograd on but only its tail requires grad: autograd then
-        saves just what the tail needs.
+        Fully frozen blocks run without autograd, so none of their activations are kept; `prefix`,
+        when given, is their output for `x` (from a `PrefixCache`) and they do not run at all. With
+        the Harmonizer, block t-1 runs with autograd on but only its tail requires grad: autograd
+        then saves just what the tail needs.
         """
         blocks = self.model.blocks
         if plan.full:
             for block in blocks:
                 x = block(x)
             return x, self.model.head(x)
-        t = plan.stage
-        n_no_grad = t - 2 if plan.harmonize and t >= 2 else t - 1
-        with torch.no_grad():
-            for block in blocks[:n_no_grad]:
-                x = block(x)
-        for block in blocks[n_no_grad:t]:
+        t, depth = plan.stage, self.frozen_depth(plan)
+        if prefix is not None:
+            x = prefix
+        else:
+            with torch.no_grad():
+                for block in blocks[:depth]:
+                    x = block(x)
+        for block in blocks[depth:t]:
             x = block(x)
         if t == plan.num_stages:
             return x, self.model.head(x)

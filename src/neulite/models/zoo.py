@@ -364,5 +364,6 @@ def _user_model(
 
 @functools.lru_cache(maxsize=32)
 def _balanced_cuts(name: str, input_shape: tuple[int, int, int], num_classes: int, blocks: int) -> list[int]:
-    model = build_model(name, input_shape, num_classes)
-    return balanced_cuts(unit_costs(model, units(model), 64), blocks)
+    with torch.random.fork_rng():  # cached: drawing from the seeded stream only on a miss would change the run
+        model = build_model(name, input_shape, num_classes)
+        return balanced_cuts(unit_costs(model, units(model), 64), blocks)
