@@ -17,6 +17,7 @@ from neulite.algorithms.heterofl import HeteroFL, bn_statistics
 from neulite.algorithms.local import cross_entropy_loss
 from neulite.algorithms.payload import ClientResult
 from neulite.algorithms.profl import ProFL
+from neulite.algorithms.registry import build_method
 from neulite.algorithms.submodel import WIDTHS, scatter_average, width_net, window
 from neulite.config import ServerConfig, load_config
 from neulite.data import TensorDataset
@@ -204,6 +205,21 @@ def test_profl_steady_drift_waits_for_the_cap_and_the_run_ends_on_time():
         theta = _block_vector(method)
         stages.append(_train_to(method, theta + 0.01 * torch.ones_like(theta)))  # EM = 1: never converged
     assert stages == [1] * 20 + [2] * 5 + [3] * 5
+    assert [(a["after_round"], a["to_stage"], a["why"].split(":")[0]) for a in method.summary()["stage_advances"]] == [
+        (0, 2, "cap"),
+        (0, 3, "reserve"),
+    ]  # `_train_to` numbers every round 0
+
+
+def test_neulite_adaptive_is_profls_advance_with_the_mentor_and_the_harmonizer():
+    blocks = [nn.Sequential(nn.Flatten(), nn.Linear(64, 32)), nn.Sequential(nn.Linear(32, 16), nn.ReLU())]
+    net = StageNet(BlockModel(blocks, nn.Linear(16, 10), (1, 8, 8), 10))
+    method = build_method(load_config(overrides=["method.name=neulite-adaptive", "method.rounds=10"]), net)
+    assert isinstance(method, ProFL) and method.mentor and method.harmonizer
+    plan = method.plan(1)
+    assert plan.mentor and plan.harmonize and method.task_config(plan)["lambda2"] > 0
+    method.stage = 2
+    assert "model.blocks.0.1" in method.plan(1).trainable_modules(net)  # the Harmonizer's tail: block 1's linear
 
 
 # ------------------------------------------------------------------------------------------ AllSmall

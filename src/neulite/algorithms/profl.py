@@ -36,7 +36,8 @@ def effective_movement(start: torch.Tensor, end: torch.Tensor, steps: list[float
 
 
 class ProFL(NeuLite):
-    """NeuLite without the Mentor and the Harmonizer, whose stage advances when its block has converged.
+    """NeuLite without the Mentor and the Harmonizer, whose stage advances when its block has converged
+    (`neulite-adaptive`: the same advance with the Mentor and the Harmonizer on).
 
     After every round the active block's parameters θ are compared over the last W rounds:
     EM = ‖θ_r − θ_{r−W}‖ / Σ_i ‖θ_{i+1} − θ_i‖ (`effective_movement`). The next stage starts once
@@ -51,9 +52,11 @@ class ProFL(NeuLite):
         The global model with its output modules.
     cfg : Config
         `[method.profl]` (`ProFLOptions`); method.rounds bounds the schedule.
+    mentor, harmonizer : bool
+        Switch NeuLite's Curriculum Mentor and Training Harmonizer on (off in ProFL).
     """
 
-    def __init__(self, net: StageNet, cfg: Config) -> None:
+    def __init__(self, net: StageNet, cfg: Config, *, mentor: bool = False, harmonizer: bool = False) -> None:
         p: ProFLOptions = cfg.method.section("profl")
         super().__init__(
             net,
@@ -61,8 +64,8 @@ class ProFL(NeuLite):
             schedule="sequential",
             stage_rounds=(),
             stage_split="equal",
-            mentor=False,
-            harmonizer=False,
+            mentor=mentor,
+            harmonizer=harmonizer,
             frozen_bn_drift=False,
             inherit_outputs=p.inherit_outputs,
         )
@@ -73,6 +76,7 @@ class ProFL(NeuLite):
         self.stage, self.in_stage, self.done = 1, 0, 0
         self._starts: list[torch.Tensor] = []  # θ before each of the last W rounds
         self._steps: list[float] = []  # ‖θ_{i+1} − θ_i‖ of the last W rounds
+        self.advances: list[dict[str, Any]] = []  # every stage change: after which round, to which stage, why
 
     def plan(self, rnd: int) -> StagePlan:
         return self._plan(self.stage)
@@ -88,20 +92,25 @@ class ProFL(NeuLite):
         self._steps = [*self._steps, float((after - before).norm())][-self.window :]
         self.in_stage += 1
         self.done += 1
-        if self._converged(after) or self.in_stage >= self.cap[self.stage - 1] or self._out_of_rounds():
-            self._advance()
-
-    def _converged(self, theta: torch.Tensor) -> bool:
-        full = len(self._steps) == self.window
-        return full and effective_movement(self._starts[0], theta, self._steps) < self.threshold
+        movement = effective_movement(self._starts[0], after, self._steps) if len(self._steps) == self.window else None
+        if movement is not None and movement < self.threshold:
+            self._advance(rnd, f"converged: effective movement {movement:.3f} < {self.threshold}")
+        elif self.in_stage >= self.cap[self.stage - 1]:
+            self._advance(rnd, f"cap: {self.in_stage} rounds, twice the stage's equal share")
+        elif self._out_of_rounds():
+            self._advance(rnd, "reserve: the rounds left are what the later stages need")
 
     def _out_of_rounds(self) -> bool:
         return self.cfg.method.rounds - self.done <= self.reserve[self.stage - 1]
 
-    def _advance(self) -> None:
+    def _advance(self, rnd: int, why: str) -> None:
         if self.stage < self.net.num_stages:
             self.stage, self.in_stage = self.stage + 1, 0
             self._starts, self._steps = [], []
+            self.advances.append({"after_round": rnd, "to_stage": self.stage, "why": why})
+
+    def summary(self) -> dict[str, Any]:
+        return {**super().summary(), "stage_advances": self.advances}
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -111,9 +120,11 @@ class ProFL(NeuLite):
             "done": self.done,
             "starts": self._starts,
             "steps": self._steps,
+            "advances": self.advances,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.stage, self.in_stage, self.done = state["stage"], state["in_stage"], state["done"]
         self._starts, self._steps = list(state["starts"]), list(state["steps"])
+        self.advances = list(state.get("advances", []))

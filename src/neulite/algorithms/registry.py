@@ -34,6 +34,7 @@ METHODS: dict[str, Callable[[StageNet, Config], Method]] = {
     "fedrolex": FedRolex,
     "depthfl": DepthFL,
     "profl": ProFL,
+    "neulite-adaptive": partial(ProFL, mentor=True, harmonizer=True),
 }
 
 SECTIONS: dict[str, type] = {"neulite": NeuLiteOptions, "depthfl": DepthFLOptions, "profl": ProFLOptions}
