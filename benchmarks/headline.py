@@ -24,7 +24,17 @@ from neulite.config import load_config
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
-METHODS = ("fedavg", "exclusivefl", "allsmall", "heterofl", "fedrolex", "depthfl", "profl", "neulite")
+METHODS = (
+    "fedavg",
+    "exclusivefl",
+    "allsmall",
+    "heterofl",
+    "fedrolex",
+    "depthfl",
+    "profl",
+    "neulite",
+    "neulite-adaptive",
+)
 SPLITS = {
     "dirichlet-0.1": ["data.partition=dirichlet", "data.alpha=0.1"],
     "dirichlet-0.5": ["data.partition=dirichlet", "data.alpha=0.5"],
@@ -33,7 +43,7 @@ SPLITS = {
 
 
 def headline_row(row: dict) -> dict:
-    """One method's figures in the headline contract."""
+    """One method's figures in the headline contract, then the per-seed accuracies and its peak memory."""
     return {
         "final_accuracy_mean": row["final_accuracy_mean"],
         "final_accuracy_std": row["final_accuracy_std"],
@@ -41,6 +51,9 @@ def headline_row(row: dict) -> dict:
         "rounds_to_target": row["rounds_to_target"],
         "critical_path_seconds_to_target": row["client_seconds_to_target"],
         "wall_seconds_to_target": row["seconds_to_target"],
+        "final_accuracies": row["final_accuracies"],
+        "validation_accuracy": row["validation_accuracy"],
+        "peak_memory_bytes": row["peak_memory_bytes"],
     }
 
 

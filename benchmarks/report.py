@@ -63,7 +63,9 @@ def load(name: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def machine(m: dict[str, Any]) -> str:
+def machine(m: dict[str, Any] | str) -> str:
+    if isinstance(m, str):
+        return m
     return f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}" + (f"; {m['processes']}" if m.get("processes") else "")
 
 
@@ -442,6 +444,75 @@ def flower_section(data: dict[str, Any]) -> list[str]:
     ]
 
 
+def stage_compute_section(data: dict[str, Any]) -> list[str]:
+    lines = [
+        "## A client's compute per stage: `python benchmarks/stage_compute.py`",
+        "",
+        f"One client's round ({data['client_samples']} samples, 1 local epoch) on the headline benchmark's setting, "
+        f"timed for every NeuLite stage against full-model training ({data['full_model_seconds']:.2f} s), median of "
+        f"{data['repeats']}. The frozen-prefix cache keeps the output of the blocks a stage runs without autograd; "
+        "the first round of a stage fills it, every later round of the stage finds it. Machine: "
+        f"{machine(data['machine'])}.",
+        "",
+        "| stage | frozen blocks | no cache | filling the cache | cache filled | cache per client |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in data["stages"]:
+        lines.append(
+            f"| {r['stage']} | {r['frozen_blocks']} | {r['seconds_without_cache']:.2f} s ({r['share_of_full_without_cache']:.0%}) "
+            f"| {r['seconds_filling_cache']:.2f} s ({r['share_of_full_filling_cache']:.0%}) "
+            f"| {r['seconds_with_cache']:.2f} s ({r['share_of_full_with_cache']:.0%}) | {r['cache_bytes'] / MIB:.1f} MiB |"
+        )
+    return [*lines, ""]
+
+
+def headline_table(methods: dict[str, Any]) -> str:
+    lines = [
+        "| method | final accuracy (mean ± std) | per seed | clients took part | peak client MiB | rounds to target "
+        "| critical path s to target | wall s to target |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def num(x: float | None, fmt: str) -> str:
+        return "-" if x is None else format(x, fmt)
+
+    for name, r in sorted(methods.items(), key=lambda kv: (-kv[1]["final_accuracy_mean"], kv[0])):
+        lines.append(
+            f"| {name} | {pct(r['final_accuracy_mean'])} ± {pct(r['final_accuracy_std'])} "
+            f"| {', '.join(pct(a) for a in r['final_accuracies'])} | {r['participation']:.0%} "
+            f"| {r['peak_memory_bytes'] / MIB:.1f} | {num(r['rounds_to_target'], '.0f')} "
+            f"| {num(r['critical_path_seconds_to_target'], '.1f')} | {num(r['wall_seconds_to_target'], '.0f')} |"
+        )
+    return "\n".join(lines)
+
+
+def headline_section(data: dict[str, Any]) -> list[str]:
+    cfg = data["config"]
+    out = [
+        "## Headline: `python benchmarks/headline.py`",
+        "",
+        f"The full Fashion-MNIST, {cfg['data']['num_clients']} clients, {cfg['clients']['per_round']} a round, "
+        f"{cfg['method']['rounds']} rounds of {cfg['train']['local_epochs']} local epoch(s) at learning rate "
+        f"{cfg['train']['lr']}, `{cfg['model']['name']}` at width {cfg['model']['width']}; budgets uniform in "
+        f"{cfg['clients']['fractions']} x full-model training. Seeds run so far: {data['seeds']}. The target is "
+        "ExclusiveFL's final accuracy (median over seeds); time to it is the median over seeds (a seed that never "
+        "reached it counts as infinitely slow). Machine: " + machine(data["machine"]) + ".",
+        "",
+    ]
+    for split, result in data["splits"].items():
+        out += [
+            f"### {split}",
+            "",
+            headline_table(result["methods"]),
+            "",
+            f"Target: {pct(result['target_accuracy'])}.",
+            "",
+        ]
+        if (RESULTS / f"headline-{split}.png").is_file():
+            out += [f"![Accuracy by round, {split}](results/headline-{split}.png)", ""]
+    return out
+
+
 def robustness_table(data: dict[str, Any]) -> str:
     rules = data["rules"]
     attacks = list(next(iter(rules.values()))["attacks"])
@@ -475,6 +546,8 @@ SWEEPS = {
     "schedule": "NeuLite's rounds per stage on the accuracy benchmark, at the chosen learning rate (applies to every `neulite*` variant).",
     "lambda": "The Mentor's λ scale (`method.neulite.lambda_scale`, which multiplies both curricula) on the embedded default.",
     "inherit": "Whether a new stage starts from the previous output module (`method.neulite.inherit_outputs`) on the accuracy benchmark.",
+    "headline-lr": "The local learning rate of the headline benchmark, chosen on the FedAvg oracle as `lr` is; every method shares it.",
+    "headline-schedule": "NeuLite's rounds per stage on the headline benchmark, at its chosen learning rate.",
 }
 
 
@@ -490,7 +563,7 @@ def tune_section(paths: list[Path]) -> list[str]:
     out = [
         "## Tuning on the validation splits",
         "",
-        "`python benchmarks/tune.py lr|schedule|lambda|inherit`. Every setting chosen for a benchmark was",
+        "`python benchmarks/tune.py NAME`. Every setting chosen for a benchmark was",
         "chosen on the union of the clients' validation splits, never on the test set: each sweep runs one",
         "method over candidate overrides and seeds and picks the best median validation accuracy; the test",
         "accuracy is recorded for information only. Config keys are shown in today's spelling (the JSON keeps",
@@ -550,6 +623,11 @@ INTRO = [
 def index(available: dict[str, dict[str, Any] | None], tunes: list[Path]) -> list[str]:
     rows = [
         (
+            "headline",
+            "`python benchmarks/headline.py`",
+            "every memory-feasible method on the full Fashion-MNIST, 100 clients, Dirichlet 0.1 / 0.5 and IID",
+        ),
+        (
             "memory",
             "`python benchmarks/memory.py`",
             "per-stage peak training memory against the whole model, estimated and measured",
@@ -561,6 +639,11 @@ def index(available: dict[str, dict[str, Any] | None], tunes: list[Path]) -> lis
         ),
         ("compute", "`python benchmarks/compute.py`", "the same question at the embedded default's compute"),
         ("speed", "`python benchmarks/speed.py`", "time to ExclusiveFL's final accuracy; the simulator's overhead"),
+        (
+            "stage-compute",
+            "`python benchmarks/stage_compute.py`",
+            "a client's compute per stage against full-model training, with and without the prefix cache",
+        ),
         (
             "flower",
             "`python benchmarks/flower.py`",
@@ -589,14 +672,17 @@ def index(available: dict[str, dict[str, Any] | None], tunes: list[Path]) -> lis
 
 def render_benchmarks() -> str:
     """The whole text of benchmarks/README.md."""
-    data = {name: load(name) for name in ("memory", "accuracy", "compute", "speed", "flower", "robustness")}
+    names = ("headline", "memory", "accuracy", "compute", "speed", "stage-compute", "flower", "robustness")
+    data = {name: load(name) for name in names}
     tunes = tune_paths()
     out = INTRO + index(data, tunes)
     for name, section in (
+        ("headline", headline_section),
         ("memory", memory_section),
         ("accuracy", accuracy_section),
         ("compute", compute_section),
         ("speed", speed_section),
+        ("stage-compute", stage_compute_section),
         ("flower", flower_section),
         ("robustness", robustness_section),
     ):
