@@ -316,3 +316,13 @@ def test_augment_rejects_bad_input():
         random_crop_flip(torch.zeros(3, 4, 4))
     with pytest.raises(NeuliteError, match="padding"):
         random_crop_flip(torch.zeros(1, 1, 4, 4), padding=-1)
+
+
+@pytest.mark.skipif(
+    not Path(FASHION_MNIST_DIR).is_dir(),
+    reason=f"the full Fashion-MNIST is not in {FASHION_MNIST_DIR}: apt-get install dataset-fashion-mnist",
+)
+def test_the_installed_fashion_mnist_is_the_full_set_the_headline_benchmark_needs():
+    d = load_dataset("fashion-mnist")
+    assert (len(d.train), len(d.test), d.input_shape, d.train.num_classes) == (60_000, 10_000, (1, 28, 28), 10)
+    assert torch.bincount(d.test.y).tolist() == [1000] * 10
