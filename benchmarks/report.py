@@ -316,7 +316,7 @@ def _headline_sentence(methods: dict[str, Any]) -> str:
         f"Mean final accuracy: NeuLite {pct(h['neulite'])}, {_versus(h['neulite'], h['exclusivefl'])} ExclusiveFL ({pct(h['exclusivefl'])}), "
         f"{_versus(h['neulite'], h['best_acc'])} the best other memory-feasible baseline ({h['best']}, {pct(h['best_acc'])}) and "
         f"{_versus(h['neulite'], h['fedavg'])} the FedAvg oracle, which ignores memory ({pct(h['fedavg'])})."
-        + (f" Ablations: {ablations}." if ablations else "")
+        + (f" NeuLite variants: {ablations}." if ablations else "")
     )
 
 
@@ -508,6 +508,8 @@ def headline_section(data: dict[str, Any]) -> list[str]:
             f"Target: {pct(result['target_accuracy'])}.",
             "",
         ]
+        if {"neulite", "exclusivefl", "fedavg"} < result["methods"].keys():
+            out += [_headline_sentence(result["methods"]), ""]
         if (RESULTS / f"headline-{split}.png").is_file():
             out += [f"![Accuracy by round, {split}](results/headline-{split}.png)", ""]
     return out
