@@ -701,6 +701,22 @@ def render_benchmarks() -> str:
 def render_summary() -> str:
     """The headline figures for README.md's results section (between SUMMARY_BEGIN and SUMMARY_END)."""
     out: list[str] = []
+    if head := load("headline"):
+        parts = []
+        for split, result in head["splits"].items():
+            m = result["methods"]
+            if {"neulite", "exclusivefl", "fedavg"} < m.keys():
+                h = _headline(m)
+                parts.append(
+                    f"{split}: NeuLite {pct(h['neulite'])}, ExclusiveFL {pct(h['exclusivefl'])}, "
+                    f"{h['best']} {pct(h['best_acc'])}, FedAvg {pct(h['fedavg'])}"
+                )
+        if parts:
+            out.append(
+                f"- **Headline** (`python benchmarks/headline.py`, full Fashion-MNIST, 100 clients, seeds {head['seeds']}): "
+                + "; ".join(parts)
+                + " (NeuLite, ExclusiveFL, the best other memory-feasible baseline, the FedAvg oracle)."
+            )
     if mem := load("memory"):
         rows = {(r["model"], r["batch"], r["balanced"]): r for r in _memory_rows(mem)}
         plain, balanced = rows.get(("resnet34", 64, False)), rows.get(("resnet34", 64, True))
