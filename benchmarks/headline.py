@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 from rich.console import Console
@@ -70,29 +69,32 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = args.methods.split(",")
     report_dir = Path(args.report)
-    started = time.perf_counter()
-    splits = {}
+    path = report_dir / "headline.json"
+    config = load_config(HERE / "headline.toml", args.set).to_dict()
+    info = machine()
+    report = {
+        "machine": f"{info['cpu']}, {info['cores']} cores, torch {info['torch']}, {args.workers} client worker processes",
+        "splits": {},
+        "methods": methods,
+        "seeds": seeds,
+        "config": config,
+    }
+    if path.is_file():  # splits an earlier invocation finished with the same seeds, methods and setting stay
+        earlier = json.loads(path.read_text())
+        if all(earlier.get(k) == report[k] for k in ("methods", "seeds", "config")):
+            report["splits"] = earlier["splits"]
     for split in args.splits.split(","):
         cfg = load_config(HERE / "headline.toml", [*SPLITS[split], *args.set])
         runs = Path(args.out) / split
         result = compare(cfg, methods, seeds, runs, console=Console(), workers=args.workers)
         shutil.copy(runs / "accuracy.png", report_dir / f"headline-{split}.png")
-        splits[split] = {
+        report["splits"][split] = {
             "methods": {m: headline_row(r) for m, r in result["methods"].items()},
             "skipped": result["skipped"],
             "target_accuracy": result["target_accuracy"],
         }
-    info = machine()
-    report = {
-        "machine": f"{info['cpu']}, {info['cores']} cores, torch {info['torch']}, {args.workers} client worker processes",
-        "splits": splits,
-        "methods": methods,
-        "seeds": seeds,
-        "config": load_config(HERE / "headline.toml", args.set).to_dict(),
-        "seconds_this_invocation": time.perf_counter() - started,
-    }
-    (report_dir / "headline.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {report_dir / 'headline.json'}")
+        path.write_text(json.dumps(report, indent=2) + "\n")  # after every split: a long run leaves what it finished
+        print(f"wrote {path} ({split})")
 
 
 if __name__ == "__main__":
