@@ -12,7 +12,8 @@ import functools
 import importlib
 import os
 import sys
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, TypeVar
 
 from neulite.errors import NeuliteError
 
@@ -45,3 +46,51 @@ def import_object(path: str, what: str) -> Any:
     if not callable(found):
         raise NeuliteError(f"{what} {path!r} is a {type(found).__name__}, not a function")
     return found
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Registry(Generic[F]):
+    """The names a config may give for one kind of user code (a model builder, a data loader): a
+    built-in, a name registered from Python, or an import path.
+
+    A name registered in Python exists only in that process: Flower's nodes and `neulite`
+    commands in a shell need the import path ("module:function") instead.
+    """
+
+    def __init__(self, what: str, built_in: Mapping[str, F | None], on_register: Callable[[], None] = lambda: None):
+        self.what, self.built_in, self._on_register = what, built_in, on_register
+        self.registered: dict[str, F] = {}
+
+    def register(self, name: str) -> Callable[[F], F]:
+        """Decorator: the config name `name` stands for the decorated function."""
+        if not isinstance(name, str) or not name.strip() or is_import_path(name) or name in self.built_in:
+            raise NeuliteError(
+                f"cannot register {self.what} {name!r}: a name must be non-empty, without ':', and not a built-in "
+                f"({', '.join(self.built_in)})"
+            )
+
+        def add(factory: F) -> F:
+            self.registered[name] = factory
+            self._on_register()
+            return factory
+
+        return add
+
+    def resolve(self, name: str) -> F | None:
+        """The function `name` stands for (a built-in's, None where built-ins have none); unknown
+        names fail with one line that lists the valid ones."""
+        if not isinstance(name, str):
+            raise NeuliteError(f"{self.what} name must be a string, got {name!r}")
+        if name in self.built_in:
+            return self.built_in[name]
+        if name in self.registered:
+            return self.registered[name]
+        if is_import_path(name):
+            return import_object(name, self.what)
+        registered = f"; registered: {', '.join(self.registered)}" if self.registered else ""
+        raise NeuliteError(
+            f"unknown {self.what} {name!r}: valid names are {', '.join(self.built_in)}{registered}; "
+            "or an import path 'module:function'"
+        )

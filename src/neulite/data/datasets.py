@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from neulite.errors import NeuliteError
-from neulite.importing import import_object, is_import_path
+from neulite.importing import Registry
 
 DATASET_NAMES = ("mnist5k", "digits", "fashion-mnist", "cifar10", "cifar100")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where `apt-get install dataset-fashion-mnist` puts it
@@ -88,39 +88,11 @@ DataFactory = Callable[[str | None, int], DataSplits]
 """A user's data set: (root, seed) -> DataSplits, where `root` is `data.root` (None when unset) and
 `seed` the experiment's, for any split the loader draws itself. `from_arrays` builds the splits."""
 
-_REGISTERED: dict[str, DataFactory] = {}
-
-
-def register_dataset(name: str) -> Callable[[DataFactory], DataFactory]:
-    """Decorator: `data.name = name` loads the data set with the decorated `DataFactory`.
-
-    A name registered in Python exists only in that process: Flower's nodes and `neulite`
-    commands in a shell need the import path ("module:function") instead.
-    """
-    if not isinstance(name, str) or not name.strip() or is_import_path(name) or name in DATASET_NAMES:
-        raise NeuliteError(
-            f"cannot register data set {name!r}: a name must be non-empty, without ':', and not a built-in ({', '.join(DATASET_NAMES)})"
-        )
-
-    def add(factory: DataFactory) -> DataFactory:
-        _REGISTERED[name] = factory
-        return factory
-
-    return add
-
-
-def data_factory(name: str) -> DataFactory | None:
-    """The user loader `name` stands for (None for a built-in); unknown names fail listing the valid ones."""
-    if name in DATASET_NAMES:
-        return None
-    if name in _REGISTERED:
-        return _REGISTERED[name]
-    if isinstance(name, str) and is_import_path(name):
-        return import_object(name, "data set")
-    registered = f"; registered: {', '.join(_REGISTERED)}" if _REGISTERED else ""
-    raise NeuliteError(
-        f"unknown data set {name!r}: valid names are {', '.join(DATASET_NAMES)}{registered}; or an import path 'module:function'"
-    )
+_DATASETS: Registry[DataFactory] = Registry("data set", dict.fromkeys(DATASET_NAMES))
+register_dataset = _DATASETS.register
+"""Decorator: `data.name = name` loads the data set with the decorated `DataFactory` (see `Registry`)."""
+data_factory = _DATASETS.resolve
+"""The user loader a data set name stands for (None for a built-in)."""
 
 
 def load_dataset(name: str, root: str | None = None, seed: int = 0) -> DataSplits:

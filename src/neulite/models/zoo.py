@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from neulite.errors import NeuliteError
-from neulite.importing import import_object, is_import_path
+from neulite.importing import Registry
 from neulite.models.balance import balanced_cuts, split_at, unit_costs, units
 from neulite.models.blocks import BlockModel, ClassifierHead
 
@@ -256,42 +256,20 @@ _BUILDERS: dict[str, ModelFactory] = {
     "vgg16": lambda shape, k, w: _vgg(_VGG_CFG["vgg16"], shape, k, w),
     "mobilenetv2": _mobilenetv2,
 }
-_REGISTERED: dict[str, ModelFactory] = {}
-
-
-def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
-    """Decorator: `model.name = name` builds the network with the decorated `ModelFactory`.
-
-    A name registered in Python exists only in that process: Flower's nodes and `neulite`
-    commands in a shell need the import path ("module:function") instead.
-    """
-    if not isinstance(name, str) or not name.strip() or is_import_path(name) or name in _BUILDERS:
-        raise NeuliteError(
-            f"cannot register model {name!r}: a name must be non-empty, without ':', and not a built-in ({', '.join(MODEL_NAMES)})"
-        )
-
-    def add(factory: ModelFactory) -> ModelFactory:
-        _REGISTERED[name] = factory
-        _balanced_cuts.cache_clear()  # cut points found for an earlier model of that name
-        return factory
-
-    return add
+_MODELS: Registry[ModelFactory] = Registry(
+    "model",
+    _BUILDERS,
+    on_register=lambda: _balanced_cuts.cache_clear(),  # cuts found for an earlier model of a name
+)
+register_model = _MODELS.register
+"""Decorator: `model.name = name` builds the network with the decorated `ModelFactory` (see `Registry`)."""
 
 
 def model_factory(name: str) -> ModelFactory:
     """The builder `name` stands for: a built-in, a registered name, or an import path."""
-    if not isinstance(name, str):
-        raise NeuliteError(f"model name must be a string, got {name!r}")
-    if name in _BUILDERS:
-        return _BUILDERS[name]
-    if name in _REGISTERED:
-        return _REGISTERED[name]
-    if is_import_path(name):
-        return import_object(name, "model")
-    registered = f"; registered: {', '.join(_REGISTERED)}" if _REGISTERED else ""
-    raise NeuliteError(
-        f"unknown model {name!r}: valid names are {', '.join(MODEL_NAMES)}{registered}; or an import path 'module:function'"
-    )
+    factory = _MODELS.resolve(name)
+    assert factory is not None  # every built-in model has its builder
+    return factory
 
 
 def build_model(
