@@ -7,11 +7,15 @@ which of them a stage freezes and which it trains.
 
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from neulite.models.blocks import BlockModel, tail_modules
 from neulite.models.output_modules import OutputModule, ProjectionHead, projection_width
@@ -25,7 +29,9 @@ class StagePlan:
 
     harmonize: the tail of block t-1 trains too (the Training Harmonizer); mentor: the projection
     head P_t trains (the Curriculum Mentor's label term); bn_drift: the frozen blocks' BatchNorm
-    statistics move and are returned (the reference code's behaviour) instead of staying fixed.
+    statistics move and are returned (the reference code's behaviour) instead of staying fixed;
+    recompute: what trains keeps only its segments' inputs and re-runs their forward in backward
+    (`recomputed`), for less memory at the cost of time; the result is the same.
     Subclasses (a method's own kinds of plan) register themselves by class name, so that the wire
     format can rebuild any plan without knowing the methods.
     """
@@ -35,6 +41,7 @@ class StagePlan:
     harmonize: bool = False
     mentor: bool = False
     bn_drift: bool = False
+    recompute: bool = False
 
     types: ClassVar[dict[str, type[StagePlan]]] = {}
 
@@ -158,7 +165,54 @@ class StageNet(nn.Module):
                 for block in blocks[:depth]:
                     x = block(x)
         for block in blocks[depth:t]:
-            x = block(x)
+            x = recomputed(block, x) if plan.recompute else block(x)
         if t == plan.num_stages:
             return x, self.model.head(x)
-        return self.outputs[t - 1](x)
+        output = self.outputs[t - 1]
+        return recomputed(output, x) if plan.recompute else output(x)
+
+
+@contextlib.contextmanager
+def _frozen_statistics(modules: list[nn.Module]) -> Iterator[None]:
+    """BatchNorm runs as in training but its running statistics stay put (momentum 0, the batch
+    count restored): a recomputed forward must not count the batch twice."""
+    norms = [m for part in modules for m in part.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    kept = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(norms, kept, strict=True):
+            m.momentum = momentum
+            if count is not None:
+                m.num_batches_tracked.copy_(count)
+
+
+def _segments(module: nn.Module) -> list[list[nn.Module]]:
+    """A Sequential's layers in about √n runs of consecutive layers (one run: any other module)."""
+    parts = list(module.children()) if isinstance(module, nn.Sequential) and len(module) > 1 else [module]
+    size = math.ceil(len(parts) / math.ceil(math.sqrt(len(parts))))
+    return [parts[i : i + size] for i in range(0, len(parts), size)]
+
+
+def recomputed(module: nn.Module, x: torch.Tensor) -> Any:
+    """`module(x)` whose activations are recomputed in backward instead of kept: only the input of
+    each segment (`_segments`) is saved, and a segment re-runs its forward when its gradient is
+    needed (non-reentrant `torch.utils.checkpoint`), so the peak holds one segment's activations
+    at a time. Same values and gradients; BatchNorm's running statistics move once."""
+    out: Any = x
+    for segment in _segments(module):
+
+        def run(h: Any, layers: list[nn.Module] = segment) -> Any:
+            for layer in layers:
+                h = layer(h)
+            return h
+
+        out = checkpoint(
+            run,
+            out,
+            use_reentrant=False,
+            context_fn=lambda layers=segment: (contextlib.nullcontext(), _frozen_statistics(layers)),
+        )
+    return out
