@@ -89,6 +89,7 @@ def _memory(args: argparse.Namespace) -> None:
         args.width,
         args.blocks,
         with_measurement=not args.no_measure,
+        recompute=args.recompute == "on",
     )
     full = report["full"]
     rows = [full, *report["stages"]]
@@ -96,7 +97,8 @@ def _memory(args: argparse.Namespace) -> None:
         print(json.dumps(report, indent=2))
         return
     table = Table(
-        title=f"{args.model} (blocks: {report['blocks']}), batch {args.batch_size}, input {args.input_shape}: peak training memory"
+        title=f"{args.model} (blocks: {report['blocks']}), batch {args.batch_size}, input {args.input_shape}, "
+        f"recompute {args.recompute}: peak training memory"
     )
     for col in ("", "estimated MiB", "measured MiB", "est/meas", "of full"):
         table.add_column(col, justify="right")
@@ -172,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--width", type=float, default=1.0)
     mem.add_argument(
         "--blocks", type=int, default=0, help="0: one block per resolution stage; N: N memory-balanced blocks"
+    )
+    mem.add_argument(
+        "--recompute", choices=("off", "on"), default="off", help="stages that recompute what they train in backward"
     )
     mem.add_argument("--no-measure", action="store_true", help="estimate only (skip the measured training steps)")
     mem.add_argument("--json", action="store_true")

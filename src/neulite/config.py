@@ -90,6 +90,9 @@ class TrainConfig:
 
     prefix_cache_mb: the most MiB of frozen-prefix outputs (`neulite.prefix_cache`) that a process
     serving clients keeps between rounds; 0 turns the cache off. It changes no result, only time.
+    recompute (the NeuLite methods): "off"; "on", every client recomputes what it trains in backward
+    instead of keeping its activations (less memory, more time, the same result); "auto", only a
+    client whose budget needs it to fit the stage does.
     """
 
     local_epochs: int = 2
@@ -98,6 +101,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     prefix_cache_mb: float = 1024.0
+    recompute: str = "off"
 
     def __post_init__(self) -> None:
         check(self.local_epochs >= 1, "train.local_epochs must be >= 1")
@@ -106,6 +110,7 @@ class TrainConfig:
         check(0 <= self.momentum < 1, "train.momentum must be in [0, 1)")
         check(self.weight_decay >= 0, "train.weight_decay must be >= 0")
         check(self.prefix_cache_mb >= 0, "train.prefix_cache_mb must be >= 0 (0: no prefix cache)")
+        choice("train.recompute", self.recompute, ("off", "on", "auto"))
 
 
 @dataclass(frozen=True)

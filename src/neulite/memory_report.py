@@ -28,11 +28,16 @@ def memory_report(
     blocks: int = 0,
     *,
     with_measurement: bool = True,
+    recompute: bool = False,
 ) -> dict[str, Any]:
-    """Per-stage NeuLite peaks (Mentor and Harmonizer on) next to full-model training, estimated and measured.
+    """Per-stage NeuLite peaks (Mentor and Harmonizer on) next to full-model training, estimated and
+    measured; with `recompute`, of stages that recompute what they train in backward.
 
     `model` is any name a config takes: a built-in, a registered model or an import path "module:function"."""
-    cfg = Config(model=ModelConfig(name=model, width=width, blocks=blocks), train=TrainConfig(batch_size=batch_size))
+    cfg = Config(
+        model=ModelConfig(name=model, width=width, blocks=blocks),
+        train=TrainConfig(batch_size=batch_size, recompute="on" if recompute else "off"),
+    )
     net = StageNet(build_model(model, input_shape, num_classes, width, blocks))  # type: ignore[arg-type]
     full_plan = net.full_plan()
     full_est = estimate(net, full_plan, batch_size, cross_entropy_loss)
@@ -43,7 +48,13 @@ def memory_report(
         est = method.memory(plan)
         real = measure(net, plan, batch_size, method.loss(method.task_config(plan))) if with_measurement else None
         rows.append(
-            {"stage": plan.stage, "estimated_bytes": est.total, "measured_bytes": real, "breakdown": est.as_dict()}
+            {
+                "stage": plan.stage,
+                "recompute": plan.recompute,
+                "estimated_bytes": est.total,
+                "measured_bytes": real,
+                "breakdown": est.as_dict(),
+            }
         )
     full = {"stage": 0, "estimated_bytes": full_est.total, "measured_bytes": full_real, "breakdown": full_est.as_dict()}
     for r in [full, *rows]:

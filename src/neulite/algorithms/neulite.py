@@ -16,12 +16,15 @@ import torch.nn.functional as F
 from neulite.algorithms.base import Method
 from neulite.algorithms.hsic import nhsic
 from neulite.algorithms.local import cross_entropy_loss
-from neulite.algorithms.payload import ConfigValue
+from neulite.algorithms.payload import ClientTask, ConfigValue
 from neulite.config import Config, check, choice
 from neulite.errors import NeuliteError
 from neulite.memory import StepLoss, estimate
 from neulite.models.stage_net import StageNet, StagePlan
 from neulite.scaffolding import StageCost, scaffolding_warning, stage_cost
+
+RECOMPUTE = 1
+"""The capacity level of a client that fits a stage only by recomputing (train.recompute = "auto")."""
 
 DEFAULT_LAMBDA1 = (0.5, 0.3, 0.1, 0.0)
 DEFAULT_LAMBDA2 = (0.1, 0.3, 0.5, 0.5)
@@ -144,9 +147,27 @@ class NeuLite(Method):
         self._started = 1  # the latest stage begun (checkpointed: a resumed run must not warm-start twice)
 
     def _plan(self, stage: int) -> StagePlan:
-        return self.net.plan(
+        plan = self.net.plan(
             stage, harmonize=self.harmonizer, mentor=self.mentor, bn_drift=self.options.frozen_bn_drift
         )
+        return dataclasses.replace(plan, recompute=self.cfg.train.recompute == "on")
+
+    def assign(self, plan: StagePlan, budget: int) -> int | None:
+        """0: the client trains the stage as planned; `RECOMPUTE` (train.recompute = "auto"): it fits
+        only when it recomputes what it trains; None: it cannot take part."""
+        if budget >= self.memory(plan).total:
+            return 0
+        if (
+            self.cfg.train.recompute == "auto"
+            and budget >= self.memory(dataclasses.replace(plan, recompute=True)).total
+        ):
+            return RECOMPUTE
+        return None
+
+    def configure_train(self, rnd: int, plan: StagePlan, level: int, seed: int) -> ClientTask:
+        if level == RECOMPUTE:  # the same network; the plan tells the client to recompute
+            return super().configure_train(rnd, dataclasses.replace(plan, recompute=True), 0, seed)
+        return super().configure_train(rnd, plan, level, seed)
 
     def plan(self, rnd: int) -> StagePlan:
         t = self.net.num_stages

@@ -18,6 +18,7 @@ from neulite.algorithms.heterofl import HeteroFL
 from neulite.algorithms.neulite import NeuLite, NeuLiteOptions
 from neulite.algorithms.profl import ProFL, ProFLOptions
 from neulite.config import Config
+from neulite.errors import NeuliteError
 from neulite.models.stage_net import StageNet
 from neulite.models.zoo import build_model
 
@@ -48,4 +49,10 @@ def build_network(cfg: Config, input_shape: tuple[int, ...], num_classes: int) -
 
 def build_method(cfg: Config, net: StageNet) -> Method:
     """The configured method, which from here on owns `net` (it may rebuild or wrap it)."""
-    return METHODS[cfg.method.name](net, cfg)
+    method = METHODS[cfg.method.name](net, cfg)
+    if cfg.train.recompute != "off" and not isinstance(method, NeuLite):
+        raise NeuliteError(
+            f"bad config: train.recompute = {cfg.train.recompute!r} applies to the neulite methods and profl, "
+            f'not {cfg.method.name}: set it to "off"'
+        )
+    return method

@@ -1,0 +1,76 @@
+"""Recomputation inside the trained modules: the same step bit for bit, less memory (estimated as
+measured), and with train.recompute = "auto" only the clients that need it recompute."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from neulite.algorithms.neulite import RECOMPUTE, NeuLite, neulite_loss
+from neulite.algorithms.registry import build_method
+from neulite.config import load_config
+from neulite.errors import NeuliteError
+from neulite.memory import measure
+from neulite.models.stage_net import StageNet
+from neulite.models.zoo import build_model
+
+
+def _net() -> StageNet:
+    return StageNet(build_model("small_cnn", (1, 16, 16), 10, 0.5))
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_a_recomputed_step_is_the_step_bit_for_bit(stage: int):
+    net = _net()
+    x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,))
+    plan = net.plan(stage, harmonize=True, mentor=True)
+    steps = []
+    for recompute in (False, True):
+        work, p = copy.deepcopy(net), dataclasses.replace(plan, recompute=recompute)
+        params = work.prepare(p)
+        loss = neulite_loss(work, p, x, y, lambda1=0.3, lambda2=0.3, sigma=5.0)
+        loss.backward()
+        steps.append((loss.detach(), [q.grad for q in params], work.state_dict()))
+    (loss, grads, state), (loss_rc, grads_rc, state_rc) = steps
+    assert torch.equal(loss, loss_rc)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_rc, strict=True))
+    assert all(torch.equal(state[k], state_rc[k]) for k in state)  # BatchNorm statistics moved once, not twice
+
+
+def test_a_recomputed_stage_needs_less_memory_and_the_estimate_holds():
+    cfg = load_config(overrides=["train.batch_size=32", "train.recompute=on"])
+    net = StageNet(build_model("small_cnn", (1, 28, 28), 10, 1.0))
+    method = NeuLite(net, cfg)
+    plan = method.plans()[0]
+    assert plan.recompute
+    plain = method.memory(dataclasses.replace(plan, recompute=False)).total
+    estimated = method.memory(plan).total
+    measured = measure(net, plan, 32, method.loss(method.task_config(plan)))
+    assert estimated < 0.95 * plain
+    assert abs(estimated - measured) < 0.1 * measured, (estimated, measured)
+
+
+def test_auto_recomputes_only_for_the_clients_that_need_it():
+    cfg = load_config(overrides=["train.recompute=auto"])
+    method = build_method(cfg, _net())
+    plan = method.plan(1)
+    assert not plan.recompute
+    needed, reduced = method.memory(plan).total, method.memory(dataclasses.replace(plan, recompute=True)).total
+    assert reduced < needed
+    assert method.assign(plan, needed) == 0  # fits as planned: trains at full speed
+    assert method.assign(plan, reduced) == RECOMPUTE
+    assert method.assign(plan, reduced - 1) is None
+    task = method.configure_train(1, plan, RECOMPUTE, seed=0)
+    assert task.plan.recompute and task.level == 0  # the same network, told to recompute
+    off = build_method(load_config(), _net())
+    assert off.assign(off.plan(1), reduced) is None
+
+
+def test_recompute_is_checked_and_refused_where_it_does_not_apply():
+    with pytest.raises(NeuliteError, match="train.recompute = .always. is not one of off, on, auto"):
+        load_config(overrides=["train.recompute=always"])
+    with pytest.raises(NeuliteError, match="train.recompute = 'on' applies to the neulite methods"):
+        build_method(load_config(overrides=["train.recompute=on", "method.name=fedavg"]), _net())
