@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from datetime import datetime
@@ -118,6 +119,71 @@ def _memory(args: argparse.Namespace) -> None:
     )
 
 
+def _plan(args: argparse.Namespace) -> None:
+    from neulite.planner import plan_blocks
+
+    shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape.replace(",", "").isdigit() else ()
+    if len(shape) != 3:
+        raise NeuliteError(f"--input-shape must be C,H,W, got {args.input_shape!r}")
+    try:
+        budgets = [int(float(v) * MIB) for v in args.budgets.split(",")]
+    except ValueError:
+        raise NeuliteError(f"--budgets must be MiB values separated by commas, got {args.budgets!r}") from None
+    if min(budgets) <= 0:
+        raise NeuliteError("--budgets must be positive")
+    chosen, candidates, full = plan_blocks(
+        args.model,
+        shape,  # type: ignore[arg-type]
+        args.num_classes,
+        budgets,
+        width=args.width,
+        batch_size=args.batch_size,
+        target=args.target,
+        recompute=not args.no_recompute,
+        max_blocks=args.max_blocks,
+    )
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "chosen": dataclasses.asdict(chosen),
+                    "candidates": [dataclasses.asdict(c) for c in candidates],
+                    "full_bytes": full,
+                },
+                indent=2,
+            )
+        )
+        return
+    table = Table(
+        title=f"{args.model}, batch {args.batch_size}: {len(budgets)} clients, full-model training {full / MIB:.1f} MiB"
+    )
+    for col in (
+        "blocks",
+        "cuts (unit index)",
+        "stage peaks, % of full",
+        "recomputing",
+        "clients fitting each stage",
+        "fit all",
+    ):
+        table.add_column(col, justify="right")
+    for c in candidates:
+        table.add_row(
+            f"{c.blocks}{' *' if c is chosen else ''}",
+            ",".join(map(str, c.cuts)),
+            " ".join(f"{p / full:.0%}" for p in c.stage_peaks),
+            " ".join(f"{p / full:.0%}" for p in c.recompute_peaks),
+            " ".join(map(str, c.fits)),
+            f"{c.share:.0%}",
+        )
+    console = Console()
+    console.print(table)
+    console.print(
+        f"* chosen: model.blocks = {chosen.blocks}"
+        + (' with train.recompute = "auto"' if not args.no_recompute else "")
+        + f" ({chosen.share:.0%} of clients fit every stage; target {args.target:.0%})"
+    )
+
+
 WORKERS_HELP = (
     "train each round's clients in N processes, one torch thread each (the same replies as --workers 1 "
     "on one thread, bit for bit; local engine only)"
@@ -181,6 +247,18 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--no-measure", action="store_true", help="estimate only (skip the measured training steps)")
     mem.add_argument("--json", action="store_true")
     mem.set_defaults(func=_memory)
+    plan = sub.add_parser("plan", help="how many memory-balanced blocks let a target share of clients fit every stage")
+    plan.add_argument("--model", default="resnet18")
+    plan.add_argument("--batch-size", type=int, default=64)
+    plan.add_argument("--input-shape", default="3,32,32", help="C,H,W")
+    plan.add_argument("--num-classes", type=int, default=10)
+    plan.add_argument("--width", type=float, default=1.0)
+    plan.add_argument("--budgets", required=True, help="the clients' memory budgets in MiB, comma-separated")
+    plan.add_argument("--target", type=float, default=0.9, help="share of clients that must fit every stage")
+    plan.add_argument("--max-blocks", type=int, default=8)
+    plan.add_argument("--no-recompute", action="store_true", help='plan without train.recompute = "auto"')
+    plan.add_argument("--json", action="store_true")
+    plan.set_defaults(func=_plan)
     return parser
 
 

@@ -1,0 +1,74 @@
+"""How many blocks to cut a model into for a fleet's memory budgets (`neulite plan`).
+
+More blocks make every stage cheaper but give each fewer rounds, so the planner picks the fewest
+memory-balanced blocks (`models/balance.py`) for which a target share of the clients fits every
+stage: a stage's peak is NeuLite's estimate (Mentor and Harmonizer on), with recomputation
+(`train.recompute`) when allowed, so that a client that fits only by recomputing counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from neulite.algorithms.local import cross_entropy_loss
+from neulite.algorithms.registry import build_method
+from neulite.config import Config, ModelConfig, TrainConfig
+from neulite.errors import NeuliteError
+from neulite.memory import estimate
+from neulite.models.balance import units
+from neulite.models.stage_net import StageNet
+from neulite.models.zoo import build_model, cut_points
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """One candidate: `blocks` memory-balanced blocks ending at unit indices `cuts`."""
+
+    blocks: int
+    cuts: list[int]
+    stage_peaks: list[int]  # bytes, each stage as planned (no recomputation)
+    recompute_peaks: list[int]  # bytes, each stage recomputing what it trains
+    fits: list[int]  # clients whose budget fits each stage (recomputing where allowed and needed)
+    share: float  # share of clients that fit every stage
+
+
+def plan_blocks(
+    model: str,
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    budgets: Sequence[int],
+    *,
+    width: float = 1.0,
+    batch_size: int = 32,
+    target: float = 0.9,
+    recompute: bool = True,
+    max_blocks: int = 8,
+) -> tuple[BlockPlan, list[BlockPlan], int]:
+    """(chosen plan, every candidate tried from 2 blocks up to `max_blocks`, full-model training's
+    peak in bytes).
+
+    The chosen plan is the first whose share reaches `target`; if none does, the one with the
+    largest share (the fewest blocks among equals)."""
+    if not budgets:
+        raise NeuliteError("a plan needs at least one client budget")
+    if not 0 < target <= 1:
+        raise NeuliteError(f"target share must be in (0, 1], got {target}")
+    whole = build_model(model, input_shape, num_classes, width)
+    full_peak = estimate(StageNet(whole), StageNet(whole).full_plan(), batch_size, cross_entropy_loss).total
+    candidates: list[BlockPlan] = []
+    for n in range(2, min(len(units(whole)), max_blocks) + 1):
+        cfg = Config(model=ModelConfig(name=model, width=width, blocks=n), train=TrainConfig(batch_size=batch_size))
+        method = build_method(cfg, StageNet(build_model(model, input_shape, num_classes, width, n)))
+        plans = method.plans()
+        peaks = [method.memory(p).total for p in plans]
+        rpeaks = [method.memory(dataclasses.replace(p, recompute=True)).total for p in plans]
+        usable = [min(a, b) if recompute else a for a, b in zip(peaks, rpeaks, strict=True)]
+        fits = [sum(b >= u for b in budgets) for u in usable]
+        share = sum(b >= max(usable) for b in budgets) / len(budgets)
+        cuts = cut_points(model, input_shape, num_classes, n)
+        candidates.append(BlockPlan(n, cuts, peaks, rpeaks, fits, share))
+        if share >= target:
+            return candidates[-1], candidates, full_peak
+    return max(candidates, key=lambda c: (c.share, -c.blocks)), candidates, full_peak

@@ -1,0 +1,63 @@
+"""`neulite plan`: the fewest memory-balanced blocks that let a target share of clients fit every
+stage, checked against peaks computed here, stage by stage, for budgets placed around them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from neulite.algorithms.registry import build_method
+from neulite.cli import main
+from neulite.config import Config, ModelConfig, TrainConfig
+from neulite.errors import NeuliteError
+from neulite.memory import MIB
+from neulite.models.stage_net import StageNet
+from neulite.models.zoo import build_model
+from neulite.planner import plan_blocks
+
+SHAPE = (1, 12, 12)
+
+
+def _worst(blocks: int, recompute: bool) -> int:
+    """The costliest stage of `blocks` blocks, computed here from NeuLite's own stage estimates."""
+    cfg = Config(model=ModelConfig(name="small_cnn", width=0.5, blocks=blocks), train=TrainConfig(batch_size=16))
+    method = build_method(cfg, StageNet(build_model("small_cnn", SHAPE, 10, 0.5, blocks)))
+    return max(method.memory(dataclasses.replace(p, recompute=recompute)).total for p in method.plans())
+
+
+def _plan(budgets: list[int], **kwargs):
+    return plan_blocks("small_cnn", SHAPE, 10, budgets, width=0.5, batch_size=16, max_blocks=3, **kwargs)
+
+
+def test_the_fewest_blocks_that_let_the_target_share_fit_every_stage():
+    two, three = _worst(2, recompute=True), _worst(3, recompute=True)
+    assert three < two  # the premise: a third block makes the costliest stage cheaper
+    between = [(two + three) // 2] * 9 + [10 * two]  # 9 of 10 clients fit 3 blocks, not 2
+    chosen, candidates, _ = _plan(between, target=0.9)
+    assert [c.blocks for c in candidates] == [2, 3] and chosen.blocks == 3 and chosen.share == 1.0
+    assert candidates[0].share == 0.1 and len(chosen.cuts) == 2
+    assert _plan(between, target=0.1)[0].blocks == 2  # one client in ten fits 2 blocks: enough for 10%
+
+
+def test_recomputation_is_counted_only_when_allowed():
+    plain, recomputed = _worst(3, recompute=False), _worst(3, recompute=True)
+    assert recomputed < plain
+    budgets = [(plain + recomputed) // 2] * 4
+    assert _plan(budgets, target=1.0)[0].share == 1.0
+    without = _plan(budgets, target=1.0, recompute=False)[0]
+    assert without.share < 1.0  # not even the most blocks tried fit everyone without recomputing
+
+
+def test_bad_plans_are_refused_and_the_command_prints_the_contract(capsys: pytest.CaptureFixture[str]):
+    with pytest.raises(NeuliteError, match="at least one client budget"):
+        _plan([])
+    with pytest.raises(NeuliteError, match="target share"):
+        _plan([MIB], target=1.5)
+    argv = ["plan", "--model", "small_cnn", "--input-shape", "1,12,12", "--width", "0.5", "--batch-size", "16"]
+    assert main([*argv, "--budgets", "50,60", "--max-blocks", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["chosen"]["blocks"] == 2 and report["chosen"]["share"] == 1.0 and report["full_bytes"] > 0
+    assert main([*argv, "--budgets", "5,x"]) == 2
+    assert "--budgets must be MiB values" in capsys.readouterr().err
