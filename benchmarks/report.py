@@ -763,8 +763,7 @@ def render_summary() -> str:
         out.append(
             f"- **Flower** (`python benchmarks/flower.py`): the default experiment ends at {pct(p['final_accuracy']['in_process'])} "
             f"in-process and {pct(p['final_accuracy']['flower_simulation'])} on Flower's engine, with the same clients and bytes every "
-            f"round; over {len(fl['rounds'])} rounds the clients receive {down / whole:.0%} and return {up / whole:.0%} of the bytes "
-            f"that sending the whole model would cost."
+            f"round; clients receive {down / whole:.0%} and return {up / whole:.0%} of the whole model's bytes."
         )
     if rob := load("robustness"):
         rules = rob["rules"]
@@ -780,9 +779,8 @@ def render_summary() -> str:
         )
         out.append(
             f"- **Robustness** (`python benchmarks/robustness.py`, 2 hostile clients of 10): NaN, 1e30 and inflated-count "
-            f"replies are refused under every rule (at most {drop * 100:.1f} points lost); "
-            f"against a sign-flipping pair, final accuracy is {pct(flip['mean'])} with `mean`, "
-            f"{pct(flip['trimmed_mean'])} with `trimmed_mean` and {pct(flip['median'])} with `median` "
+            f"replies are refused under every rule (at most {drop * 100:.1f} points lost); against a sign-flipping pair: "
+            f"`mean` {pct(flip['mean'])}, `trimmed_mean` {pct(flip['trimmed_mean'])}, `median` {pct(flip['median'])} "
             f"(clean: {pct(rules['mean']['clean'])}, {pct(rules['trimmed_mean']['clean'])}, {pct(rules['median']['clean'])})."
         )
     return "\n".join(out) + "\n"
