@@ -18,28 +18,30 @@ from neulite.simulation import Simulation
 SMALL = [
     "data.name=digits",
     "data.num_clients=4",
-    "clients.per_round=2",
+    "clients.per_round=4",  # every client every round: stage 3's second round finds every cache filled
     "model.blocks=4",
     "model.width=0.5",
-    "method.rounds=6",
-    "method.neulite.stage_rounds=[1,1,2,2]",
+    "method.rounds=5",
+    "method.neulite.stage_rounds=[1,1,2,1]",
     "train.local_epochs=1",
     "clients.fractions=[1.1, 1.2]",
-    "eval.every=6",
+    "eval.every=5",
 ]
 
 
-def _run(overrides: list[str]) -> tuple[list[tuple], dict[str, torch.Tensor]]:
+def _run(overrides: list[str]) -> tuple[list[tuple], dict[str, torch.Tensor], int]:
     with Simulation(load_config(overrides=[*SMALL, *overrides])) as sim:
-        rows = [sim.run_round(rnd) for rnd in range(1, 7)]
+        rows = [sim.run_round(rnd) for rnd in range(1, 6)]
         assert rows[-1].accuracy > 0.1  # evaluated at the last round only; chance is 0.1
-        return [(r.stage, r.train_loss) for r in rows] + [rows[-1].accuracy], sim.method.net.state_dict()
+        cached = sum(cid in sim.prefixes for cid in range(4))
+        return [(r.stage, r.train_loss) for r in rows] + [rows[-1].accuracy], sim.method.net.state_dict(), cached
 
 
 def test_a_run_with_the_cache_is_the_run_without_it_bit_for_bit():
-    rows, state = _run([])
-    rows_off, state_off = _run(["train.prefix_cache_mb=0"])
-    assert [r[0] for r in rows[:-1]] == [1, 2, 3, 3, 4, 4]  # stages 3 and 4 have frozen prefixes, hit twice each
+    rows, state, cached = _run([])
+    rows_off, state_off, cached_off = _run(["train.prefix_cache_mb=0"])
+    assert (cached, cached_off) == (4, 0)
+    assert [r[0] for r in rows[:-1]] == [1, 2, 3, 3, 4]  # stage 3 fills and then finds the caches; stage 4 extends them
     assert rows == rows_off
     assert all(torch.equal(state[k], state_off[k]) for k in state)
 
