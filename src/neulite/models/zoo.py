@@ -340,12 +340,12 @@ def _user_model(
     return model
 
 
-@functools.lru_cache(maxsize=32)
 def cut_points(name: str, input_shape: tuple[int, int, int], num_classes: int, blocks: int) -> list[int]:
     """Where `build_model(name, ..., blocks=blocks)` ends blocks 1..N-1, as indices into the model's units."""
     return list(_balanced_cuts(name, tuple(input_shape), num_classes, blocks))
 
 
+@functools.lru_cache(maxsize=32)
 def _balanced_cuts(name: str, input_shape: tuple[int, int, int], num_classes: int, blocks: int) -> list[int]:
     with torch.random.fork_rng():  # cached: drawing from the seeded stream only on a miss would change the run
         model = build_model(name, input_shape, num_classes)
