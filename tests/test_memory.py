@@ -20,6 +20,7 @@ from neulite.config import load_config
 from neulite.memory import HEAP_BLOCK, MIB, LiveTensorBytes, estimate, measure
 from neulite.models.blocks import BlockModel, ClassifierHead
 from neulite.models.stage_net import StageNet
+from neulite.models.zoo import build_model
 
 F32 = 4
 
@@ -175,6 +176,7 @@ from neulite.algorithms.local import cross_entropy_loss
 from neulite.memory import measure
 from neulite.models.stage_net import StageNet
 from neulite.models.zoo import build_model
+from neulite.models.zoo import build_model
 
 def main():
     net = StageNet(build_model("small_cnn", (1, 28, 28), 10, 0.5, 0))
@@ -192,3 +194,16 @@ def test_measure_from_a_script_with_or_without_a_main_guard_never_hangs(tmp_path
         assert done.stderr == ""  # the profiler's log lines stay out of the user's terminal
     else:
         assert done.returncode != 0 and 'if __name__ == "__main__":' in done.stderr
+
+
+def test_the_same_layers_on_larger_inputs_are_estimated_anew():
+    """The estimate is cached per architecture: the input size is part of it (a global-pooled CNN's
+    layers do not show it)."""
+    small, large = (StageNet(build_model("small_cnn", (1, s, s), 10, 0.5)) for s in (12, 16))
+    assert [tuple(t.shape) for t in small.state_dict().values()] == [
+        tuple(t.shape) for t in large.state_dict().values()
+    ]
+    assert (
+        estimate(large, large.full_plan(), 8, cross_entropy_loss).total
+        > estimate(small, small.full_plan(), 8, cross_entropy_loss).total
+    )
