@@ -18,7 +18,7 @@ TINY = [
     "--set",
     "clients.fractions=[0.5, 1.5]",
     "--set",
-    "data.train_size=1000",
+    "data.name=digits",
     "--set",
     "model.width=0.5",
 ]

@@ -23,10 +23,7 @@ pytest.importorskip("flwr")
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.xdist_group("engines"),
-]  # starts a SuperLink and SuperNodes; one engine at a time
+pytestmark = pytest.mark.slow  # starts a SuperLink and SuperNodes
 
 BUDGETS_MB = (12, 18, 30)  # small_cnn peaks: stage 3 ~9 MiB, stage 2 ~14.6 MiB, stage 1 ~20.5 MiB, full ~28.5 MiB
 

@@ -25,8 +25,7 @@ SMALL = [
     "train.local_epochs=1",
 ]
 
-# starts Ray; never beside the SuperLink test, whose process start-up starves Ray's workers past their start timeout
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("engines")]
+pytestmark = pytest.mark.slow  # starts Ray
 
 
 def _rows(path):

@@ -17,6 +17,10 @@ from neulite.models.zoo import MODEL_NAMES
 from neulite.results import ResultsDir
 
 
+SIMULATION_NODE_WAIT = 600.0
+"""Seconds the simulation engine's ServerApp waits for its nodes' profiling answers."""
+
+
 def check_portable(cfg: Config) -> None:
     """Every node builds the model and loads its data from the config alone, in its own process,
     where a name registered in this process does not exist."""
@@ -58,7 +62,9 @@ def simulate(
     """
     from flwr.simulation import run_simulation
 
-    run_config = run_config_for(cfg, out, resume=resume, overwrite=overwrite)
+    # a node answers the profiling query once its Ray actor has started: on a busy machine that
+    # alone has taken two minutes, past the deployment default
+    run_config = {**run_config_for(cfg, out, resume=resume, overwrite=overwrite), "node-wait": SIMULATION_NODE_WAIT}
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     run_simulation(
         make_server_app(run_config),
