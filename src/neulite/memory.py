@@ -166,7 +166,14 @@ def estimate(net: StageNet, plan: StagePlan, batch_size: int, loss: StepLoss) ->
     The peak depends on the network's architecture and tensor shapes, never on its values, so an
     estimate is computed once per process for each (architecture, plan, batch size, loss)."""
     layout = tuple((name, t.dtype, tuple(t.shape)) for name, t in net.state_dict().items())
-    key = (repr(net), layout, tuple(net.model.input_shape), plan, batch_size, repr(loss))  # same layers, other inputs: other peaks
+    key = (
+        repr(net),
+        layout,
+        tuple(net.model.input_shape),
+        plan,
+        batch_size,
+        repr(loss),
+    )  # same layers, other inputs: other peaks
     if key not in _ESTIMATES:
         if len(_ESTIMATES) >= _MAX_CACHED:
             _ESTIMATES.clear()

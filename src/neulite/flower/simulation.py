@@ -16,7 +16,6 @@ from neulite.importing import is_import_path
 from neulite.models.zoo import MODEL_NAMES
 from neulite.results import ResultsDir
 
-
 SIMULATION_NODE_WAIT = 600.0
 """Seconds the simulation engine's ServerApp waits for its nodes' profiling answers."""
 
