@@ -79,9 +79,7 @@ def _memory(args: argparse.Namespace) -> None:
         raise NeuliteError(f"--width must be in (0, 64], got {args.width}")
     if args.blocks < 0:
         raise NeuliteError(f"--blocks must be >= 0, got {args.blocks}")
-    shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape.replace(",", "").isdigit() else ()
-    if len(shape) != 3:
-        raise NeuliteError(f"--input-shape must be C,H,W, got {args.input_shape!r}")
+    shape = _input_shape(args.input_shape)
     report = memory_report(
         args.model,
         args.batch_size,
@@ -122,9 +120,7 @@ def _memory(args: argparse.Namespace) -> None:
 def _plan(args: argparse.Namespace) -> None:
     from neulite.planner import plan_blocks
 
-    shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape.replace(",", "").isdigit() else ()
-    if len(shape) != 3:
-        raise NeuliteError(f"--input-shape must be C,H,W, got {args.input_shape!r}")
+    shape = _input_shape(args.input_shape)
     try:
         budgets = [int(float(v) * MIB) for v in args.budgets.split(",")]
     except ValueError:
@@ -133,7 +129,7 @@ def _plan(args: argparse.Namespace) -> None:
         raise NeuliteError("--budgets must be positive")
     chosen, candidates, full = plan_blocks(
         args.model,
-        shape,  # type: ignore[arg-type]
+        shape,
         args.num_classes,
         budgets,
         width=args.width,
@@ -190,6 +186,22 @@ WORKERS_HELP = (
 )
 
 
+def _network_arguments(parser: argparse.ArgumentParser, model: str) -> None:
+    """The network and batch a memory question is about."""
+    parser.add_argument("--model", default=model)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--input-shape", default="3,32,32", help="C,H,W")
+    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--width", type=float, default=1.0)
+
+
+def _input_shape(text: str) -> tuple[int, int, int]:
+    shape = tuple(int(v) for v in text.split(",")) if text.replace(",", "").isdigit() else ()
+    if len(shape) != 3:
+        raise NeuliteError(f"--input-shape must be C,H,W, got {text!r}")
+    return shape  # type: ignore[return-value]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="neulite", description="Memory-efficient federated learning by progressive block-wise training."
@@ -233,11 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--quiet", action="store_true")
     cmp.set_defaults(func=_compare)
     mem = sub.add_parser("memory", help="per-stage peak training memory against full-model training")
-    mem.add_argument("--model", default="resnet34")
-    mem.add_argument("--batch-size", type=int, default=64)
-    mem.add_argument("--input-shape", default="3,32,32", help="C,H,W")
-    mem.add_argument("--num-classes", type=int, default=10)
-    mem.add_argument("--width", type=float, default=1.0)
+    _network_arguments(mem, "resnet34")
     mem.add_argument(
         "--blocks", type=int, default=0, help="0: one block per resolution stage; N: N memory-balanced blocks"
     )
@@ -248,11 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--json", action="store_true")
     mem.set_defaults(func=_memory)
     plan = sub.add_parser("plan", help="how many memory-balanced blocks let a target share of clients fit every stage")
-    plan.add_argument("--model", default="resnet18")
-    plan.add_argument("--batch-size", type=int, default=64)
-    plan.add_argument("--input-shape", default="3,32,32", help="C,H,W")
-    plan.add_argument("--num-classes", type=int, default=10)
-    plan.add_argument("--width", type=float, default=1.0)
+    _network_arguments(plan, "resnet18")
     plan.add_argument("--budgets", required=True, help="the clients' memory budgets in MiB, comma-separated")
     plan.add_argument("--target", type=float, default=0.9, help="share of clients that must fit every stage")
     plan.add_argument("--max-blocks", type=int, default=8)
