@@ -71,15 +71,9 @@ def _compare(args: argparse.Namespace) -> None:
 def _memory(args: argparse.Namespace) -> None:
     from neulite.memory_report import memory_report
 
-    if args.batch_size < 1:
-        raise NeuliteError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.num_classes < 2:
-        raise NeuliteError(f"--num-classes must be >= 2, got {args.num_classes}")
-    if not 0 < args.width <= 64:
-        raise NeuliteError(f"--width must be in (0, 64], got {args.width}")
+    shape = _network(args)
     if args.blocks < 0:
         raise NeuliteError(f"--blocks must be >= 0, got {args.blocks}")
-    shape = _input_shape(args.input_shape)
     report = memory_report(
         args.model,
         args.batch_size,
@@ -120,7 +114,7 @@ def _memory(args: argparse.Namespace) -> None:
 def _plan(args: argparse.Namespace) -> None:
     from neulite.planner import plan_blocks
 
-    shape = _input_shape(args.input_shape)
+    shape = _network(args)
     try:
         budgets = [int(float(v) * MIB) for v in args.budgets.split(",")]
     except ValueError:
@@ -195,7 +189,15 @@ def _network_arguments(parser: argparse.ArgumentParser, model: str) -> None:
     parser.add_argument("--width", type=float, default=1.0)
 
 
-def _input_shape(text: str) -> tuple[int, int, int]:
+def _network(args: argparse.Namespace) -> tuple[int, int, int]:
+    """`_network_arguments` checked; the input shape (C, H, W)."""
+    if args.batch_size < 1:
+        raise NeuliteError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.num_classes < 2:
+        raise NeuliteError(f"--num-classes must be >= 2, got {args.num_classes}")
+    if not 0 < args.width <= 64:
+        raise NeuliteError(f"--width must be in (0, 64], got {args.width}")
+    text = args.input_shape
     shape = tuple(int(v) for v in text.split(",")) if text.replace(",", "").isdigit() else ()
     if len(shape) != 3:
         raise NeuliteError(f"--input-shape must be C,H,W, got {text!r}")

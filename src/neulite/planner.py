@@ -56,7 +56,8 @@ def plan_blocks(
     if not 0 < target <= 1:
         raise NeuliteError(f"target share must be in (0, 1], got {target}")
     whole = build_model(model, input_shape, num_classes, width)
-    full_peak = estimate(StageNet(whole), StageNet(whole).full_plan(), batch_size, cross_entropy_loss).total
+    full = StageNet(whole)
+    full_peak = estimate(full, full.full_plan(), batch_size, cross_entropy_loss).total
     candidates: list[BlockPlan] = []
     for n in range(2, min(len(units(whole)), max_blocks) + 1):
         cfg = Config(model=ModelConfig(name=model, width=width, blocks=n), train=TrainConfig(batch_size=batch_size))
