@@ -10,7 +10,7 @@ from neulite.cli import main
 from neulite.config import config_to_toml, load_config
 from neulite.simulation import Simulation
 
-TINY = ["data.num_clients=6", "clients.per_round=3", "train.local_epochs=1", "method.rounds=4", "data.train_size=1000"]
+TINY = ["data.name=digits", "data.num_clients=6", "clients.per_round=3", "train.local_epochs=1", "method.rounds=4"]
 
 
 def _run(out: Path, overrides: list[str], *extra: str) -> int:

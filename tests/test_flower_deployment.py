@@ -1,7 +1,8 @@
-"""Flower's deployment engine on loopback: a real SuperLink (TLS, SuperNode authentication) and 3
+"""Flower's deployment engine on loopback: a real SuperLink (TLS, SuperNode authentication) and 2
 SuperNodes, each with its partition and memory budget in its node config, run neulite for 3 rounds
-through `flwr run apps/flower`. The budgets the nodes report decide who trains which stage; a fourth
-SuperNode, whose key was never registered, is refused."""
+through `flwr run apps/flower`. The budgets the nodes report decide who trains which stage; a third
+SuperNode, whose key was never registered, is refused. (Each message a node gets starts a Python
+process that imports torch: two nodes keep the test within the suite's time.)"""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow  # starts a SuperLink and SuperNodes
 
-BUDGETS_MB = (12, 18, 30)  # small_cnn peaks: stage 3 ~9 MiB, stage 2 ~14.6 MiB, stage 1 ~20.5 MiB, full ~28.5 MiB
+BUDGETS_MB = (18, 30)  # small_cnn peaks: stage 3 ~9 MiB, stage 2 ~14.6 MiB, stage 1 ~20.5 MiB, full ~28.5 MiB
 
 
 def _free_port() -> int:
@@ -89,12 +90,12 @@ def _wait(what: str, check, deadline: float, logs: Path) -> None:
     pytest.fail(f"timed out waiting for {what}\n{tails}")
 
 
-def test_superlink_and_three_supernodes_on_loopback_train_with_reported_budgets(tmp_path):
+def test_superlink_and_two_supernodes_on_loopback_train_with_reported_budgets(tmp_path):
     certs, logs, home, out = tmp_path / "certs", tmp_path / "logs", tmp_path / "flwr-home", tmp_path / "out"
     logs.mkdir()
     home.mkdir()
     subprocess.run(
-        [str(ROOT / "scripts" / "make-dev-certs.sh"), "-n", "4", str(certs)], check=True, capture_output=True
+        [str(ROOT / "scripts" / "make-dev-certs.sh"), "-n", "3", str(certs)], check=True, capture_output=True
     )
     port = _free_port()
     (home / "config.toml").write_text(
@@ -136,9 +137,9 @@ def test_superlink_and_three_supernodes_on_loopback_train_with_reported_budgets(
                 return False
 
         _wait("the SuperLink", healthy, 60, logs)
-        for i in range(3):
+        for i in range(len(BUDGETS_MB)):
             assert procs.flwr("supernode", "register", str(certs / f"supernode-{i}.pub"), "local")["success"]
-        for i, budget in enumerate((*BUDGETS_MB, 1000)):  # supernode-3's key is never registered
+        for i, budget in enumerate((*BUDGETS_MB, 1000)):  # the last key is never registered
             procs.start(
                 f"supernode-{i}",
                 "flower-supernode",
@@ -153,9 +154,9 @@ def test_superlink_and_three_supernodes_on_loopback_train_with_reported_budgets(
                 "--max-wait-time",
                 "120",
                 "--node-config",
-                f"partition-id={i} num-partitions=3 budget-mb={budget}",
+                f"partition-id={i} num-partitions={len(BUDGETS_MB)} budget-mb={budget}",
             )
-        run_config = f'method.rounds=3 data.num_clients=3 clients.per_round=3 train.local_epochs=1 out="{out}" round-timeout=300.0'
+        run_config = f'method.rounds=3 data.num_clients={len(BUDGETS_MB)} clients.per_round={len(BUDGETS_MB)} train.local_epochs=1 out="{out}" round-timeout=300.0'
         started = procs.flwr("run", str(ROOT / "apps" / "flower"), "local", "--run-config", run_config)
         assert started["success"], started
         status, asked = {}, [0.0]
@@ -173,9 +174,9 @@ def test_superlink_and_three_supernodes_on_loopback_train_with_reported_budgets(
         procs.stop()
     summary = json.loads((out / "summary.json").read_text())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    # the SuperLink activated the three registered nodes only: the unregistered one never joined
-    assert (logs / "superlink.log").read_text().count("[Fleet.ActivateNode] Activated") == 3
-    # stage 1 fits only the 30 MB node, stage 2 the 18 and 30 MB nodes, stage 3 all three
-    assert [(r["stage"], r["eligible"], r["participants"]) for r in rows] == [(1, 1, 1), (2, 2, 2), (3, 3, 3)]
-    assert summary["driver"] == "flower" and summary["nodes"] == 3 and summary["participation"] == 1.0
+    # the SuperLink activated the registered nodes only: the unregistered one never joined
+    assert (logs / "superlink.log").read_text().count("[Fleet.ActivateNode] Activated") == 2
+    # stage 1 fits only the 30 MB node, stages 2 and 3 both
+    assert [(r["stage"], r["eligible"], r["participants"]) for r in rows] == [(1, 1, 1), (2, 2, 2), (3, 2, 2)]
+    assert summary["driver"] == "flower" and summary["nodes"] == 2 and summary["participation"] == 1.0
     assert summary["final_accuracy"] > 0.1

@@ -4,7 +4,6 @@ import importlib.util
 import inspect
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -164,10 +163,11 @@ def test_measure_agrees_with_an_independent_resident_memory_check():
     rss_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(rss_check)
     net = StageNet(heavy_cnn((3, 8, 8), 10))
-    with ThreadPoolExecutor(1) as pool:
-        independent = pool.submit(rss_check.resident_peak, net, net.full_plan(), 32, cross_entropy_loss)
-        measured = measure(net, net.full_plan(), 32, cross_entropy_loss)
-    assert abs(measured - independent.result()) < 0.05 * independent.result(), (measured, independent.result())
+    independent = rss_check.resident_peak(net, net.full_plan(), 32, cross_entropy_loss)
+    measured = measure(
+        net, net.full_plan(), 32, cross_entropy_loss
+    )  # one after the other: side by side, 5.3% apart once
+    assert abs(measured - independent) < 0.05 * independent, (measured, independent)
 
 
 SCRIPT = """

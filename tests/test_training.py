@@ -99,9 +99,10 @@ def _final_state(overrides: list[str]) -> dict[str, torch.Tensor]:
 
 
 def test_same_seed_same_weights_and_other_seed_differs():
-    a, b = _final_state(SMALL), _final_state(SMALL)
+    digits = [*SMALL, "data.name=digits"]
+    a, b = _final_state(digits), _final_state(digits)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    c = _final_state([*SMALL, "seed=1"])
+    c = _final_state([*digits, "seed=1"])
     assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
 
 

@@ -65,6 +65,9 @@ def simulate(
     # alone has taken two minutes, past the deployment default
     run_config = {**run_config_for(cfg, out, resume=resume, overwrite=overwrite), "node-wait": SIMULATION_NODE_WAIT}
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray starts its workers at nice 15, as background work; here they are the run itself, and on
+    # a busy machine nice 15 slowed the whole run eightfold
+    os.environ.setdefault("RAY_worker_niceness", "0")
     run_simulation(
         make_server_app(run_config),
         make_client_app(run_config),
