@@ -77,7 +77,7 @@ def main() -> None:
         "splits": {},
         "methods": methods,
         "seeds": seeds,
-        "config": config,
+        "config": json.loads(json.dumps(config)),  # as headline.json holds it (lists, not tuples), to compare
     }
     if path.is_file():  # splits an earlier invocation finished with the same seeds, methods and setting stay
         earlier = json.loads(path.read_text())
