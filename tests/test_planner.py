@@ -7,15 +7,22 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 from neulite.algorithms.registry import build_method
 from neulite.cli import main
-from neulite.config import Config, ModelConfig, TrainConfig
+from neulite.config import Config, ModelConfig, TrainConfig, load_config
 from neulite.errors import NeuliteError
+from neulite.experiment import build_experiment
+from neulite.federation import simulated_budgets
 from neulite.memory import MIB
 from neulite.models.stage_net import StageNet
 from neulite.models.zoo import build_model
 from neulite.planner import plan_blocks
+from neulite.simulation import run_experiment
+
+flower_server = pytest.importorskip("neulite.flower.server_app")
+check_planned_budgets = flower_server.check_planned_budgets
 
 SHAPE = (1, 12, 12)
 
@@ -61,3 +68,48 @@ def test_bad_plans_are_refused_and_the_command_prints_the_contract(capsys: pytes
     assert report["chosen"]["blocks"] == 2 and report["chosen"]["share"] == 1.0 and report["full_bytes"] > 0
     assert main([*argv, "--budgets", "5,x"]) == 2
     assert "--budgets must be MiB values" in capsys.readouterr().err
+
+
+AUTO = [
+    "model.blocks=auto",
+    "data.name=digits",
+    "model.width=0.5",
+    "data.num_clients=6",
+    "clients.per_round=3",
+    "method.rounds=3",
+    "train.local_epochs=1",
+    "train.batch_size=16",
+]
+
+
+def test_a_run_with_auto_blocks_trains_and_records_the_planners_choice(tmp_path):
+    cfg = load_config(overrides=AUTO)
+    summary = run_experiment(cfg, tmp_path)
+    experiment = build_experiment(cfg)
+    whole = build_experiment(load_config(overrides=[*AUTO, "model.blocks=0"]))
+    budgets = simulated_budgets(cfg, whole.full_peak)
+    chosen, _, _ = plan_blocks(
+        "small_cnn", (1, 8, 8), 10, budgets, width=0.5, batch_size=16, target=0.9, recompute=False, max_blocks=3
+    )
+    assert summary["block_plan"]["blocks"] == chosen.blocks == experiment.cfg.model.blocks
+    assert summary["block_plan"]["cuts"] == chosen.cuts
+    assert len(experiment.method.net.model.blocks) == chosen.blocks
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert {k.split(".")[1] for k in state if k.startswith("blocks.")} == {str(i) for i in range(chosen.blocks)}
+    assert load_config(tmp_path / "config.toml").model.blocks == "auto"  # resumes by planning again
+
+
+@pytest.mark.parametrize(
+    "override, fragment", [("model.blocks=many", "model.blocks"), ("model.plan_share=0", "plan_share")]
+)
+def test_bad_block_settings_are_refused_by_name(override: str, fragment: str):
+    with pytest.raises(NeuliteError, match=fragment):
+        load_config(overrides=[override])
+
+
+def test_flower_nodes_with_budgets_of_their_own_are_told_how_to_plan_for_them():
+    experiment = build_experiment(load_config(overrides=AUTO))
+    simulated = simulated_budgets(experiment.cfg, experiment.full_peak)
+    check_planned_budgets(experiment, dict(enumerate(simulated)))  # the budgets it planned for: fine
+    with pytest.raises(NeuliteError, match=r"neulite plan --model small_cnn .*--budgets 1\.0,"):
+        check_planned_budgets(experiment, {0: MIB, **{cid: b for cid, b in enumerate(simulated) if cid}})

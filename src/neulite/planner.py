@@ -21,6 +21,9 @@ from neulite.models.balance import units
 from neulite.models.stage_net import StageNet
 from neulite.models.zoo import build_model, cut_points
 
+MAX_BLOCKS = 8
+"""The most blocks the planner tries: past that a stage's scaffolding outweighs what it saves."""
+
 
 @dataclass(frozen=True)
 class BlockPlan:
@@ -44,7 +47,7 @@ def plan_blocks(
     batch_size: int = 32,
     target: float = 0.9,
     recompute: bool = True,
-    max_blocks: int = 8,
+    max_blocks: int = MAX_BLOCKS,
 ) -> tuple[BlockPlan, list[BlockPlan], int]:
     """(chosen plan, every candidate tried from 2 blocks up to `max_blocks`, full-model training's
     peak in bytes).
@@ -73,3 +76,20 @@ def plan_blocks(
         if share >= target:
             return candidates[-1], candidates, full_peak
     return max(candidates, key=lambda c: (c.share, -c.blocks)), candidates, full_peak
+
+
+def auto_blocks(cfg: Config, input_shape: tuple[int, int, int], num_classes: int, budgets: Sequence[int]) -> BlockPlan:
+    """The plan a run with `model.blocks = "auto"` trains: `plan_blocks` for its network, batch
+    size, `model.plan_share` and recomputation setting."""
+    chosen, _, _ = plan_blocks(
+        cfg.model.name,
+        input_shape,
+        num_classes,
+        budgets,
+        width=cfg.model.width,
+        batch_size=cfg.train.batch_size,
+        target=cfg.model.plan_share,
+        recompute=cfg.train.recompute != "off",
+        max_blocks=min(MAX_BLOCKS, cfg.method.rounds),  # every stage needs a round
+    )
+    return chosen
