@@ -111,7 +111,7 @@ def resolve_blocks(
         full_peak = estimate(whole, whole.full_plan(), cfg.train.batch_size, cross_entropy_loss).total
         budgets = simulated_budgets(cfg, full_peak)
     plan = auto_blocks(cfg, shape, classes, budgets)
-    return cfg.replace(model=replace(cfg.model, blocks=plan.blocks)), plan
+    return cfg.replace(model=replace(cfg.model, blocks=plan.config_blocks)), plan
 
 
 def make_clients(
