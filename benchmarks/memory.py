@@ -1,7 +1,7 @@
 """Headline memory figures: per-stage NeuLite peak against full-model training, estimated and
 measured, without and with recomputation (`train.recompute`), and each step's time on one thread.
 
-ResNet-18/34, VGG-16 and MobileNetV2 on 32x32 inputs at batch 32, 64 and 128, with one block per
+ResNet-18/34, VGG-16, MobileNetV2 and vit_tiny on 32x32 inputs at batch 32, 64 and 128, with one block per
 resolution stage, and ResNet-34 cut into 4 memory-balanced blocks (`model.blocks = 4`); the two
 user CNNs of examples/user_cnns.py (one block per conv) at batch 32 and 64: weight-heavy
 `heavy_cnn` on 8x8 inputs, VGG-like `plain_cnn` on 32x32. For those the full model's peak is also
@@ -33,7 +33,7 @@ from neulite.memory import MIB  # noqa: E402
 from neulite.memory_report import MEASURED_WITH, memory_report  # noqa: E402
 from neulite.models.stage_net import StageNet  # noqa: E402
 
-MODELS = (("resnet18", 0), ("resnet34", 0), ("vgg16", 0), ("mobilenetv2", 0), ("resnet34", 4))
+MODELS = (("resnet18", 0), ("resnet34", 0), ("vgg16", 0), ("mobilenetv2", 0), ("resnet34", 4), ("vit_tiny", 0))
 BATCHES = (32, 64, 128)
 USER_MODELS = ((heavy_cnn, (3, 8, 8)), (plain_cnn, (3, 32, 32)))
 USER_BATCHES = (32, 64)
