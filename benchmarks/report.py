@@ -258,7 +258,7 @@ def memory_section(data: dict[str, Any]) -> list[str]:
         "## Memory: `python benchmarks/memory.py`",
         "",
         "Peak training memory of each NeuLite stage (Mentor and Harmonizer on) against training the whole",
-        "model, for ResNet-18/34, VGG-16 and MobileNetV2 on 32x32 inputs and the two user CNNs of",
+        "model, for ResNet-18/34, VGG-16, MobileNetV2 and vit_tiny on 32x32 inputs and the two user CNNs of",
         "examples/user_cnns.py (one block per conv; `heavy_cnn` weight-heavy, `plain_cnn` VGG-like), 10",
         "classes, SGD with momentum. Each cell is *estimate / measurement* in MiB. The estimate is",
         "`neulite.memory`'s exact accounting; the measurement runs two real training steps in a fresh",
