@@ -1,13 +1,14 @@
-"""Headline memory figures: per-stage NeuLite peak against full-model training, estimated and measured.
+"""Headline memory figures: per-stage NeuLite peak against full-model training, estimated and
+measured, without and with recomputation (`train.recompute`), and each step's time on one thread.
 
-ResNet-18/34, VGG-16 and MobileNetV2 on 32x32 inputs at batch 32, 64 and 128, with one block per
+ResNet-18/34, VGG-16, MobileNetV2 and vit_tiny on 32x32 inputs at batch 32, 64 and 128, with one block per
 resolution stage, and ResNet-34 cut into 4 memory-balanced blocks (`model.blocks = 4`); the two
 user CNNs of examples/user_cnns.py (one block per conv) at batch 32 and 64: weight-heavy
 `heavy_cnn` on 8x8 inputs, VGG-like `plain_cnn` on 32x32. For those the full model's peak is also
 read by benchmarks/rss_check.py, an independent check of the measurement.
 Writes benchmarks/results/memory.json after each row; rows already there measured the current way are
-kept (delete the file to redo all).
-Run: python benchmarks/memory.py
+kept (delete the file to redo all). Run on an idle machine (the step times):
+OMP_NUM_THREADS=1 python benchmarks/memory.py
 """
 
 from __future__ import annotations
@@ -32,16 +33,17 @@ from neulite.memory import MIB  # noqa: E402
 from neulite.memory_report import MEASURED_WITH, memory_report  # noqa: E402
 from neulite.models.stage_net import StageNet  # noqa: E402
 
-MODELS = (("resnet18", 0), ("resnet34", 0), ("vgg16", 0), ("mobilenetv2", 0), ("resnet34", 4))
+MODELS = (("resnet18", 0), ("resnet34", 0), ("vgg16", 0), ("mobilenetv2", 0), ("resnet34", 4), ("vit_tiny", 0))
 BATCHES = (32, 64, 128)
 USER_MODELS = ((heavy_cnn, (3, 8, 8)), (plain_cnn, (3, 32, 32)))
 USER_BATCHES = (32, 64)
 OUT = Path(__file__).parent / "results" / "memory.json"
 
 
-def user_report(build: Any, input_shape: tuple[int, int, int], batch: int) -> dict[str, Any]:
+def user_report(build: Any, input_shape: tuple[int, int, int], batch: int, recompute: bool) -> dict[str, Any]:
     """memory_report's figures for a user model, and the full model's peak as rss_check reads it."""
-    report = memory_report(f"{build.__module__}:{build.__name__}", batch, input_shape, 10)
+    name = f"{build.__module__}:{build.__name__}"
+    report = memory_report(name, batch, input_shape, 10, recompute=recompute, with_timing=True)
     net = StageNet(build(input_shape, 10))
     report["full"]["rss_check_bytes"] = resident_peak(net, net.full_plan(), batch, cross_entropy_loss)
     return report
@@ -52,21 +54,25 @@ def main() -> None:
     info = machine()
     print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}")
     old = json.loads(OUT.read_text()) if OUT.is_file() else {"reports": [], "seconds": 0.0}
-    rows = {(r["model"], r["blocks"], r["batch_size"]): r for r in old["reports"]}
+    rows = {(r["model"], r["blocks"], r["batch_size"], r.get("recompute", False)): r for r in old["reports"]}
     start = time.perf_counter() - old["seconds"]
-    jobs: list[tuple[tuple[str, str, int], Callable[[], dict[str, Any]]]] = []
-    for model, blocks in MODELS:
-        label = "one per resolution stage" if not blocks else f"{blocks} memory-balanced"
-        for batch in BATCHES:
-            jobs.append(((model, label, batch), partial(memory_report, model, batch, (3, 32, 32), 10, blocks=blocks)))
-    for build, shape in USER_MODELS:
-        for batch in USER_BATCHES:
-            key = (f"{build.__module__}:{build.__name__}", "one per resolution stage", batch)
-            jobs.append((key, partial(user_report, build, shape, batch)))
+    jobs: list[tuple[tuple[str, str, int, bool], Callable[[], dict[str, Any]]]] = []
+    for recompute in (False, True):
+        for model, blocks in MODELS:
+            label = "one per resolution stage" if not blocks else f"{blocks} memory-balanced"
+            for batch in BATCHES:
+                run = partial(
+                    memory_report, model, batch, (3, 32, 32), 10, blocks=blocks, recompute=recompute, with_timing=True
+                )
+                jobs.append(((model, label, batch, recompute), run))
+        for build, shape in USER_MODELS:
+            for batch in USER_BATCHES:
+                key = (f"{build.__module__}:{build.__name__}", "one per resolution stage", batch, recompute)
+                jobs.append((key, partial(user_report, build, shape, batch, recompute)))
     OUT.parent.mkdir(parents=True, exist_ok=True)
     for key, run in jobs:
         if rows.get(key, {}).get("measured_with") != MEASURED_WITH:
-            rows[key] = run()
+            rows[key] = {**run(), "recompute": key[3]}
             ordered = [rows[k] for k, _ in jobs if k in rows]
             report = {"machine": info, "seconds": time.perf_counter() - start, "reports": ordered}
             OUT.write_text(json.dumps(report, indent=2) + "\n")
@@ -75,10 +81,13 @@ def main() -> None:
 
 
 def show(r: dict[str, Any]) -> None:
-    stages = ", ".join(f"{s['estimated_bytes'] / MIB:.0f}/{s['measured_bytes'] / MIB:.0f}" for s in r["stages"])
+    stages = ", ".join(
+        f"{s['estimated_bytes'] / MIB:.0f}/{s['measured_bytes'] / MIB:.0f} ({s['step_seconds'] / r['full']['step_seconds']:.2f}x time)"
+        for s in r["stages"]
+    )
     check = f", rss_check {r['full']['rss_check_bytes'] / MIB:.1f}" if "rss_check_bytes" in r["full"] else ""
     print(
-        f"{r['model']:12s} {r['blocks']:24s} batch {r['batch_size']:3d}: full {r['full']['estimated_bytes'] / MIB:.0f}/{r['full']['measured_bytes'] / MIB:.0f} MiB (est/meas{check}); "
+        f"{r['model']:12s} {r['blocks']:24s} batch {r['batch_size']:3d}{' recompute' if r['recompute'] else ''}: full {r['full']['estimated_bytes'] / MIB:.0f}/{r['full']['measured_bytes'] / MIB:.0f} MiB (est/meas{check}); "
         f"stages {stages}; worst stage {r['worst_stage_fraction']:.0%} of full",
         flush=True,
     )

@@ -82,12 +82,14 @@ def _memory_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
         balanced = r.get("blocks", "one per resolution stage") != "one per resolution stage"
         user = ":" in r["model"]  # module:function
         label = r["model"].split(":")[-1] + (" ({}x{} inputs)".format(*r["input_shape"][1:]) if user else "")
+        recompute = r.get("recompute", False)
         rows.append(
             {
-                "label": label + (f" ({r['blocks']})" if balanced else ""),
+                "label": label + (f" ({r['blocks']})" if balanced else "") + (", recomputing" if recompute else ""),
                 "model": r["model"],
                 "batch": r["batch_size"],
                 "balanced": balanced,
+                "recompute": recompute,
                 "report": r,
                 "worst_est": r["worst_stage_fraction"],
                 "worst_meas": max(s["measured_fraction_of_full"] for s in r["stages"]),
@@ -111,15 +113,17 @@ def _measured_with(rows: list[dict[str, Any]]) -> str:
 
 def memory_table(data: dict[str, Any]) -> str:
     lines = [
-        "| model | batch | full model | stages (est / meas) | worst stage | largest estimate error |",
-        "|---|---|---|---|---|---|",
+        "| model | batch | full model | stages (est / meas) | worst stage | largest estimate error | step time, stages / full |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in _memory_rows(data):
         r = row["report"]
         stages = ", ".join(f"{s['estimated_bytes'] / MIB:.0f} / {s['measured_bytes'] / MIB:.0f}" for s in r["stages"])
+        full_step = r["full"].get("step_seconds")
+        steps = ", ".join(f"{s['step_seconds'] / full_step:.2f}" for s in r["stages"]) if full_step else "–"
         lines.append(
             f"| {row['label']} | {row['batch']} | {r['full']['estimated_bytes'] / MIB:.0f} / {r['full']['measured_bytes'] / MIB:.0f} "
-            f"| {stages} | {row['worst_est']:.0%}, {row['worst_meas']:.0%} | {row['error']:.1%} |"
+            f"| {stages} | {row['worst_est']:.0%}, {row['worst_meas']:.0%} | {row['error']:.1%} | {steps} |"
         )
     return "\n".join(lines)
 
@@ -254,7 +258,7 @@ def memory_section(data: dict[str, Any]) -> list[str]:
         "## Memory: `python benchmarks/memory.py`",
         "",
         "Peak training memory of each NeuLite stage (Mentor and Harmonizer on) against training the whole",
-        "model, for ResNet-18/34, VGG-16 and MobileNetV2 on 32x32 inputs and the two user CNNs of",
+        "model, for ResNet-18/34, VGG-16, MobileNetV2 and vit_tiny on 32x32 inputs and the two user CNNs of",
         "examples/user_cnns.py (one block per conv; `heavy_cnn` weight-heavy, `plain_cnn` VGG-like), 10",
         "classes, SGD with momentum. Each cell is *estimate / measurement* in MiB. The estimate is",
         "`neulite.memory`'s exact accounting; the measurement runs two real training steps in a fresh",
@@ -277,13 +281,28 @@ def memory_section(data: dict[str, Any]) -> list[str]:
             f"{gap:.1%} of the measurement on the full models it checked ({', '.join(dict.fromkeys(r['label'] for r in checked))}).",
             "",
         ]
-    by_key = {(r["model"], r["batch"], r["balanced"]): r for r in rows}
-    plain, balanced = by_key.get(("resnet34", 64, False)), by_key.get(("resnet34", 64, True))
+    by_key = {(r["model"], r["batch"], r["balanced"], r["recompute"]): r for r in rows}
+    plain, balanced = by_key.get(("resnet34", 64, False, False)), by_key.get(("resnet34", 64, True, False))
     if plain and balanced:
         out += [
             f"ResNet-34 at batch 64: the worst stage needs {plain['worst_est']:.0%} of full-model training by the estimate and "
             f"{plain['worst_meas']:.0%} by the measurement; cut into 4 memory-balanced blocks, {balanced['worst_est']:.0%} and "
             f"{balanced['worst_meas']:.0%}. Over every row the estimate is within {max(r['error'] for r in rows):.1%} of the measurement.",
+            "",
+        ]
+    costs = [
+        (twin["label"], s["stage"], s["step_seconds"] / t["step_seconds"] - 1)
+        for twin in rows
+        if twin["recompute"] and (base := by_key.get((twin["model"], twin["batch"], twin["balanced"], False)))
+        for s, t in zip(twin["report"]["stages"], base["report"]["stages"], strict=True)
+        if "step_seconds" in s and "step_seconds" in t
+    ]
+    if costs:
+        label, stage, worst = max(costs, key=lambda c: c[2])
+        median = sorted(c[2] for c in costs)[len(costs) // 2]
+        out += [
+            "Recomputation's time per step, against the same stage without it (one thread, median of 5 steps): "
+            f"median {median:+.0%} over {len(costs)} stages, at most {worst:+.0%} ({label}, stage {stage}).",
             "",
         ]
     return out

@@ -7,24 +7,35 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 from neulite.algorithms.registry import build_method
 from neulite.cli import main
-from neulite.config import Config, ModelConfig, TrainConfig
+from neulite.config import Config, ModelConfig, TrainConfig, load_config
 from neulite.errors import NeuliteError
+from neulite.experiment import build_experiment
+from neulite.federation import simulated_budgets
 from neulite.memory import MIB
 from neulite.models.stage_net import StageNet
 from neulite.models.zoo import build_model
 from neulite.planner import plan_blocks
+from neulite.simulation import run_experiment
+
+flower_server = pytest.importorskip("neulite.flower.server_app")
+check_planned_budgets = flower_server.check_planned_budgets
 
 SHAPE = (1, 12, 12)
 
 
-def _worst(blocks: int, recompute: bool) -> int:
-    """The costliest stage of `blocks` blocks, computed here from NeuLite's own stage estimates."""
+def _peaks(blocks: int, recompute: bool) -> list[int]:
+    """Each stage's peak with `blocks` blocks (0: the network's own), computed here from NeuLite's own stage estimates."""
     cfg = Config(model=ModelConfig(name="small_cnn", width=0.5, blocks=blocks), train=TrainConfig(batch_size=16))
     method = build_method(cfg, StageNet(build_model("small_cnn", SHAPE, 10, 0.5, blocks)))
-    return max(method.memory(dataclasses.replace(p, recompute=recompute)).total for p in method.plans())
+    return [method.memory(dataclasses.replace(p, recompute=recompute)).total for p in method.plans()]
+
+
+def _worst(blocks: int, recompute: bool) -> int:
+    return max(_peaks(blocks, recompute))
 
 
 def _plan(budgets: list[int], **kwargs):
@@ -32,13 +43,28 @@ def _plan(budgets: list[int], **kwargs):
 
 
 def test_the_fewest_blocks_that_let_the_target_share_fit_every_stage():
-    two, three = _worst(2, recompute=True), _worst(3, recompute=True)
-    assert three < two  # the premise: a third block makes the costliest stage cheaper
-    between = [(two + three) // 2] * 9 + [10 * two]  # 9 of 10 clients fit 3 blocks, not 2
-    chosen, candidates, _ = _plan(between, target=0.9)
-    assert [c.blocks for c in candidates] == [2, 3] and chosen.blocks == 3 and chosen.share == 1.0
+    two, own, three = _worst(2, recompute=True), _worst(0, recompute=True), _worst(3, recompute=True)
+    assert three < own < two  # the premise: small_cnn's own 3 blocks, then 3 balanced ones, are cheaper than 2
+    rich = [10 * two]
+    chosen, candidates, _ = _plan([(two + own) // 2] * 9 + rich, target=0.9)  # 9 of 10 fit 3 blocks, not 2
+    assert [(c.blocks, c.balanced) for c in candidates] == [(2, True), (3, False)]  # own first among equals
+    assert (chosen.blocks, chosen.balanced, chosen.config_blocks, chosen.share) == (3, False, 0, 1.0)
     assert candidates[0].share == 0.1 and len(chosen.cuts) == 2
-    assert _plan(between, target=0.1)[0].blocks == 2  # one client in ten fits 2 blocks: enough for 10%
+    chosen, candidates, _ = _plan([(own + three) // 2] * 9 + rich, target=0.9)  # only the balanced 3 fit them
+    assert [(c.blocks, c.balanced) for c in candidates] == [(2, True), (3, False), (3, True)]
+    assert (chosen.blocks, chosen.balanced, chosen.config_blocks) == (3, True, 3)
+    assert _plan([(two + own) // 2] * 9 + rich, target=0.1)[0].blocks == 2  # one in ten fits 2 blocks: enough
+
+
+def test_when_no_plan_reaches_the_target_the_most_clients_take_part():
+    cheapest = {b: min(_peaks(b, recompute=True)) for b in (2, 0, 3)}  # in the planner's order
+    poor = min(cheapest.values())  # fits the cheapest stage of some plans only
+    budgets = [10 * _worst(2, recompute=True)] * 5 + [poor]
+    chosen, candidates, _ = _plan(budgets, target=1.0)
+    assert all(c.share < 1.0 for c in candidates)
+    assert [c.take_part for c in candidates] == [1.0 if cheapest[b] <= poor else 5 / 6 for b in (2, 0, 3)]
+    first = next(b for b in (2, 0, 3) if cheapest[b] <= poor)
+    assert chosen.config_blocks == first and chosen.take_part == 1.0
 
 
 def test_recomputation_is_counted_only_when_allowed():
@@ -61,3 +87,48 @@ def test_bad_plans_are_refused_and_the_command_prints_the_contract(capsys: pytes
     assert report["chosen"]["blocks"] == 2 and report["chosen"]["share"] == 1.0 and report["full_bytes"] > 0
     assert main([*argv, "--budgets", "5,x"]) == 2
     assert "--budgets must be MiB values" in capsys.readouterr().err
+
+
+AUTO = [
+    "model.blocks=auto",
+    "data.name=digits",
+    "model.width=0.5",
+    "data.num_clients=6",
+    "clients.per_round=3",
+    "method.rounds=3",
+    "train.local_epochs=1",
+    "train.batch_size=16",
+]
+
+
+def test_a_run_with_auto_blocks_trains_and_records_the_planners_choice(tmp_path):
+    cfg = load_config(overrides=AUTO)
+    summary = run_experiment(cfg, tmp_path)
+    experiment = build_experiment(cfg)
+    whole = build_experiment(load_config(overrides=[*AUTO, "model.blocks=0"]))
+    budgets = simulated_budgets(cfg, whole.full_peak)
+    chosen, _, _ = plan_blocks(
+        "small_cnn", (1, 8, 8), 10, budgets, width=0.5, batch_size=16, target=0.9, recompute=False, max_blocks=3
+    )
+    assert summary["block_plan"] == dataclasses.asdict(chosen)
+    assert experiment.cfg.model.blocks == chosen.config_blocks
+    assert len(experiment.method.net.model.blocks) == chosen.blocks
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert {k.split(".")[1] for k in state if k.startswith("blocks.")} == {str(i) for i in range(chosen.blocks)}
+    assert load_config(tmp_path / "config.toml").model.blocks == "auto"  # resumes by planning again
+
+
+@pytest.mark.parametrize(
+    "override, fragment", [("model.blocks=many", "model.blocks"), ("model.plan_share=0", "plan_share")]
+)
+def test_bad_block_settings_are_refused_by_name(override: str, fragment: str):
+    with pytest.raises(NeuliteError, match=fragment):
+        load_config(overrides=[override])
+
+
+def test_flower_nodes_with_budgets_of_their_own_are_told_how_to_plan_for_them():
+    experiment = build_experiment(load_config(overrides=AUTO))
+    simulated = simulated_budgets(experiment.cfg, experiment.full_peak)
+    check_planned_budgets(experiment, dict(enumerate(simulated)))  # the budgets it planned for: fine
+    with pytest.raises(NeuliteError, match=r"neulite plan --model small_cnn .*--budgets 1\.0,"):
+        check_planned_budgets(experiment, {0: MIB, **{cid: b for cid, b in enumerate(simulated) if cid}})

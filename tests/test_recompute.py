@@ -14,6 +14,7 @@ from neulite.algorithms.registry import build_method
 from neulite.config import load_config
 from neulite.errors import NeuliteError
 from neulite.memory import measure
+from neulite.memory_report import memory_report
 from neulite.models.stage_net import StageNet
 from neulite.models.zoo import build_model
 
@@ -74,3 +75,15 @@ def test_recompute_is_checked_and_refused_where_it_does_not_apply():
         load_config(overrides=["train.recompute=always"])
     with pytest.raises(NeuliteError, match="train.recompute = 'on' applies to the neulite methods"):
         build_method(load_config(overrides=["train.recompute=on", "method.name=fedavg"]), _net())
+
+
+def test_the_memory_report_times_each_step_with_and_without_recomputation():
+    """benchmarks/memory.py's time-per-step figures: one per row, the recomputed rows their own."""
+    plain, recomputed = (
+        memory_report("small_cnn", 8, (1, 12, 12), 10, 0.5, with_measurement=False, recompute=r, with_timing=True)
+        for r in (False, True)
+    )
+    for report, recompute in ((plain, False), (recomputed, True)):
+        assert report["full"]["step_seconds"] > 0
+        assert all(s["recompute"] is recompute and s["step_seconds"] > 0 for s in report["stages"])
+    assert "step_seconds" not in memory_report("small_cnn", 8, (1, 12, 12), 10, 0.5, with_measurement=False)["full"]

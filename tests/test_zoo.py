@@ -14,7 +14,7 @@ from neulite.models.blocks import BlockModel, tail_modules
 from neulite.models.zoo import MODEL_NAMES, BasicBlock, InvertedResidual, build_model
 
 SHAPES = [(1, 28, 28), (3, 32, 32)]
-NUM_BLOCKS = {"small_cnn": 3, "resnet18": 4, "resnet34": 4, "vgg11": 5, "vgg16": 5, "mobilenetv2": 4}
+NUM_BLOCKS = {"small_cnn": 3, "resnet18": 4, "resnet34": 4, "vgg11": 5, "vgg16": 5, "mobilenetv2": 4, "vit_tiny": 3}
 
 
 @functools.cache

@@ -154,21 +154,24 @@ def _plan(args: argparse.Namespace) -> None:
         "recomputing",
         "clients fitting each stage",
         "fit all",
+        "take part",
     ):
         table.add_column(col, justify="right")
     for c in candidates:
         table.add_row(
-            f"{c.blocks}{' *' if c is chosen else ''}",
+            f"{c.blocks}{'' if c.balanced else ' (own)'}{' *' if c is chosen else ''}",
             ",".join(map(str, c.cuts)),
             " ".join(f"{p / full:.0%}" for p in c.stage_peaks),
             " ".join(f"{p / full:.0%}" for p in c.recompute_peaks),
             " ".join(map(str, c.fits)),
             f"{c.share:.0%}",
+            f"{c.take_part:.0%}",
         )
     console = Console()
     console.print(table)
     console.print(
-        f"* chosen: model.blocks = {chosen.blocks}"
+        f"* chosen: model.blocks = {chosen.config_blocks}"
+        + ("" if chosen.balanced else " (the network's own blocks)")
         + (' with train.recompute = "auto"' if not args.no_recompute else "")
         + f" ({chosen.share:.0%} of clients fit every stage; target {args.target:.0%})"
     )

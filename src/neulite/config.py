@@ -72,16 +72,24 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     """name: a built-in network, a registered one or an import path "module:function"; width:
-    channel multiplier; blocks: 0 = the network's own blocks, N > 0 = N memory-balanced blocks."""
+    channel multiplier; blocks: 0 = the network's own blocks, N > 0 = N memory-balanced blocks,
+    "auto" = the fewest memory-balanced blocks for which a share `plan_share` of the clients' budgets
+    fits every stage (`neulite.planner`; recomputation counts unless train.recompute = "off")."""
 
     name: str = "small_cnn"
     width: float = 1.0
-    blocks: int = 0
+    blocks: int | str = 0
+    plan_share: float = 0.9
 
     def __post_init__(self) -> None:
         known("model.name", self.name, model_factory)
         check(self.width > 0, "model.width must be > 0")
-        check(self.blocks >= 0, "model.blocks must be >= 0")
+        check(
+            self.blocks == "auto"
+            or (isinstance(self.blocks, int) and not isinstance(self.blocks, bool) and self.blocks >= 0),
+            f'model.blocks must be "auto" or an integer >= 0, got {self.blocks!r}',
+        )
+        check(0 < self.plan_share <= 1, f"model.plan_share must be in (0, 1], got {self.plan_share!r}")
 
 
 @dataclass(frozen=True)

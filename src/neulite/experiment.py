@@ -7,8 +7,9 @@ and how the server reaches clients.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,8 +20,9 @@ from neulite.algorithms.registry import build_method, build_network
 from neulite.config import Config
 from neulite.data import DataSplits
 from neulite.errors import NeuliteError
-from neulite.federation import client_indices, load_splits
+from neulite.federation import client_indices, load_splits, resolve_blocks
 from neulite.memory import estimate
+from neulite.planner import BlockPlan
 from neulite.server import Query, Server
 
 
@@ -29,7 +31,8 @@ class Experiment:
     """The server side of an experiment before any client is known.
 
     `full_peak` is full-model training's peak at the configured batch size: the yardstick for
-    budgets, whatever network the method trains.
+    budgets, whatever network the method trains. `cfg` is the config as trained: with
+    `model.blocks = "auto"`, the number `block_plan` chose.
     """
 
     cfg: Config
@@ -37,6 +40,11 @@ class Experiment:
     indices: list[tuple[np.ndarray, np.ndarray]]
     method: Method
     full_peak: int
+    block_plan: BlockPlan | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """What a run records of its set-up beyond its config: the planner's choice, if it made one."""
+        return {} if self.block_plan is None else {"block_plan": asdict(self.block_plan)}
 
     @property
     def partition_sizes(self) -> dict[int, int]:
@@ -51,9 +59,10 @@ class Experiment:
         return server
 
 
-def build_experiment(cfg: Config) -> Experiment:
+def build_experiment(cfg: Config, budgets: Sequence[int] | None = None) -> Experiment:
     """Seed, data, partition, network and method for `cfg`; the data's size is checked before any
-    tensor of the configured batch size is built."""
+    tensor of the configured batch size is built. `model.blocks = "auto"` plans for `budgets`
+    (default: the simulated ones)."""
     torch.manual_seed(cfg.seed)
     splits = load_splits(cfg)
     share = len(splits.train) // cfg.data.num_clients
@@ -63,6 +72,7 @@ def build_experiment(cfg: Config) -> Experiment:
             f"{cfg.data.num_clients} clients gets on average from {len(splits.train)}: lower train.batch_size"
         )
     indices = client_indices(cfg, splits)
+    cfg, block_plan = resolve_blocks(cfg, splits, budgets)
     net = build_network(cfg, splits.input_shape, splits.train.num_classes)
     full_peak = estimate(net, net.full_plan(), cfg.train.batch_size, cross_entropy_loss).total
-    return Experiment(cfg, splits, indices, build_method(cfg, net), full_peak)
+    return Experiment(cfg, splits, indices, build_method(cfg, net), full_peak, block_plan)

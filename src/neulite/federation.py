@@ -9,16 +9,21 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from neulite.algorithms.base import Method
+from neulite.algorithms.local import cross_entropy_loss
 from neulite.algorithms.registry import build_method, build_network
 from neulite.config import ClientsConfig, Config
 from neulite.data import DataSplits, TensorDataset, load_dataset, partition, subsample, train_val_split
-from neulite.memory import MIB
+from neulite.memory import MIB, estimate
+from neulite.models.stage_net import StageNet
+from neulite.models.zoo import build_model
+from neulite.planner import BlockPlan, auto_blocks
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,23 @@ def simulated_budgets(cfg: Config, full_peak: int) -> list[int]:
     return draw_budgets(cfg.clients, cfg.data.num_clients, full_peak, np.random.default_rng([cfg.seed, 1]))
 
 
+def resolve_blocks(
+    cfg: Config, splits: DataSplits, budgets: Sequence[int] | None = None
+) -> tuple[Config, BlockPlan | None]:
+    """`cfg` with `model.blocks = "auto"` replaced by the planner's choice for `budgets` (by default
+    the simulated ones, which every process can compute from the config alone), and that plan;
+    any other config as it is, and None."""
+    if cfg.model.blocks != "auto":
+        return cfg, None
+    shape, classes = splits.input_shape, splits.train.num_classes
+    if budgets is None:
+        whole = StageNet(build_model(cfg.model.name, shape, classes, cfg.model.width))
+        full_peak = estimate(whole, whole.full_plan(), cfg.train.batch_size, cross_entropy_loss).total
+        budgets = simulated_budgets(cfg, full_peak)
+    plan = auto_blocks(cfg, shape, classes, budgets)
+    return cfg.replace(model=replace(cfg.model, blocks=plan.config_blocks)), plan
+
+
 def make_clients(
     cfg: Config, splits: DataSplits, indices: list[tuple[np.ndarray, np.ndarray]], full_peak: int
 ) -> list[Client]:
@@ -121,6 +143,7 @@ def client_side(cfg: Config) -> tuple[DataSplits, list[tuple[np.ndarray, np.ndar
     (the same as every other driver's) and a method whose network lives on the meta device (a
     client materialises only what a task sends)."""
     splits = load_splits(cfg)
+    cfg, _ = resolve_blocks(cfg, splits)
     with torch.device("meta"):
         method = build_method(cfg, build_network(cfg, splits.input_shape, splits.train.num_classes))
     return splits, client_indices(cfg, splits), method

@@ -6,16 +6,23 @@ through the same method object a run builds, so the report and a run's eligibili
 
 from __future__ import annotations
 
+import copy
+import statistics
+import time
 from typing import Any
+
+import torch
 
 from neulite.algorithms.local import cross_entropy_loss
 from neulite.algorithms.registry import build_method
 from neulite.config import Config, ModelConfig, TrainConfig
-from neulite.memory import estimate, measure
-from neulite.models.stage_net import StageNet
+from neulite.memory import StepLoss, estimate, measure
+from neulite.models.stage_net import StageNet, StagePlan
 from neulite.models.zoo import build_model
 
-MEASURED_WITH = "peak resident memory growth, fresh process, 1 thread, 2 training steps after a twin's warm-up step"
+MEASURED_WITH = (
+    "peak resident memory growth, fresh process, 1 thread, 2 training steps after a twin's warm-up step, lesser of 2"
+)
 """How `measure` reads a step's peak, recorded with every report (a benchmark re-measures rows read another way)."""
 
 
@@ -29,9 +36,11 @@ def memory_report(
     *,
     with_measurement: bool = True,
     recompute: bool = False,
+    with_timing: bool = False,
 ) -> dict[str, Any]:
     """Per-stage NeuLite peaks (Mentor and Harmonizer on) next to full-model training, estimated and
-    measured; with `recompute`, of stages that recompute what they train in backward.
+    measured; with `recompute`, of stages that recompute what they train in backward; with
+    `with_timing`, each row's `step_seconds` (`step_seconds`).
 
     `model` is any name a config takes: a built-in, a registered model or an import path "module:function"."""
     cfg = Config(
@@ -59,6 +68,10 @@ def memory_report(
     full = {"stage": 0, "estimated_bytes": full_est.total, "measured_bytes": full_real, "breakdown": full_est.as_dict()}
     for r in [full, *rows]:
         r["estimate_error"] = None if r["measured_bytes"] is None else r["estimated_bytes"] / r["measured_bytes"] - 1.0
+    if with_timing:
+        full["step_seconds"] = step_seconds(net, full_plan, batch_size, cross_entropy_loss)
+        for plan, r in zip(method.plans(), rows, strict=True):
+            r["step_seconds"] = step_seconds(net, plan, batch_size, method.loss(method.task_config(plan)))
     for r in rows:
         r["fraction_of_full"] = r["estimated_bytes"] / full["estimated_bytes"]
         if r["measured_bytes"] is not None:
@@ -75,3 +88,20 @@ def memory_report(
         "reduction_percent": 100.0 * (1.0 - worst),
         "measured_with": MEASURED_WITH if with_measurement else None,
     }
+
+
+def step_seconds(net: StageNet, plan: StagePlan, batch_size: int, loss: StepLoss, steps: int = 5) -> float:
+    """Median wall seconds of one training step of `plan` on this process's torch threads, after a
+    warm-up step (kernel selection and caches are a process's once, not a step's)."""
+    client = copy.deepcopy(net)
+    optimizer = torch.optim.SGD(client.prepare(plan), lr=0.01, momentum=0.9)
+    x = torch.randn(batch_size, *net.model.input_shape)
+    y = torch.randint(0, net.model.num_classes, (batch_size,))
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        loss(client, plan, x, y).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])

@@ -1,8 +1,8 @@
 """How many blocks to cut a model into for a fleet's memory budgets (`neulite plan`).
 
 More blocks make every stage cheaper but give each fewer rounds, so the planner picks the fewest
-memory-balanced blocks (`models/balance.py`) for which a target share of the clients fits every
-stage: a stage's peak is NeuLite's estimate (Mentor and Harmonizer on), with recomputation
+blocks, the network's own or memory-balanced ones (`models/balance.py`), for which a target share
+of the clients fits every stage: a stage's peak is NeuLite's estimate (Mentor and Harmonizer on), with recomputation
 (`train.recompute`) when allowed, so that a client that fits only by recomputing counts.
 """
 
@@ -17,21 +17,32 @@ from neulite.algorithms.registry import build_method
 from neulite.config import Config, ModelConfig, TrainConfig
 from neulite.errors import NeuliteError
 from neulite.memory import estimate
-from neulite.models.balance import units
+from neulite.models.balance import own_cuts, units
 from neulite.models.stage_net import StageNet
 from neulite.models.zoo import build_model, cut_points
+
+MAX_BLOCKS = 8
+"""The most blocks the planner tries: past that a stage's scaffolding outweighs what it saves."""
 
 
 @dataclass(frozen=True)
 class BlockPlan:
-    """One candidate: `blocks` memory-balanced blocks ending at unit indices `cuts`."""
+    """One candidate: `blocks` blocks ending at unit indices `cuts`, memory-balanced or (`balanced`
+    false) the network's own."""
 
     blocks: int
     cuts: list[int]
+    balanced: bool
     stage_peaks: list[int]  # bytes, each stage as planned (no recomputation)
     recompute_peaks: list[int]  # bytes, each stage recomputing what it trains
     fits: list[int]  # clients whose budget fits each stage (recomputing where allowed and needed)
     share: float  # share of clients that fit every stage
+    take_part: float  # share of clients that fit some stage
+
+    @property
+    def config_blocks(self) -> int:
+        """The `model.blocks` that builds this plan's network."""
+        return self.blocks if self.balanced else 0
 
 
 def plan_blocks(
@@ -44,13 +55,13 @@ def plan_blocks(
     batch_size: int = 32,
     target: float = 0.9,
     recompute: bool = True,
-    max_blocks: int = 8,
+    max_blocks: int = MAX_BLOCKS,
 ) -> tuple[BlockPlan, list[BlockPlan], int]:
-    """(chosen plan, every candidate tried from 2 blocks up to `max_blocks`, full-model training's
-    peak in bytes).
+    """(chosen plan, every candidate tried, full-model training's peak in bytes).
 
-    The chosen plan is the first whose share reaches `target`; if none does, the one with the
-    largest share (the fewest blocks among equals)."""
+    The candidates are the network's own blocks and 2 up to `max_blocks` memory-balanced blocks,
+    fewest first. The chosen plan is the first whose share reaches `target`; if none does, the one
+    under which the most clients take part at all, then the largest share, then the fewest blocks."""
     if not budgets:
         raise NeuliteError("a plan needs at least one client budget")
     if not 0 < target <= 1:
@@ -58,18 +69,51 @@ def plan_blocks(
     whole = build_model(model, input_shape, num_classes, width)
     full = StageNet(whole)
     full_peak = estimate(full, full.full_plan(), batch_size, cross_entropy_loss).total
-    candidates: list[BlockPlan] = []
-    for n in range(2, min(len(units(whole)), max_blocks) + 1):
-        cfg = Config(model=ModelConfig(name=model, width=width, blocks=n), train=TrainConfig(batch_size=batch_size))
-        method = build_method(cfg, StageNet(build_model(model, input_shape, num_classes, width, n)))
+
+    def candidate(blocks: int) -> BlockPlan:
+        cfg = Config(
+            model=ModelConfig(name=model, width=width, blocks=blocks), train=TrainConfig(batch_size=batch_size)
+        )
+        method = build_method(cfg, StageNet(build_model(model, input_shape, num_classes, width, blocks)))
         plans = method.plans()
         peaks = [method.memory(p).total for p in plans]
         rpeaks = [method.memory(dataclasses.replace(p, recompute=True)).total for p in plans]
         usable = [min(a, b) if recompute else a for a, b in zip(peaks, rpeaks, strict=True)]
         fits = [sum(b >= u for b in budgets) for u in usable]
-        share = sum(b >= max(usable) for b in budgets) / len(budgets)
-        cuts = cut_points(model, input_shape, num_classes, n)
-        candidates.append(BlockPlan(n, cuts, peaks, rpeaks, fits, share))
-        if share >= target:
+        cuts = cut_points(model, input_shape, num_classes, blocks) if blocks else own_cuts(whole)
+        return BlockPlan(
+            len(plans),
+            cuts,
+            bool(blocks),
+            peaks,
+            rpeaks,
+            fits,
+            sum(b >= max(usable) for b in budgets) / len(budgets),
+            sum(b >= min(usable) for b in budgets) / len(budgets),
+        )
+
+    own = len(whole.blocks)
+    counts = sorted([(own, 0), *((n, n) for n in range(2, min(len(units(whole)), max_blocks) + 1))])
+    candidates: list[BlockPlan] = []
+    for _, blocks in counts:
+        candidates.append(candidate(blocks))
+        if candidates[-1].share >= target:
             return candidates[-1], candidates, full_peak
-    return max(candidates, key=lambda c: (c.share, -c.blocks)), candidates, full_peak
+    return max(candidates, key=lambda c: (c.take_part, c.share, -c.blocks)), candidates, full_peak
+
+
+def auto_blocks(cfg: Config, input_shape: tuple[int, int, int], num_classes: int, budgets: Sequence[int]) -> BlockPlan:
+    """The plan a run with `model.blocks = "auto"` trains: `plan_blocks` for its network, batch
+    size, `model.plan_share` and recomputation setting."""
+    chosen, _, _ = plan_blocks(
+        cfg.model.name,
+        input_shape,
+        num_classes,
+        budgets,
+        width=cfg.model.width,
+        batch_size=cfg.train.batch_size,
+        target=cfg.model.plan_share,
+        recompute=cfg.train.recompute != "off",
+        max_blocks=min(MAX_BLOCKS, cfg.method.rounds),  # every stage needs a round
+    )
+    return chosen

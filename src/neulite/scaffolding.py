@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from neulite.algorithms.local import cross_entropy_loss
 from neulite.memory import MIB, estimate
-from neulite.models.blocks import BlockModel, ClassifierHead
+from neulite.models.blocks import BlockModel, ClassifierHead, channels
 from neulite.models.stage_net import StageNet, StagePlan
 
 MAX_SCAFFOLDING_SHARE = 0.25
@@ -48,7 +48,9 @@ def probe_stage(net: StageNet, plan: StagePlan) -> tuple[StageNet, StagePlan]:
     """`plan`'s stage without scaffolding: blocks 1..t under a linear probe (the real head at the
     last stage), with the same Harmonizer and BatchNorm settings and no Mentor."""
     model, t = net.model, plan.stage
-    head = model.head if t == plan.num_stages else ClassifierHead(model.block_shapes[t - 1][0], model.num_classes)
+    head = (
+        model.head if t == plan.num_stages else ClassifierHead(channels(model.block_shapes[t - 1]), model.num_classes)
+    )
     probe = StageNet(BlockModel(list(model.blocks[:t]), head, model.input_shape, model.num_classes))
     return probe, probe.plan(t, harmonize=plan.harmonize, bn_drift=plan.bn_drift)
 

@@ -48,7 +48,8 @@ class Simulation:
         self.augment = augment_enabled(cfg, self.splits)
         self.prefixes = PrefixStore(cfg.train.prefix_cache_mb)
         self.server = experiment.server({c.cid: c.budget for c in self.clients}, self.query)
-        self.pool = ClientPool(cfg, workers) if workers > 1 else None
+        self.setup = experiment.summary()
+        self.pool = ClientPool(experiment.cfg, workers) if workers > 1 else None
 
     def close(self) -> None:
         if self.pool is not None:
@@ -157,4 +158,4 @@ def run_experiment(
                 progress.reset(client_bar, total=min(cfg.clients.per_round, len(sim.eligible(plan))))
                 run.record(sim.run_round(rnd, on_client=lambda: progress.advance(client_bar)), sim.server)
                 progress.advance(round_bar)
-        return run.finish(sim.server, sim.final_accuracy(), sim.validation_accuracy())
+        return run.finish(sim.server, sim.final_accuracy(), sim.validation_accuracy(), **sim.setup)

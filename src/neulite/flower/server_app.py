@@ -11,9 +11,11 @@ from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
 from neulite.errors import NeuliteError
-from neulite.experiment import build_experiment
+from neulite.experiment import Experiment, build_experiment
+from neulite.federation import simulated_budgets
 from neulite.flower.run_config import parse_run_config
 from neulite.flower.strategy import NeuliteStrategy, NodeQuery, profile_nodes
+from neulite.memory import MIB
 from neulite.results import RunLog
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ def run(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     found = profile_nodes(
         grid, experiment.full_peak, partitions=cfg.data.num_clients, min_nodes=min_nodes, wait=driver.node_wait
     )
+    check_planned_budgets(experiment, {cid: budget for cid, (_, budget) in found.items()})
     nodes = {cid: node for cid, (node, _) in found.items()}
     query = NodeQuery(grid, nodes, experiment.method, timeout=driver.round_timeout)
     server = experiment.server({cid: budget for cid, (_, budget) in found.items()}, query)
@@ -55,7 +58,27 @@ def run(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         grid, ArrayRecord(), num_rounds=cfg.method.rounds - run_log.first_round + 1, timeout=driver.round_timeout
     )
     final = server.evaluate(experiment.method.final_plan(), experiment.splits.test)
-    return run_log.finish(server, final, strategy.validation_accuracy, driver="flower", nodes=len(found))
+    return run_log.finish(
+        server, final, strategy.validation_accuracy, driver="flower", nodes=len(found), **experiment.summary()
+    )
+
+
+def check_planned_budgets(experiment: Experiment, reported: dict[int, int]) -> None:
+    """`model.blocks = "auto"` plans from the simulated budgets, which every node computes from the
+    config alone and so builds the same network; nodes that report budgets of their own need a
+    number of blocks planned for those."""
+    if experiment.block_plan is None:
+        return
+    simulated = simulated_budgets(experiment.cfg, experiment.full_peak)
+    if any(budget != simulated[cid] for cid, budget in reported.items()):
+        cfg = experiment.cfg
+        mib = ",".join(f"{reported[cid] / MIB:.1f}" for cid in sorted(reported))
+        raise NeuliteError(
+            'model.blocks = "auto" plans from the simulated budgets (clients.budget), but these nodes report '
+            f"their own: plan for them with `neulite plan --model {cfg.model.name} --width {cfg.model.width} "
+            f"--batch-size {cfg.train.batch_size} --target {cfg.model.plan_share} --budgets {mib}` and set "
+            "model.blocks to the number it chooses"
+        )
 
 
 app = make_server_app()

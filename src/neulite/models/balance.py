@@ -22,11 +22,20 @@ _JOINED = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.ReLU, 
 
 def units(model: BlockModel) -> list[nn.Module]:
     """The finest sequential pieces: nested nn.Sequential flattened, each conv/linear kept with the norms and activations after it."""
+    return _units(model.blocks)
 
+
+def own_cuts(model: BlockModel) -> list[int]:
+    """Where the model's own blocks 1..N-1 end, as indices into `units(model)`."""
+    ends = [len(_units(model.blocks[: i + 1])) for i in range(len(model.blocks) - 1)]
+    return ends
+
+
+def _units(blocks: Sequence[nn.Module]) -> list[nn.Module]:
     def flatten(m: nn.Module) -> list[nn.Module]:
         return [u for c in m.children() for u in flatten(c)] if isinstance(m, nn.Sequential) else [m]
 
-    pieces = [u for block in model.blocks for u in flatten(block)]
+    pieces = [u for block in blocks for u in flatten(block)]
     out: list[list[nn.Module]] = []
     for piece in pieces:
         if out and isinstance(piece, _JOINED):

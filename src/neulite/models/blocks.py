@@ -28,8 +28,16 @@ class ClassifierHead(nn.Module):
 
 
 def global_pool(x: torch.Tensor) -> torch.Tensor:
-    """Average over spatial positions of a (B, C, H, W) map; flat features pass through."""
-    return x.mean(dim=(2, 3)) if x.dim() == 4 else x.flatten(1)
+    """Average over spatial positions of a (B, C, H, W) map or over the tokens of a (B, N, D)
+    sequence; flat features pass through."""
+    if x.dim() == 4:
+        return x.mean(dim=(2, 3))
+    return x.mean(dim=1) if x.dim() == 3 else x.flatten(1)
+
+
+def channels(shape: Sequence[int]) -> int:
+    """The feature width of a block's output shape: C of a (C, H, W) map, D of (N, D) tokens, F of (F,)."""
+    return shape[-1] if len(shape) == 2 else shape[0]
 
 
 class BlockModel(nn.Module):
@@ -72,9 +80,9 @@ class BlockModel(nn.Module):
             with torch.no_grad():
                 for i, block in enumerate(self.blocks):
                     x = block(x)
-                    if not isinstance(x, torch.Tensor) or x.dim() not in (2, 4):
+                    if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3, 4):
                         raise NeuliteError(
-                            f"model cannot be split: block {i + 1} must return a (B, C, H, W) or (B, F) "
+                            f"model cannot be split: block {i + 1} must return a (B, C, H, W), (B, N, D) or (B, F) "
                             f"tensor, got {type(x).__name__}{tuple(x.shape) if isinstance(x, torch.Tensor) else ''}"
                         )
                     shapes.append(tuple(x.shape[1:]))

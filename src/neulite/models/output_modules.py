@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from neulite.models.blocks import BlockModel, fresh_head, global_pool
+from neulite.models.blocks import BlockModel, channels, fresh_head, global_pool
 
 LIGHT_SHARE = 0.25
 """A light layer is the reference's strided 3x3 conv only while that has at most this share of the
@@ -41,10 +41,18 @@ def light_layer(in_shape: Sequence[int], out_shape: Sequence[int], compact: bool
     """
     if len(out_shape) == 3:
         if len(in_shape) != 3:
-            raise ValueError("a flat feature cannot feed a convolutional block")
+            raise ValueError("a flat or token feature cannot feed a convolutional block")
         return _conv_layer(in_shape, out_shape, compact)
-    width, out_features = in_shape[0], out_shape[0]
-    maps: list[nn.Module] = [nn.AdaptiveAvgPool2d(1), nn.Flatten()] if len(in_shape) == 3 else []
+    if len(out_shape) == 2:
+        if len(in_shape) != 2:
+            raise ValueError("only tokens can feed a block of tokens")
+        return _token_layer(in_shape[-1], out_shape[-1], compact)
+    width, out_features = channels(in_shape), out_shape[0]
+    maps: list[nn.Module] = []
+    if len(in_shape) == 3:
+        maps = [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    elif len(in_shape) == 2:
+        maps = [TokenMean()]
     if compact:
         rank = max(1, width * out_features // (9 * (width + out_features)))
         maps.append(nn.Linear(width, rank, bias=False))
@@ -69,11 +77,29 @@ def _conv_layer(in_shape: Sequence[int], out_shape: Sequence[int], compact: bool
     return nn.Sequential(*layers)
 
 
+class TokenMean(nn.Module):
+    """(B, N, D) tokens to their (B, D) mean."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=1)
+
+
+def _token_layer(d_in: int, d_out: int, compact: bool) -> nn.Sequential:
+    """A Transformer's stand-in: a per-token norm and linear map (through a bottleneck with about
+    9x fewer weights, compact), then GELU."""
+    if compact:
+        rank = max(1, d_in * d_out // (9 * (d_in + d_out)))
+        maps: list[nn.Module] = [nn.Linear(d_in, rank, bias=False), nn.Linear(rank, d_out)]
+    else:
+        maps = [nn.Linear(d_in, d_out)]
+    return nn.Sequential(nn.LayerNorm(d_in), *maps, nn.GELU())
+
+
 def is_compact(model: BlockModel, k: int) -> bool:
     """Whether the light layer standing in for block k+1 (0-based `k`) takes its compact form:
     the reference's 3x3 conv would have more than `LIGHT_SHARE` of that block's parameters."""
     kernel_area = 9 if len(model.block_shapes[k]) == 3 else 1
-    weights = kernel_area * model.block_shapes[k - 1][0] * model.block_shapes[k][0]
+    weights = kernel_area * channels(model.block_shapes[k - 1]) * channels(model.block_shapes[k])
     return weights > LIGHT_SHARE * _count(model.blocks[k])
 
 
@@ -116,7 +142,7 @@ def projection_width(model: BlockModel) -> int:
     """P_t's width: `PROJECTION_WIDTH` (at most the feature size), halved while P_t would have more
     than `PROJECTION_SHARE` of the last block's parameters, and never below the number of classes
     it has to separate."""
-    features = model.block_shapes[-1][0]
+    features = channels(model.block_shapes[-1])
     floor = min(features, model.num_classes)
     budget = PROJECTION_SHARE * _count(model.blocks[-1])
     width = min(features, PROJECTION_WIDTH)

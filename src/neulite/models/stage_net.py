@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from neulite.models.blocks import BlockModel, tail_modules
+from neulite.models.blocks import BlockModel, channels, tail_modules
 from neulite.models.output_modules import OutputModule, ProjectionHead, projection_width
 
 FULL_MODEL = 0  # the `stage` of a plan that trains the whole model (plain FedAvg)
@@ -85,7 +85,7 @@ class StageNet(nn.Module):
         t = model.num_blocks
         self.outputs = nn.ModuleList(OutputModule(model, s) for s in range(1, t))
         self.projections = nn.ModuleList(
-            ProjectionHead(model.block_shapes[-1][0], projection_width(model)) for _ in range(t)
+            ProjectionHead(channels(model.block_shapes[-1]), projection_width(model)) for _ in range(t)
         )
 
     @property

@@ -22,8 +22,9 @@ from neulite.errors import NeuliteError
 from neulite.importing import Registry
 from neulite.models.balance import balanced_cuts, split_at, unit_costs, units
 from neulite.models.blocks import BlockModel, ClassifierHead
+from neulite.models.vit import vit_tiny
 
-MODEL_NAMES: tuple[str, ...] = ("small_cnn", "resnet18", "resnet34", "vgg11", "vgg16", "mobilenetv2")
+MODEL_NAMES: tuple[str, ...] = ("small_cnn", "resnet18", "resnet34", "vgg11", "vgg16", "mobilenetv2", "vit_tiny")
 
 
 def _scaler(width: float) -> Callable[[int], int]:
@@ -255,6 +256,7 @@ _BUILDERS: dict[str, ModelFactory] = {
     "vgg11": lambda shape, k, w: _vgg(_VGG_CFG["vgg11"], shape, k, w),
     "vgg16": lambda shape, k, w: _vgg(_VGG_CFG["vgg16"], shape, k, w),
     "mobilenetv2": _mobilenetv2,
+    "vit_tiny": vit_tiny,
 }
 _MODELS: Registry[ModelFactory] = Registry(
     "model",
