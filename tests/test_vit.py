@@ -49,11 +49,11 @@ def test_every_stage_trains_through_token_scaffolding():
 
 @pytest.mark.parametrize("stage", [0, 1])
 def test_the_estimate_holds_against_the_measurement_attention_included(stage: int):
-    method = _method(width=0.5, shape=(1, 28, 28))
+    method = _method(width=0.5, shape=(1, 16, 16))
     plan = method.net.full_plan() if stage == 0 else method.plans()[stage - 1]
     loss = cross_entropy_loss if stage == 0 else method.loss(method.task_config(plan))
-    estimated = estimate(method.net, plan, 32, loss).total
-    measured = measure(method.net, plan, 32, loss)
+    estimated = estimate(method.net, plan, 16, loss).total
+    measured = measure(method.net, plan, 16, loss)
     assert abs(estimated / measured - 1) < 0.1, (estimated, measured)
 
 
