@@ -27,8 +27,7 @@ def units(model: BlockModel) -> list[nn.Module]:
 
 def own_cuts(model: BlockModel) -> list[int]:
     """Where the model's own blocks 1..N-1 end, as indices into `units(model)`."""
-    ends = [len(_units(model.blocks[: i + 1])) for i in range(len(model.blocks) - 1)]
-    return ends
+    return [len(_units(model.blocks[: i + 1])) for i in range(len(model.blocks) - 1)]
 
 
 def _units(blocks: Sequence[nn.Module]) -> list[nn.Module]:
