@@ -30,6 +30,7 @@ SMALL = [
     "method.rounds=3",
     "train.local_epochs=1",
     "data.name=digits",  # 8x8 images: the wire and the strategy are what is tested, not the pixels
+    "data.train_size=800",
     "model.width=0.5",
     "eval.every=3",
     "clients.fractions=[0.3, 1.1]",

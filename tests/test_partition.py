@@ -10,6 +10,7 @@ from neulite.algorithms.neulite import neulite_loss
 from neulite.config import load_config
 from neulite.errors import NeuliteError
 from neulite.memory import estimate
+from neulite.models import zoo
 from neulite.models.balance import balanced_cuts, rebalance, unit_costs, units
 from neulite.models.blocks import BlockModel, ClassifierHead
 from neulite.models.stage_net import StageNet
@@ -84,6 +85,17 @@ def test_balanced_cuts_are_the_same_at_every_width():
     narrow = build_model("resnet18", (3, 32, 32), 10, width=0.25, blocks=5)
     assert set(full.state_dict()) == set(narrow.state_dict())
     assert [len(b) for b in full.blocks] == [len(b) for b in narrow.blocks]
+
+
+def test_a_client_skeleton_on_the_meta_device_is_cut_where_the_server_cuts():
+    # a Flower client process builds only the skeleton, on the meta device: its cuts must not differ
+    zoo._balanced_cuts.cache_clear()
+    with torch.device("meta"):
+        skeleton = build_model("small_cnn", (1, 28, 28), 10, blocks=2)
+    zoo._balanced_cuts.cache_clear()
+    server = build_model("small_cnn", (1, 28, 28), 10, blocks=2)
+    assert [len(b) for b in skeleton.blocks] == [len(b) for b in server.blocks]
+    assert skeleton.state_dict().keys() == server.state_dict().keys()
 
 
 def test_config_blocks_reaches_the_model():

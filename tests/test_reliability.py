@@ -30,7 +30,7 @@ SMALL = [
     "clients.per_round=5",
     "method.rounds=3",
     "train.local_epochs=1",
-    "data.train_size=500",
+    "data.name=digits",
     "clients.fractions=[1.2, 1.3]",
     "eval.every=3",
 ]
@@ -96,7 +96,8 @@ def test_a_bad_reply_is_left_out_and_logged_and_the_round_goes_on(attack, federa
     assert any("client 2 left out" in m for m in caplog.messages), caplog.messages
     state = sim.method.net.state_dict()
     assert all(t.isfinite().all() for t in state.values() if t.is_floating_point())
-    drift = max(float((state[k].double() - honest_round[k].double()).abs().max()) for k in state)
+    weights = [k for k in state if state[k].is_floating_point()]  # batch counters differ by the fifth client's batches
+    drift = max(float((state[k] - honest_round[k]).abs().max()) for k in weights)
     assert drift < 1.0  # four honest clients instead of five: nowhere near the attacker's values
 
 
@@ -185,7 +186,9 @@ def test_the_estimate_probes_a_capped_batch_and_extrapolates_linearly():
 
 def test_a_huge_batch_is_refused_before_any_tensor_of_its_size_exists(tmp_path):
     cfg = load_config(overrides=[*SMALL, "train.batch_size=100000"])
-    with pytest.raises(NeuliteError, match="train.batch_size = 100000 exceeds the 100 training samples"):
+    with pytest.raises(
+        NeuliteError, match="train.batch_size = 100000 exceeds the 287 training samples each of the 5 clients"
+    ):
         run_experiment(cfg, tmp_path)
     assert not any(tmp_path.iterdir())
 

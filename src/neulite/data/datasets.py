@@ -109,7 +109,7 @@ def load_dataset(name: str, root: str | None = None, seed: int = 0) -> DataSplit
         x, y = (a.copy() for a in _mnist5k())
         return _split_and_build(name, x, y, 10, n_test=1000, seed=seed, augment=False)
     if name == "digits":
-        x, y = _digits()
+        x, y = (a.copy() for a in _digits())
         return _split_and_build(name, x, y, 10, n_test=360, seed=seed, augment=False)
     if name == "fashion-mnist":
         return _fashion_mnist(Path(root or FASHION_MNIST_DIR))
@@ -235,8 +235,9 @@ def _mnist5k() -> tuple[np.ndarray, np.ndarray]:
     return table[:, :-1].reshape(-1, 1, 28, 28), table[:, -1].astype(np.int64)
 
 
+@functools.cache
 def _digits() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's 1,797 8x8 digits (pixel values 0..16)."""
+    """scikit-learn's 1,797 8x8 digits (pixel values 0..16; parsed once per process, callers get copies)."""
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:

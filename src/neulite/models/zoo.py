@@ -349,6 +349,9 @@ def cut_points(name: str, input_shape: tuple[int, int, int], num_classes: int, b
 
 @functools.lru_cache(maxsize=32)
 def _balanced_cuts(name: str, input_shape: tuple[int, int, int], num_classes: int, blocks: int) -> list[int]:
-    with torch.random.fork_rng():  # cached: drawing from the seeded stream only on a miss would change the run
+    # cached: drawing from the seeded stream only on a miss would change the run; on the CPU even when a
+    # client builds its skeleton on the meta device, whose storages all share address 0 and so would
+    # count as one saved tensor and move the cuts
+    with torch.random.fork_rng(), torch.device("cpu"):
         model = build_model(name, input_shape, num_classes)
         return balanced_cuts(unit_costs(model, units(model), 64), blocks)
