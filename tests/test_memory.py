@@ -164,10 +164,10 @@ def test_measure_agrees_with_an_independent_resident_memory_check():
     spec.loader.exec_module(rss_check)
     net = StageNet(heavy_cnn((3, 8, 8), 10))
     independent = rss_check.resident_peak(net, net.full_plan(), 32, cross_entropy_loss)
-    measured = measure(
-        net, net.full_plan(), 32, cross_entropy_loss
-    )  # one after the other: side by side, 5.3% apart once
-    assert abs(measured - independent) < 0.05 * independent, (measured, independent)
+    measured = measure(net, net.full_plan(), 32, cross_entropy_loss)  # one after the other, never side by side
+    # in 7 pairs on a loaded host (one in the suite) the check read 12.7-13.2 MiB and `measure`
+    # 13.2-14.0 MiB, 1.8-6.1% more; the defect this guards against read 55% more
+    assert abs(measured - independent) < 0.08 * independent, (measured, independent)
 
 
 SCRIPT = """
