@@ -57,16 +57,16 @@ def main() -> None:
     rows = {(r["model"], r["blocks"], r["batch_size"], r.get("recompute", False)): r for r in old["reports"]}
     start = time.perf_counter() - old["seconds"]
     jobs: list[tuple[tuple[str, str, int, bool], Callable[[], dict[str, Any]]]] = []
-    for recompute in (False, True):
+    for batch in sorted(BATCHES, key=lambda b: b != 64):  # batch 64 first: the targets' batch
         for model, blocks in MODELS:
             label = "one per resolution stage" if not blocks else f"{blocks} memory-balanced"
-            for batch in BATCHES:
+            for recompute in (False, True):  # side by side: the time a stage's recomputation costs
                 run = partial(
                     memory_report, model, batch, (3, 32, 32), 10, blocks=blocks, recompute=recompute, with_timing=True
                 )
                 jobs.append(((model, label, batch, recompute), run))
-        for build, shape in USER_MODELS:
-            for batch in USER_BATCHES:
+        for build, shape in USER_MODELS if batch in USER_BATCHES else ():
+            for recompute in (False, True):
                 key = (f"{build.__module__}:{build.__name__}", "one per resolution stage", batch, recompute)
                 jobs.append((key, partial(user_report, build, shape, batch, recompute)))
     OUT.parent.mkdir(parents=True, exist_ok=True)
