@@ -15,9 +15,10 @@ from neulite.errors import NeuliteError
 from neulite.simulation import run_experiment
 
 pytest.importorskip("flwr")
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
-from neulite.federation import client_side  # noqa: E402
+from neulite.federation import client_data, client_method, load_node  # noqa: E402
 from neulite.flower.client_app import make_client_app  # noqa: E402
 from neulite.flower.server_app import run  # noqa: E402
 from neulite.flower.simulation import run_config_for  # noqa: E402
@@ -45,7 +46,8 @@ def _rows(path):
 def _identity(monkeypatch):
     for key in ("_run_id", "_node_id", "_task_id"):  # who is sending: Flower's runtime sets these
         monkeypatch.setattr(TaskIdentity, key, 1)
-    client_side.cache_clear()
+    client_data.cache_clear()
+    client_method.cache_clear()
 
 
 # every method but the NeuLite ablations, whose plans and task configs (the Mentor's and the
@@ -124,3 +126,17 @@ def test_failing_and_hung_nodes_are_left_out_and_the_round_goes_on(tmp_path):
     # round 1: only partition 0's reply is used (4 timed out); in round 2 partition 4 answers in time
     assert [r["participants"] for r in _rows(tmp_path)] == [1, 2]
     assert summary["participation"] == 0.4 and summary["final_accuracy"] > 0.1
+
+
+def test_a_profiling_query_is_answered_from_the_data_alone(tmp_path):
+    """A node builds no network to answer the profiling query: a device's first message costs its
+    data, not the network (and torch's compiler, which building one imports)."""
+    cfg = load_config(overrides=[*SMALL, "method.name=neulite"])
+    run_config = run_config_for(cfg, tmp_path / "flower")
+    grid = LoopbackGrid(make_client_app(run_config), run_config, cfg.data.num_clients)
+    query = RecordDict({"config": ConfigRecord({"full-peak": 10**6})})
+    [reply] = grid.send_and_receive([Message(query, dst_node_id=2, message_type=MessageType.QUERY)])
+    profile = reply.content.config_records["profile"]
+    assert profile["partition-id"] == 1 and profile["num-examples"] == len(client_data(cfg)[1][1][0]) > 0
+    assert client_method.cache_info().currsize == 0
+    assert load_node(cfg, 1).method.net.num_stages == 3 and client_method.cache_info().currsize == 1

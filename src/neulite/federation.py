@@ -138,19 +138,34 @@ class Node:
 
 
 @functools.lru_cache(maxsize=2)
-def client_side(cfg: Config) -> tuple[DataSplits, list[tuple[np.ndarray, np.ndarray]], Method]:
-    """What a process serving clients builds once from the config alone: the data, the partition
-    (the same as every other driver's) and a method whose network lives on the meta device (a
-    client materialises only what a task sends)."""
+def client_data(cfg: Config) -> tuple[DataSplits, list[tuple[np.ndarray, np.ndarray]]]:
+    """What a process serving clients loads once from the config alone: the data and the partition
+    (the same as every other driver's)."""
     splits = load_splits(cfg)
+    return splits, client_indices(cfg, splits)
+
+
+@functools.lru_cache(maxsize=2)
+def client_method(cfg: Config) -> Method:
+    """The method a process serving clients builds once, its network on the meta device (a client
+    materialises only what a task sends). Apart from the data: a node answering the profiling
+    query needs no network (nor torch's compiler, which building one imports: seconds of a device's
+    start)."""
+    splits, _ = client_data(cfg)
     cfg, _ = resolve_blocks(cfg, splits)
     with torch.device("meta"):
-        method = build_method(cfg, build_network(cfg, splits.input_shape, splits.train.num_classes))
-    return splits, client_indices(cfg, splits), method
+        return build_method(cfg, build_network(cfg, splits.input_shape, splits.train.num_classes))
+
+
+def node_examples(cfg: Config, cid: int) -> int:
+    """How many training samples client `cid` of the experiment `cfg` holds."""
+    return len(client_data(cfg)[1][cid][0])
 
 
 def load_node(cfg: Config, cid: int) -> Node:
     """Client `cid` of the experiment `cfg`, as a process of its own serves it."""
-    splits, indices, method = client_side(cfg)
+    splits, indices = client_data(cfg)
     train, val = indices[cid]
-    return Node(cid, _subset(splits.train, train), _subset(splits.train, val), augment_enabled(cfg, splits), method)
+    return Node(
+        cid, _subset(splits.train, train), _subset(splits.train, val), augment_enabled(cfg, splits), client_method(cfg)
+    )

@@ -23,7 +23,7 @@ from flwr.clientapp import ClientApp
 
 from neulite.config import Config
 from neulite.errors import NeuliteError
-from neulite.federation import Node, load_node, simulated_budgets
+from neulite.federation import Node, load_node, node_examples, simulated_budgets
 from neulite.flower.run_config import parse_run_config
 from neulite.flower.wire import decode_task, encode_result
 from neulite.memory import MIB
@@ -60,17 +60,26 @@ def make_client_app(run_config: dict[str, Any] | None = None) -> ClientApp:
     # (a Ray actor); a SuperNode starts a fresh ClientApp process per message, which starts empty
     prefixes: dict[float, PrefixStore] = {}
 
+    def config_of(context: Context) -> Config:
+        return parse_run_config({**base, **context.run_config})[0]
+
     def node_of(context: Context) -> tuple[Config, Node]:
-        cfg = parse_run_config({**base, **context.run_config})[0]
+        cfg = config_of(context)
         return cfg, load_node(cfg, partition_id(context, cfg))
 
     @app.query()
     def profile(msg: Message, context: Context) -> Message:
-        cfg, node = node_of(context)
+        cfg = config_of(context)
+        cid = partition_id(context, cfg)
         full_peak = int(msg.content.config_records["config"]["full-peak"])
-        budget, source = node_budget(context, cfg, node.cid, full_peak)
+        budget, source = node_budget(context, cfg, cid, full_peak)
         reply = ConfigRecord(
-            {"partition-id": node.cid, "budget-bytes": budget, "budget-source": source, "num-examples": len(node.train)}
+            {
+                "partition-id": cid,
+                "budget-bytes": budget,
+                "budget-source": source,
+                "num-examples": node_examples(cfg, cid),
+            }
         )
         return Message(RecordDict({"profile": reply}), reply_to=msg)
 
