@@ -184,6 +184,13 @@ def main():
 """
 
 
+def test_measure_takes_a_network_of_more_tensors_than_a_forkserver_passes_descriptors():
+    # 284 tensors: handed over one file descriptor each, the forkserver refused them ("too many fds")
+    net = StageNet(build_model("resnet34", (3, 8, 8), 10, 0.125))
+    assert len(net.state_dict()) > 256
+    assert measure(net, net.full_plan(), 4, cross_entropy_loss) > 0
+
+
 @pytest.mark.parametrize("guarded", [True, False])
 def test_measure_from_a_script_with_or_without_a_main_guard_never_hangs(tmp_path, guarded: bool):
     script = tmp_path / "mine.py"

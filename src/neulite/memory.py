@@ -17,13 +17,13 @@ import functools
 import gc
 import multiprocessing
 import os
+import pickle
 import platform
 import sys
 import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
-from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -241,31 +241,35 @@ def measure(
     else:
         ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_measure_child, args=(send, net, plan, batch_size, loss, device, steps))
-    child.start()
-    send.close()
+    # by value: multiprocessing would hand the child each tensor as a file descriptor of shared
+    # memory, and a forkserver takes at most 256 (a ResNet-34 with its scaffolding holds more)
+    job = pickle.dumps((net, plan, batch_size, loss, device, steps))
+    child = ctx.Process(target=_measure_child, args=(send, job))
     try:
-        outcome = receive.recv()
-    except EOFError:
+        child.start()  # a forkserver that died re-running an unguarded script breaks the pipe here
+        send.close()
+        outcome = receive.recv()  # a child that did so ends the pipe here
+    except (EOFError, BrokenPipeError):
         outcome = (
             "error",
             "the measuring process died before it measured; a script that calls neulite.memory.measure must do so "
             'under `if __name__ == "__main__":` (the spawned process re-imports the script)',
         )
     finally:
-        child.join()
+        if child.pid is not None:
+            child.join()
     kind, value = outcome
     if kind == "error":
         raise NeuliteError(f"memory measurement failed: {value}")
     return value
 
 
-def _measure_child(send: Connection, *args: Any) -> None:
+def _measure_child(send: Connection, job: bytes) -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)  # the libraries' own log lines are not the user's business
     os.dup2(devnull, 2)
     try:
-        send.send(("bytes", _measure_here(*args)))
+        send.send(("bytes", _measure_here(*pickle.loads(job))))
     except Exception as exc:
         send.send(("error", f"{type(exc).__name__}: {exc}"))
 
