@@ -17,13 +17,13 @@ import functools
 import gc
 import multiprocessing
 import os
-import pickle
 import platform
 import sys
 import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -241,10 +241,12 @@ def measure(
     else:
         ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
-    # by value: multiprocessing would hand the child each tensor as a file descriptor of shared
-    # memory, and a forkserver takes at most 256 (a ResNet-34 with its scaffolding holds more)
-    job = pickle.dumps((net, plan, batch_size, loss, device, steps))
-    child = ctx.Process(target=_measure_child, args=(send, job))
+    child = ctx.Process(target=_measure_child, args=(send, net, plan, batch_size, loss, device, steps))
+    # the child gets the tensors in shared memory, each named by a file: handed over as file
+    # descriptors (torch's default), a forkserver takes at most 256, fewer than a ResNet-34 with its
+    # scaffolding holds
+    sharing = torch.multiprocessing.get_sharing_strategy()
+    torch.multiprocessing.set_sharing_strategy("file_system")
     try:
         child.start()  # a forkserver that died re-running an unguarded script breaks the pipe here
         send.close()
@@ -256,6 +258,7 @@ def measure(
             'under `if __name__ == "__main__":` (the spawned process re-imports the script)',
         )
     finally:
+        torch.multiprocessing.set_sharing_strategy(sharing)
         if child.pid is not None:
             child.join()
     kind, value = outcome
@@ -264,12 +267,12 @@ def measure(
     return value
 
 
-def _measure_child(send: Connection, job: bytes) -> None:
+def _measure_child(send: Connection, *args: Any) -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)  # the libraries' own log lines are not the user's business
     os.dup2(devnull, 2)
     try:
-        send.send(("bytes", _measure_here(*pickle.loads(job))))
+        send.send(("bytes", _measure_here(*args)))
     except Exception as exc:
         send.send(("error", f"{type(exc).__name__}: {exc}"))
 
