@@ -28,12 +28,13 @@ from .loopback import LoopbackGrid, faulty_app  # noqa: E402
 SMALL = [
     "data.num_clients=4",
     "clients.per_round=3",
-    "method.rounds=3",
+    "method.rounds=2",
+    "model.blocks=2",  # a stage change: the frozen prefix goes down, only the trained block comes up
     "train.local_epochs=1",
     "data.name=digits",  # 8x8 images: the wire and the strategy are what is tested, not the pixels
     "data.train_size=800",
     "model.width=0.5",
-    "eval.every=3",
+    "eval.every=2",
     "clients.fractions=[0.3, 1.1]",
 ]
 
@@ -139,4 +140,4 @@ def test_a_profiling_query_is_answered_from_the_data_alone(tmp_path):
     profile = reply.content.config_records["profile"]
     assert profile["partition-id"] == 1 and profile["num-examples"] == len(client_data(cfg)[1][1][0]) > 0
     assert client_method.cache_info().currsize == 0
-    assert load_node(cfg, 1).method.net.num_stages == 3 and client_method.cache_info().currsize == 1
+    assert load_node(cfg, 1).method.net.num_stages == 2 and client_method.cache_info().currsize == 1
