@@ -53,7 +53,7 @@ def test_units_keep_each_layer_with_its_norm_and_activation():
     )
     pieces = units(model)
     assert len(pieces) == 3 and isinstance(pieces[2], nn.MaxPool2d)
-    costs = unit_costs(model, pieces, batch_size=2)
+    costs = unit_costs(model, batch_size=2)
     # unit 1 saves the conv's input (2x1x8x8 floats), the conv output for BN and ReLU's output
     # (2x4x8x8 each), BN's batch mean/invstd and running stats (4 x 4 floats); plus 3x its params
     saved = (2 * 1 * 8 * 8 + 2 * (2 * 4 * 8 * 8) + 4 * 4) * 4
@@ -96,6 +96,9 @@ def test_a_client_skeleton_on_the_meta_device_is_cut_where_the_server_cuts():
     server = build_model("small_cnn", (1, 28, 28), 10, blocks=2)
     assert [len(b) for b in skeleton.blocks] == [len(b) for b in server.blocks]
     assert skeleton.state_dict().keys() == server.state_dict().keys()
+    with torch.device("meta"):  # a user's own skeleton, regrouped
+        user = rebalance(build_model("small_cnn", (1, 28, 28), 10), 2)
+    assert [len(b) for b in user.blocks] == [len(b) for b in server.blocks]
 
 
 def test_config_blocks_reaches_the_model():

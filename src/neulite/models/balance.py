@@ -8,6 +8,7 @@ cost (activations saved for backward plus weights, gradients and momentum) is as
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -44,17 +45,26 @@ def _units(blocks: Sequence[nn.Module]) -> list[nn.Module]:
     return [group[0] if len(group) == 1 else nn.Sequential(*group) for group in out]
 
 
-def unit_costs(model: BlockModel, pieces: Sequence[nn.Module], batch_size: int) -> list[int]:
-    """Per unit: bytes autograd saves for backward at `batch_size`, plus 3x its parameters (weights, gradients, momentum)."""
-    counter = SavedTensorCounter(model.parameters())
-    x = torch.zeros(batch_size, *model.input_shape)
-    was_training = model.training
-    model.train()
-    with counter.hooks():
-        for i, piece in enumerate(pieces):
-            counter.section = i
-            x = piece(x)
-    model.train(was_training)
+def unit_costs(model: BlockModel, batch_size: int) -> list[int]:
+    """Per unit of `units(model)`: bytes autograd saves for backward at `batch_size`, plus 3x its
+    parameters (weights, gradients, momentum).
+
+    Counted on the CPU whatever the current device, and on an uninitialised CPU twin of a model on
+    the meta device (a client's skeleton): there every storage has address 0, so every saved tensor
+    would count as one and move the cuts. Only shapes matter here, never values."""
+    with torch.device("cpu"):
+        if any(p.is_meta for p in model.parameters()):
+            model = copy.deepcopy(model).to_empty(device="cpu")
+        pieces = units(model)
+        counter = SavedTensorCounter(model.parameters())
+        x = torch.zeros(batch_size, *model.input_shape)
+        was_training = model.training
+        model.train()
+        with counter.hooks():
+            for i, piece in enumerate(pieces):
+                counter.section = i
+                x = piece(x)
+        model.train(was_training)
     return [
         counter.bytes[i] + 3 * sum(p.numel() * p.element_size() for p in piece.parameters())
         for i, piece in enumerate(pieces)
@@ -96,5 +106,4 @@ def split_at(model: BlockModel, cuts: Sequence[int]) -> BlockModel:
 
 def rebalance(model: BlockModel, num_blocks: int, batch_size: int = 64) -> BlockModel:
     """`model` regrouped into `num_blocks` memory-balanced blocks for training at `batch_size`."""
-    pieces = units(model)
-    return split_at(model, balanced_cuts(unit_costs(model, pieces, batch_size), num_blocks))
+    return split_at(model, balanced_cuts(unit_costs(model, batch_size), num_blocks))

@@ -20,7 +20,7 @@ from torch import nn
 
 from neulite.errors import NeuliteError
 from neulite.importing import Registry
-from neulite.models.balance import balanced_cuts, split_at, unit_costs, units
+from neulite.models.balance import balanced_cuts, split_at, unit_costs
 from neulite.models.blocks import BlockModel, ClassifierHead
 from neulite.models.vit import vit_tiny
 
@@ -349,9 +349,6 @@ def cut_points(name: str, input_shape: tuple[int, int, int], num_classes: int, b
 
 @functools.lru_cache(maxsize=32)
 def _balanced_cuts(name: str, input_shape: tuple[int, int, int], num_classes: int, blocks: int) -> list[int]:
-    # cached: drawing from the seeded stream only on a miss would change the run; on the CPU even when a
-    # client builds its skeleton on the meta device, whose storages all share address 0 and so would
-    # count as one saved tensor and move the cuts
-    with torch.random.fork_rng(), torch.device("cpu"):
+    with torch.random.fork_rng():  # cached: drawing from the seeded stream only on a miss would change the run
         model = build_model(name, input_shape, num_classes)
-        return balanced_cuts(unit_costs(model, units(model), 64), blocks)
+        return balanced_cuts(unit_costs(model, 64), blocks)
