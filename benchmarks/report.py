@@ -562,6 +562,42 @@ def robustness_section(data: dict[str, Any]) -> list[str]:
     ]
 
 
+def devices_section(data: dict[str, Any]) -> list[str]:
+    rows = data["devices"]
+    out = [
+        "## Devices held to their budget: `python benchmarks/devices.py`",
+        "",
+        "Each device is a forked process whose memory the OS limits (" + data["mechanism"] + "), on the",
+        "default experiment. Its budget lies midway between a NeuLite stage's estimated peak and full-model",
+        "training's; it reports what it sees (the limit less what it holds), is assigned the stage on that",
+        'report, trains it, then tries full-model training under the same limit. "needs" is the least',
+        "budget that trained, bisected to 0.5 MiB. A data limit counts virtual memory (oneDNN's kernel code,",
+        "glibc's reserves), so it asks more than a device's RAM would: the difference is the column's excess",
+        "over the estimate.",
+        "",
+        f"Machine: {machine(data['machine'])}.",
+        "",
+        "| stage | budget (MiB) | reported | stage peak est. | stage needs | full peak est. | full needs | stage trained | full failed |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for stage in sorted({r["stage"] for r in rows}):
+        runs = [r for r in rows if r["stage"] == stage]
+        r = runs[0]
+        reported = [x["reported_budget_mib"] for x in runs if x["reported_budget_mib"] is not None]
+        trained = sum(x["stage_outcome"].startswith("trained") for x in runs)
+        failed = sum(x["full_outcome"].startswith("failed") for x in runs)
+        out.append(
+            f"| {stage} | {r['budget_mib']:.1f} | {min(reported):.1f} |"
+            if reported
+            else f"| {stage} | {r['budget_mib']:.1f} | - |"
+        )
+        out[-1] += (
+            f" {r['stage_peak_mib']:.1f} | {r['stage_needs_mib'] or '-'} | {r['full_peak_mib']:.1f} | {r['full_needs_mib'] or '-'} |"
+            f" {trained} of {len(runs)} | {failed} of {len(runs)} |"
+        )
+    return out + [""]
+
+
 SWEEPS = {
     "lr": "The local learning rate of the accuracy benchmark, chosen on the FedAvg oracle so that the choice favours no memory-efficient method; every method then shares it.",
     "schedule": "NeuLite's rounds per stage on the accuracy benchmark, at the chosen learning rate (applies to every `neulite*` variant).",
@@ -675,6 +711,11 @@ def index(available: dict[str, dict[str, Any] | None], tunes: list[Path]) -> lis
             "`python benchmarks/robustness.py`",
             "final accuracy with 1 or 2 hostile clients of 10, under each aggregation rule",
         ),
+        (
+            "devices",
+            "`python benchmarks/devices.py`",
+            "training on a device held to its budget by the OS: a stage against the full model",
+        ),
     ]
     out = ["| command | measures | results | machine |", "|---|---|---|---|"]
     for name, command, what in rows:
@@ -693,7 +734,7 @@ def index(available: dict[str, dict[str, Any] | None], tunes: list[Path]) -> lis
 
 def render_benchmarks() -> str:
     """The whole text of benchmarks/README.md."""
-    names = ("headline", "memory", "accuracy", "compute", "speed", "stage-compute", "flower", "robustness")
+    names = ("headline", "memory", "accuracy", "compute", "speed", "stage-compute", "flower", "robustness", "devices")
     data = {name: load(name) for name in names}
     tunes = tune_paths()
     out = INTRO + index(data, tunes)
@@ -706,6 +747,7 @@ def render_benchmarks() -> str:
         ("stage-compute", stage_compute_section),
         ("flower", flower_section),
         ("robustness", robustness_section),
+        ("devices", devices_section),
     ):
         if data[name]:
             out += section(data[name])

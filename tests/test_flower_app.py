@@ -7,6 +7,7 @@ import pytest
 import tomllib
 
 from neulite.config import Config, load_config
+from neulite.device_memory import run_within
 from neulite.errors import NeuliteError
 from neulite.federation import simulated_budgets
 from neulite.memory import MIB
@@ -62,6 +63,10 @@ def test_a_node_reports_its_configured_budget_else_the_budget_model_or_its_free_
     measured = cfg.replace(clients=cfg.clients.__class__(per_round=2, budget="measured"))
     budget, source = client_app.node_budget(_context({"partition-id": 2}), measured, 2, 10 * MIB)
     assert source == "measured" and budget > 64 * MIB  # this machine's available memory
+    under_limit = run_within(
+        256 * MIB, lambda: client_app.node_budget(_context({"partition-id": 3}), measured, 3, 10 * MIB)[0]
+    )  # a node held to 256 MiB more than it started with reports that, less its shard and runtime set-up
+    assert 200 * MIB < under_limit <= 256 * MIB
     with pytest.raises(NeuliteError, match="budget-mb must be a positive number"):
         client_app.node_budget(_context({"partition-id": 2, "budget-mb": -1}), cfg, 2, 10 * MIB)
     with pytest.raises(NeuliteError, match=r"partition-id must be an integer in \[0, 4\)"):

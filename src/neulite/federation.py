@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -20,6 +19,7 @@ from neulite.algorithms.local import cross_entropy_loss
 from neulite.algorithms.registry import build_method, build_network
 from neulite.config import ClientsConfig, Config
 from neulite.data import DataSplits, TensorDataset, load_dataset, partition, subsample, train_val_split
+from neulite.device_memory import available_memory
 from neulite.memory import MIB, estimate
 from neulite.models.stage_net import StageNet
 from neulite.models.zoo import build_model
@@ -36,18 +36,6 @@ class Client:
 
 def _subset(data: TensorDataset, idx: np.ndarray) -> TensorDataset:
     return TensorDataset(data.x[idx], data.y[idx], data.num_classes)
-
-
-def available_memory() -> int:
-    """Bytes this device can give to training now: free GPU memory with CUDA, else the OS's MemAvailable."""
-    if torch.cuda.is_available():
-        return int(torch.cuda.mem_get_info()[0])
-    try:
-        with open("/proc/meminfo") as f:
-            fields = dict(line.split(":", 1) for line in f)
-        return int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def draw_budgets(cfg: ClientsConfig, n: int, full_peak: int, rng: np.random.Generator) -> list[int]:

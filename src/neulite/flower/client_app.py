@@ -22,6 +22,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from neulite.config import Config
+from neulite.device_memory import warm_up
 from neulite.errors import NeuliteError
 from neulite.federation import Node, load_node, node_examples, simulated_budgets
 from neulite.flower.run_config import parse_run_config
@@ -42,12 +43,18 @@ def partition_id(context: Context, cfg: Config) -> int:
 
 
 def node_budget(context: Context, cfg: Config, cid: int, full_peak: int) -> tuple[int, str]:
-    """(bytes, where they come from): node config, else the experiment's budget model."""
+    """(bytes, where they come from): node config, else the experiment's budget model. A measured
+    budget is what the node has left once it holds what a training process holds before it trains
+    (its shard, the network's skeleton, the runtime's one-time set-up): under an enforced memory
+    limit, that limit less the node's runtime baseline."""
     budget_mb = context.node_config.get("budget-mb")
     if budget_mb is not None:
         if not isinstance(budget_mb, (int, float)) or budget_mb <= 0:
             raise NeuliteError(f"node config budget-mb must be a positive number, got {budget_mb!r}")
         return int(budget_mb * MIB), "node-config"
+    if cfg.clients.budget == "measured":
+        load_node(cfg, cid)
+        warm_up()
     return simulated_budgets(cfg, full_peak)[cid], cfg.clients.budget
 
 
