@@ -1,28 +1,32 @@
-"""Devices with enforced memory limits: does a client whose budget lies between a stage's peak and
-full-model training's train its stage, and does full-model training fail under the same limit?
+"""Devices held to their budget by the OS: does a client whose budget lies between a stage's peak
+and full-model training's train its stage, and does full-model training fail under the same limit?
 
-Each "device" is a process held to a budget by the OS (`neulite.device_memory.run_within`: a forked
-child under `RLIMIT_DATA`, glibc mapping every block of 64 KiB or more on its own so the limit counts
-live memory). On the default experiment (MNIST-5k, small_cnn, batch 32), for every NeuLite stage the
-budget is midway between that stage's estimated peak and full-model training's; the device reports
-the budget it sees (its limit less what it holds: `available_memory`), is assigned the stage on that
-report (`Method.assign`), trains its stage, then, under the same limit, tries full-model training.
-For each, the least budget that trains (bisected to 0.5 MiB) against the estimate: what a fresh
-process needs beyond the estimated peak under this (virtual-memory) limit.
+Each device is a fresh process (`neulite.device_memory.run_within`): it loads its client's shard and
+trains the network one batch (its runtime's baseline), then the OS holds it to its budget: a memory
+cgroup of its own where this machine allows one (resident memory, as a device's RAM; an excess is
+killed), else RLIMIT_DATA (virtual memory: stricter). On the default experiment (MNIST-5k,
+small_cnn, batch 32), for every NeuLite stage the budget is midway between that stage's estimated
+peak and full-model training's; the device reports the budget it sees (`available_memory`: its
+limit less what it holds), trains its stage, and under the same limit a device tries full-model
+training. For each, the least budget that trains (bisected to 0.25 MiB) against the estimate. Then
+one round of FedAvg and one of NeuLite with `clients.enforce_budgets = true` on the default budgets:
+who trained, who failed, the round going on from the others.
 Writes benchmarks/results/devices.json.  Run: python benchmarks/devices.py [--repeats N]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
+from neulite.algorithms.payload import ClientTask
 from neulite.compare import machine
-from neulite.config import load_config
-from neulite.device_memory import OutOfMemory, available_memory, run_within, warm_up
+from neulite.config import Config, load_config
+from neulite.device_memory import OutOfMemory, available_memory, enforcement, run_within
+from neulite.federation import Node, ready_node
 from neulite.memory import MIB
 from neulite.simulation import Simulation
 
@@ -30,83 +34,98 @@ HERE = Path(__file__).parent
 DEFAULT = HERE.parent / "configs" / "default.toml"
 
 
-def outcome(budget: int, work: Callable[[], str]) -> str:
+def report_and_train(state: tuple[Node, ClientTask]) -> float:
+    """The budget the device sees (MiB), then its update."""
+    node, task = state
+    seen = available_memory() / MIB
+    node.method.client_update(task, node.train, augment=node.augment)
+    return seen
+
+
+def on_device(cfg: Config, cid: int, task: ClientTask, budget: int) -> tuple[str, float | None]:
+    """("trained" or the failure, the budget the device reported)."""
     try:
-        return run_within(budget, work)
+        return "trained", run_within(budget, functools.partial(ready_node, cfg, cid, task), report_and_train)
     except OutOfMemory as exc:
-        return f"failed: {exc}"
+        return f"failed: {exc}", None
 
 
-def least_budget(work: Callable[[], str], estimate: int, step: float = 0.5, most: float = 16.0) -> float | None:
-    """The least budget, in MiB and to `step`, at which `work` trains: bisected between the estimate
-    less `most` MiB and the estimate plus `most`; None if even that fails."""
-    low, high = estimate / MIB - most, estimate / MIB + most
-    if outcome(int(high * MIB), work).startswith("failed"):
+def least_budget(cfg: Config, cid: int, task: ClientTask, estimate: int, step: float = 0.25) -> float | None:
+    """The least budget (MiB, to `step`) at which the device trains, between the estimate less 4 MiB
+    and plus 8 MiB; None if even that fails."""
+    low, high = estimate / MIB - 4, estimate / MIB + 8
+    if on_device(cfg, cid, task, int(high * MIB))[0] != "trained":
         return None
     while high - low > step:
         middle = (low + high) / 2
-        if outcome(int(middle * MIB), work).startswith("failed"):
-            low = middle
-        else:
+        if on_device(cfg, cid, task, int(middle * MIB))[0] == "trained":
             high = middle
+        else:
+            low = middle
     return round(high, 2)
 
 
 def device_rows(repeats: int) -> list[dict]:
-    """For each NeuLite stage, a device midway between its peak and full training's, `repeats` times."""
-    neulite = Simulation(load_config(DEFAULT, ["train.prefix_cache_mb=0"]))
-    fedavg = Simulation(load_config(DEFAULT, ["method.name=fedavg", "train.prefix_cache_mb=0"]))
-    warm_up()
-    full_plan = fedavg.method.plan(1)
-    full_peak = fedavg.method.memory(full_plan).total
-    cid, full_task = next(iter(fedavg.server.configure(1).tasks.items()))
-    data = fedavg.clients[cid].train
-    rows = []
-    first_rounds = {}  # each stage's first round
+    neulite = Simulation(load_config(DEFAULT))
+    fedavg = Simulation(load_config(DEFAULT, ["method.name=fedavg"]))
+    full_peak = fedavg.method.memory(fedavg.method.plan(1)).total
+    full_cid, full_task = next(iter(fedavg.server.configure(1).tasks.items()))
+    full_needs = least_budget(fedavg.node_cfg, full_cid, full_task, full_peak)
+    first_rounds: dict[int, int] = {}
     for rnd in range(neulite.cfg.method.rounds, 0, -1):
         first_rounds[neulite.method.plan(rnd).stage] = rnd
+    rows = []
     for stage, rnd in sorted(first_rounds.items()):
         plan = neulite.method.plan(rnd)
         peak = neulite.method.memory(plan).total
         budget = (peak + full_peak) // 2
-        task = neulite.server.configure(rnd).tasks
-        stage_cid, stage_task = next(iter(task.items()))
-
-        def update_stage(task=stage_task, cid=stage_cid) -> str:
-            neulite.method.client_update(task, neulite.clients[cid].train, augment=neulite.augment)
-            return "trained"
-
-        def train_stage(plan=plan, update=update_stage) -> str:
-            seen = available_memory()
-            if neulite.method.assign(plan, seen) is None:
-                return f"not assigned: reported {seen / MIB:.1f} MiB"
-            return f"{update()} (reported {seen / MIB:.1f} MiB)"
-
-        def train_full() -> str:
-            fedavg.method.client_update(full_task, data, augment=fedavg.augment)
-            return "trained"
-
-        needs = {"stage": least_budget(update_stage, peak), "full": least_budget(train_full, full_peak)}
+        cid, task = next(iter(neulite.server.configure(rnd).tasks.items()))
+        needs = least_budget(neulite.node_cfg, cid, task, peak)
         for repeat in range(repeats):
-            stage_out = outcome(budget, train_stage)
-            full_out = outcome(budget, train_full)
-            reported = float(stage_out.split("reported ")[1].split(" MiB")[0]) if "reported" in stage_out else None
+            stage_out, reported = on_device(neulite.node_cfg, cid, task, budget)
+            full_out, _ = on_device(fedavg.node_cfg, full_cid, full_task, budget)
             rows.append(
                 {
                     "stage": stage,
                     "repeat": repeat,
                     "budget_mib": round(budget / MIB, 2),
-                    "reported_budget_mib": reported,
+                    "reported_budget_mib": None if reported is None else round(reported, 2),
+                    "assigned_on_report": None
+                    if reported is None
+                    else neulite.method.assign(plan, int(reported * MIB)) is not None,
                     "stage_peak_mib": round(peak / MIB, 2),
+                    "stage_needs_mib": needs,
                     "full_peak_mib": round(full_peak / MIB, 2),
+                    "full_needs_mib": full_needs,
                     "stage_outcome": stage_out,
                     "full_outcome": full_out,
-                    "stage_needs_mib": needs["stage"],
-                    "full_needs_mib": needs["full"],
                 }
             )
             print(rows[-1], flush=True)
     return rows
+
+
+def round_rows() -> dict[str, dict]:
+    """One round of FedAvg and of NeuLite on the default budgets, every client held to its own."""
+    rounds = {}
+    for method in ("fedavg", "neulite"):
+        cfg = load_config(DEFAULT, [f"method.name={method}", "clients.enforce_budgets=true", "clients.per_round=20"])
+        with Simulation(cfg) as sim:
+            record = sim.run_round(1)
+            sampled = min(cfg.clients.per_round, record.eligible)
+            peak = record.stage_peak_bytes
+            rounds[method] = {
+                "stage": record.stage,
+                "stage_peak_mib": round(peak / MIB, 2),
+                "sampled": sampled,
+                "trained": record.participants,
+                "failed": sampled - record.participants,
+                "budgets_below_peak": sum(c.budget < peak for c in sim.clients),
+                "budgets_mib": sorted(round(c.budget / MIB, 1) for c in sim.clients),
+                "accuracy_after_round": record.accuracy,
+            }
+        print(method, rounds[method], flush=True)
+    return rounds
 
 
 def main() -> None:
@@ -117,8 +136,9 @@ def main() -> None:
     info = machine()
     report = {
         "machine": f"{info['cpu']}, {info['cores']} cores, torch {info['torch']}",
-        "mechanism": "RLIMIT_DATA on a forked child, glibc mmap threshold 64 KiB",
+        "mechanism": enforcement(),
         "devices": device_rows(args.repeats),
+        "rounds": round_rows(),
     }
     path = HERE / "results" / "devices.json"
     path.write_text(json.dumps(report, indent=2) + "\n")

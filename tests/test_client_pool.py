@@ -51,7 +51,7 @@ def test_two_workers_give_the_sequential_run_bit_for_bit_and_a_failure_costs_onl
         assert all(torch.equal(state_one[k], state_two[k]) for k in state_one)
 
         assert sim.pool is not None
-        tasks = sim.server.configure(4).tasks
+        tasks = {cid: (task, sim.clients[cid].budget) for cid, task in sim.server.configure(4).tasks.items()}
         done: dict[int, str] = {}
         sim.pool.train({99: next(iter(tasks.values())), **tasks}, lambda cid, r, err: done.setdefault(cid, err))
         assert "IndexError" in done[99] and all(done[cid] == "" for cid in tasks)  # no client 99: only it fails

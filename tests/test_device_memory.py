@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
-import os
-import signal
+import functools
 from pathlib import Path
 
 import pytest
 import torch
 
+from neulite.config import load_config
 from neulite.device_memory import (
     OutOfMemory,
     available_memory,
     cgroup_limits,
     enforced_limits,
+    enforcement,
     run_within,
 )
 from neulite.errors import NeuliteError
+from neulite.federation import train_on_device
 from neulite.memory import MIB
+from neulite.simulation import Simulation
 
 
 def _write(folder: Path, **files: str) -> None:
@@ -55,24 +58,66 @@ def test_cgroup_v1_memory_limits_are_read_and_other_controllers_ignored(tmp_path
     assert "cgroup v1" in limits[0].source
 
 
-def test_a_node_under_a_limit_reports_that_limit_less_what_it_holds():
-    def seen() -> tuple[int, list[str]]:
-        return available_memory(), [lim.source for lim in enforced_limits()]
-
-    budget = 40 * MIB
-    reported, sources = run_within(budget, seen)
-    assert "RLIMIT_DATA" in sources
-    assert budget - MIB < reported <= budget  # all but what the check itself allocated
-    assert available_memory() > budget  # the parent is not limited
+def _nothing() -> None:
+    return None
 
 
-def test_training_held_to_a_budget_fails_clearly_and_leaves_the_parent_whole():
-    assert run_within(16 * MIB, lambda: float(torch.ones(MIB // 4).sum())) == MIB // 4
-    with pytest.raises(OutOfMemory, match=r"needed more than its budget of 16.0 MiB"):
-        run_within(16 * MIB, lambda: torch.ones(64 * MIB // 4).sum())
-    with pytest.raises(NeuliteError, match="bad"):
-        run_within(16 * MIB, lambda: (_ for _ in ()).throw(NeuliteError("bad")))
-    with pytest.raises(OutOfMemory, match=r"died \(exit code -9\)"):
-        run_within(16 * MIB, lambda: os.kill(os.getpid(), signal.SIGKILL))
-    conv = torch.nn.Conv2d(4, 8, 3)
-    conv(torch.randn(2, 4, 6, 6)).sum().backward()  # the parent's kernels still work
+def _ones(count: int, _: None) -> float:
+    return float(torch.ones(count).sum())
+
+
+def test_a_data_limit_refuses_what_a_device_lacks_and_the_parent_stays_free():
+    with pytest.raises(OutOfMemory, match=r"needed more than its budget of 16.0 MiB \(.*can't allocate memory"):
+        run_within(16 * MIB, _nothing, functools.partial(_ones, 64 * MIB // 4), how="RLIMIT_DATA")
+    assert available_memory() > 64 * MIB and not enforced_limits()  # the parent is not held
+    with pytest.raises(NeuliteError, match="how must be"):
+        run_within(16 * MIB, _nothing, _nothing, how="ulimit")
+
+
+needs_cgroups = pytest.mark.skipif(
+    enforcement() != "cgroup v1", reason="needs permission to create memory cgroups (root on cgroup v1)"
+)
+
+
+@needs_cgroups
+def test_a_device_between_a_stages_peak_and_full_training_trains_its_stage_but_not_the_full_model():
+    """The last NeuLite stage of the default experiment on a device with half-way memory."""
+    neulite = Simulation(load_config(overrides=["method.rounds=3", "model.blocks=3"]))
+    fedavg = Simulation(load_config(overrides=["method.name=fedavg", "method.rounds=3"]))
+    peak = neulite.method.memory(neulite.method.plan(3)).total
+    full_peak = fedavg.method.memory(fedavg.method.plan(1)).total
+    assert peak < full_peak / 2
+    budget = (peak + full_peak) // 2
+    cid, task = next(iter(neulite.server.configure(3).tasks.items()))
+    result = train_on_device(neulite.node_cfg, cid, task, budget)
+    assert result.num_examples == len(neulite.clients[cid].train)
+    cid, task = next(iter(fedavg.server.configure(1).tasks.items()))
+    with pytest.raises(OutOfMemory, match="the kernel killed it"):
+        train_on_device(fedavg.node_cfg, cid, task, budget)
+
+
+@needs_cgroups
+def test_with_enforced_budgets_a_client_that_needs_more_fails_and_the_round_goes_on(caplog):
+    cfg = load_config(
+        overrides=[
+            "data.name=digits",
+            "data.num_clients=2",
+            "clients.per_round=2",
+            "method.name=fedavg",
+            "method.rounds=1",
+            "train.local_epochs=1",
+            "clients.fractions=[0.3, 3.0]",
+            "seed=7",  # draws one device below the full model's peak and one at 2.4 times it
+            "clients.enforce_budgets=true",
+        ]
+    )
+    with Simulation(cfg) as sim:
+        peak = sim.method.memory(sim.method.plan(1)).total
+        budgets = {c.cid: c.budget for c in sim.clients}
+        record = sim.run_round(1)
+    short = {cid for cid, b in budgets.items() if b < peak}
+    ample = {cid for cid, b in budgets.items() if b > peak + 3 * MIB}
+    assert short and ample  # this seed draws both kinds of device
+    failed = {cid for cid in budgets if f"client {cid} left out" in caplog.text}
+    assert short <= failed and not ample & failed
+    assert record.participants == len(budgets) - len(failed) and record.accuracy > 0.1

@@ -1,13 +1,14 @@
 """The Flower app folder and the node side of profiling: what `flwr run apps/flower` loads, and
 how a node finds its partition and budget."""
 
+import functools
 from pathlib import Path
 
 import pytest
 import tomllib
 
 from neulite.config import Config, load_config
-from neulite.device_memory import run_within
+from neulite.device_memory import enforced_limits, enforcement, run_within
 from neulite.errors import NeuliteError
 from neulite.federation import simulated_budgets
 from neulite.memory import MIB
@@ -50,6 +51,17 @@ def _context(node_config: dict, **overrides) -> Context:
     return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=run_config)
 
 
+def _nothing() -> None:
+    return None
+
+
+def _measured_budget(cfg: Config, _: None) -> tuple[int, list[str]]:
+    """What node 3 reports under the limit it runs in, and which limits it saw."""
+    return client_app.node_budget(_context({"partition-id": 3}), cfg, 3, 10 * MIB)[0], [
+        lim.source for lim in enforced_limits()
+    ]
+
+
 def test_a_node_reports_its_configured_budget_else_the_budget_model_or_its_free_memory():
     cfg = load_config(overrides=["data.num_clients=4", "clients.per_round=2"])
     assert client_app.node_budget(_context({"partition-id": 2, "budget-mb": 18}), cfg, 2, 10 * MIB) == (
@@ -63,10 +75,9 @@ def test_a_node_reports_its_configured_budget_else_the_budget_model_or_its_free_
     measured = cfg.replace(clients=cfg.clients.__class__(per_round=2, budget="measured"))
     budget, source = client_app.node_budget(_context({"partition-id": 2}), measured, 2, 10 * MIB)
     assert source == "measured" and budget > 64 * MIB  # this machine's available memory
-    under_limit = run_within(
-        256 * MIB, lambda: client_app.node_budget(_context({"partition-id": 3}), measured, 3, 10 * MIB)[0]
-    )  # a node held to 256 MiB more than it started with reports that, less its shard and runtime set-up
-    assert 200 * MIB < under_limit <= 256 * MIB
+    under_limit, sources = run_within(256 * MIB, _nothing, functools.partial(_measured_budget, measured))
+    assert any(enforcement() in source for source in sources)
+    assert 200 * MIB < under_limit <= 256 * MIB  # the limit less the shard and runtime it loaded under it
     with pytest.raises(NeuliteError, match="budget-mb must be a positive number"):
         client_app.node_budget(_context({"partition-id": 2, "budget-mb": -1}), cfg, 2, 10 * MIB)
     with pytest.raises(NeuliteError, match=r"partition-id must be an integer in \[0, 4\)"):

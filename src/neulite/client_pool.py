@@ -20,7 +20,7 @@ import torch
 from neulite.algorithms.payload import ClientResult, ClientTask
 from neulite.config import Config
 from neulite.errors import NeuliteError
-from neulite.federation import load_node
+from neulite.federation import load_node, train_on_device
 from neulite.prefix_cache import PrefixStore
 
 _CONFIG: Config | None = None  # the experiment a worker serves, set once when it starts
@@ -33,10 +33,12 @@ def _start_worker(cfg: Config) -> None:
     torch.set_num_threads(1)
 
 
-def _train(job: tuple[int, ClientTask]) -> tuple[int, ClientResult | None, str]:
-    cid, task = job
+def _train(job: tuple[int, ClientTask, int]) -> tuple[int, ClientResult | None, str]:
+    cid, task, budget = job
     assert _CONFIG is not None and _PREFIXES is not None
     try:
+        if _CONFIG.clients.enforce_budgets:
+            return cid, train_on_device(_CONFIG, cid, task, budget), ""
         node = load_node(_CONFIG, cid)
         return cid, node.method.client_update(task, node.train, augment=node.augment, cache=_PREFIXES.get(cid)), ""
     except Exception as exc:  # the client's failure is its own: the driver leaves it out
@@ -57,9 +59,12 @@ class ClientPool:
         context = multiprocessing.get_context("spawn")
         return ProcessPoolExecutor(self._workers, mp_context=context, initializer=_start_worker, initargs=(self._cfg,))
 
-    def train(self, tasks: Mapping[int, ClientTask], on_done: Callable[[int, ClientResult | None, str], None]) -> None:
-        """Every client's update; `on_done(cid, result, error)` as each finishes (error "" on success)."""
-        futures = {self._executor.submit(_train, (cid, task)): cid for cid, task in tasks.items()}
+    def train(
+        self, tasks: Mapping[int, tuple[ClientTask, int]], on_done: Callable[[int, ClientResult | None, str], None]
+    ) -> None:
+        """Every client's update to its (task, budget in bytes); `on_done(cid, result, error)` as each
+        finishes (error "" on success)."""
+        futures = {self._executor.submit(_train, (cid, task, budget)): cid for cid, (task, budget) in tasks.items()}
         broken = False
         for future in as_completed(futures):
             try:

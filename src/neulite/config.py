@@ -165,7 +165,10 @@ class ClientsConfig:
     budget = "uniform": MB uniform in budget_mb; "tiers": MB values tiers_mb drawn with
     tier_weights; "fraction": uniform in `fractions` times the full-model training peak;
     "measured": the memory the device has available (on Flower, each node measures its own).
-    A round goes on when at least `min_replies` sampled clients return usable results.
+    `enforce_budgets` trains each sampled client as a device of its budget would (a fresh process
+    the OS holds to it, `neulite.federation.train_on_device`): one that needs more fails, as it
+    would on the device, instead of silently using more. A round goes on when at least
+    `min_replies` sampled clients return usable results.
     """
 
     per_round: int = 10
@@ -175,6 +178,7 @@ class ClientsConfig:
     tier_weights: tuple[float, ...] = (0.5, 0.3, 0.2)
     fractions: tuple[float, float] = (0.3, 1.1)
     min_replies: int = 1
+    enforce_budgets: bool = False
 
     def __post_init__(self) -> None:
         check(self.per_round >= 1, "clients.per_round must be >= 1")

@@ -17,6 +17,7 @@ import os
 import pickle
 import re
 import resource
+import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,7 +31,9 @@ from neulite.errors import NeuliteError
 from neulite.memory import MIB
 
 _UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as a page-rounded 2**63 - 1
+S = TypeVar("S")
 T = TypeVar("T")
+_CGROUP_V1 = Path("/sys/fs/cgroup/memory")
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
 
 
@@ -194,11 +197,55 @@ def warm_up() -> None:
     optimizer.step()
 
 
-def _run_child(budget: int, work: Callable[[], T], conn: Connection) -> None:
+def _memory_group(pid: int | str = "self") -> Path | None:
+    """The cgroup v1 memory group a process is in, where this machine mounts one."""
+    try:
+        membership = Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        return None
+    for line in membership.splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            return _CGROUP_V1 / path.lstrip("/")
+    return None
+
+
+def enforcement() -> str:
+    """How `run_within` holds a device to its budget here: "cgroup v1" where this process may
+    create memory groups (resident memory, as a device's RAM counts it), else "RLIMIT_DATA"
+    (virtual memory: stricter, since oneDNN's kernel code and glibc's reserves count too)."""
+    group = _memory_group()
+    return "cgroup v1" if group is not None and os.access(group, os.W_OK) else "RLIMIT_DATA"
+
+
+def _device_group(pid: int) -> Path | None:
+    group = _memory_group()
+    return None if group is None else group / f"neulite-device-{pid}"
+
+
+@contextmanager
+def _held(budget: int, how: str) -> Iterator[None]:
+    """This process held to `budget` more bytes than it holds now, as `enforcement()` says."""
+    if how == "RLIMIT_DATA":
+        with limited(budget):
+            yield
+        return
+    _account_allocations()
+    group = _device_group(os.getpid())
+    assert group is not None
+    group.mkdir()
+    (group / "memory.limit_in_bytes").write_text(str(budget))
+    (group / "cgroup.procs").write_text(str(os.getpid()))  # from now on, what it touches is charged here
+    yield
+
+
+def _device(budget: int, how: str, setup: Callable[[], S], work: Callable[[S], T], conn: Connection) -> None:
     torch.set_num_threads(1)
     try:
-        with limited(budget):
-            outcome: tuple[bool, Any] = (True, work())
+        state = setup()
+        warm_up()
+        with _held(budget, how):
+            outcome: tuple[bool, Any] = (True, work(state))
     except Exception as exc:  # sent to the parent, which raises it
         outcome = (False, exc)
     try:
@@ -209,26 +256,51 @@ def _run_child(budget: int, work: Callable[[], T], conn: Connection) -> None:
     conn.close()
 
 
-def run_within(budget: int, work: Callable[[], T]) -> T:
-    """`work()` as a device with `budget` bytes to spare runs it: in a forked child process held to
-    that much beyond what it inherits (`limited`), on one thread. Its exception is raised here; a
-    child that dies raises `OutOfMemory`. A process whose allocation was refused stays broken
-    (oneDNN's kernels), which is why each run gets a process of its own, as a device's runtime would."""
-    context = multiprocessing.get_context("fork")
+def run_within(budget: int, setup: Callable[[], S], work: Callable[[S], T], how: str | None = None) -> T:
+    """`work(setup())` as a device with `budget` bytes for training runs it: in a fresh process on
+    one torch thread, where `setup` (loading its data, say) and the runtime's one-time set-up
+    (`warm_up`) are the baseline and the OS then holds `work` to `budget` more (`enforcement()`:
+    a memory cgroup of its own, which kills it beyond; or `RLIMIT_DATA`, which refuses the
+    allocation). glibc maps every block of 64 KiB or more on its own there, so what is held is what
+    is used. `setup` and `work` must pickle (top-level functions, `functools.partial`); so must
+    what they return. Raises `work`'s exception, or `OutOfMemory` when it needed more. `how`
+    ("cgroup v1" or "RLIMIT_DATA") overrides `enforcement()`."""
+    how = how or enforcement()
+    if how not in ("cgroup v1", "RLIMIT_DATA"):
+        raise NeuliteError(f'run_within: how must be "cgroup v1" or "RLIMIT_DATA", got {how!r}')
+    context = multiprocessing.get_context(
+        "spawn"
+    )  # a fresh process: a fork's copy-on-write pages would be charged to it
     receive, send = context.Pipe(duplex=False)
-    child = context.Process(target=_run_child, args=(budget, work, send), daemon=True)
-    child.start()
-    send.close()
+    child = context.Process(target=_device, args=(budget, how, setup, work, send), daemon=True)
+    before = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by glibc as the child starts
     try:
-        ok, value = pickle.loads(receive.recv_bytes())
-    except EOFError:
+        child.start()
+    finally:
+        if before is None:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = before
+    send.close()
+    group = _device_group(child.pid) if how == "cgroup v1" else None
+    try:
+        try:
+            ok, value = pickle.loads(receive.recv_bytes())
+        except EOFError:
+            child.join()
+            if group is not None and child.exitcode == -signal.SIGKILL:  # in a group of its own: the OOM killer
+                raise OutOfMemory(
+                    f"training needed more than its budget of {budget / MIB:.1f} MiB: the kernel killed it ({how} limit)"
+                ) from None
+            raise OutOfMemory(
+                f"the process training within {budget / MIB:.1f} MiB died (exit code {child.exitcode})"
+            ) from None
         child.join()
-        raise OutOfMemory(
-            f"the process training within {budget / MIB:.1f} MiB died (exit code {child.exitcode})"
-        ) from None
     finally:
         receive.close()
-    child.join()
+        if group is not None and group.exists():
+            group.rmdir()
     if not ok:
         raise value
     return value

@@ -16,10 +16,11 @@ import torch
 
 from neulite.algorithms.base import Method
 from neulite.algorithms.local import cross_entropy_loss
+from neulite.algorithms.payload import ClientResult, ClientTask
 from neulite.algorithms.registry import build_method, build_network
 from neulite.config import ClientsConfig, Config
 from neulite.data import DataSplits, TensorDataset, load_dataset, partition, subsample, train_val_split
-from neulite.device_memory import available_memory
+from neulite.device_memory import available_memory, run_within
 from neulite.memory import MIB, estimate
 from neulite.models.stage_net import StageNet
 from neulite.models.zoo import build_model
@@ -157,3 +158,27 @@ def load_node(cfg: Config, cid: int) -> Node:
     return Node(
         cid, _subset(splits.train, train), _subset(splits.train, val), augment_enabled(cfg, splits), client_method(cfg)
     )
+
+
+def ready_node(cfg: Config, cid: int, task: ClientTask) -> tuple[Node, ClientTask]:
+    """The client's node, after one step on one batch of its data: the runtime's one-time set-up
+    for this network (kernels generated for its layer shapes) belongs to a device's baseline, as
+    on a device that trains every round, not to what a round's training needs."""
+    node = load_node(cfg, cid)
+    node.method.client_update(
+        task, _subset(node.train, np.arange(min(len(node.train), cfg.train.batch_size))), augment=False
+    )
+    return node, task
+
+
+def _update(state: tuple[Node, ClientTask]) -> ClientResult:
+    node, task = state
+    return node.method.client_update(task, node.train, augment=node.augment)
+
+
+def train_on_device(cfg: Config, cid: int, task: ClientTask, budget: int) -> ClientResult:
+    """Client `cid`'s update to `task` as a device with `budget` bytes for training makes it: a
+    fresh process that loads the client's shard and has trained this network before (`ready_node`),
+    then is held to its budget by the OS (`run_within`; no frozen-prefix cache survives it).
+    Raises `OutOfMemory` when the update needs more."""
+    return run_within(budget, functools.partial(ready_node, cfg, cid, task), _update)

@@ -21,7 +21,7 @@ from neulite.client_pool import ClientPool
 from neulite.config import Config
 from neulite.errors import NeuliteError
 from neulite.experiment import build_experiment
-from neulite.federation import Client, augment_enabled, make_clients
+from neulite.federation import Client, augment_enabled, make_clients, train_on_device
 from neulite.models.stage_net import StagePlan
 from neulite.prefix_cache import PrefixStore
 from neulite.results import ResultsDir, RunLog
@@ -49,6 +49,7 @@ class Simulation:
         self.prefixes = PrefixStore(cfg.train.prefix_cache_mb)
         self.server = experiment.server({c.cid: c.budget for c in self.clients}, self.query)
         self.setup = experiment.summary()
+        self.node_cfg = experiment.cfg  # what a process serving clients builds them from
         self.pool = ClientPool(experiment.cfg, workers) if workers > 1 else None
 
     def close(self) -> None:
@@ -71,6 +72,8 @@ class Simulation:
 
     def train(self, cid: int, task: ClientTask) -> ClientResult:
         """One client's reply to its task (replaced on an instance to stand in for a faulty or hostile client)."""
+        if self.cfg.clients.enforce_budgets:
+            return train_on_device(self.node_cfg, cid, task, self.clients[cid].budget)
         return self.method.client_update(
             task, self.clients[cid].train, augment=self.augment, cache=self.prefixes.get(cid)
         )
@@ -90,7 +93,7 @@ class Simulation:
                 on_client()
 
         if self.pool is not None:
-            self.pool.train(configured.tasks, done)
+            self.pool.train({cid: (task, self.clients[cid].budget) for cid, task in configured.tasks.items()}, done)
         else:
             for cid, task in configured.tasks.items():
                 try:

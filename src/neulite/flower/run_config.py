@@ -66,4 +66,10 @@ def parse_run_config(run_config: dict[str, Any]) -> tuple[Config, DriverSettings
                 f"bad run config: unknown key {key!r} (neulite config keys like method.rounds, or {', '.join(sorted(fields))})"
             )
     driver = DriverSettings(**settings)
-    return load_config(driver.config_file or None, overrides), driver
+    cfg = load_config(driver.config_file or None, overrides)
+    if cfg.clients.enforce_budgets:
+        raise NeuliteError(
+            "clients.enforce_budgets holds the in-process simulator's clients to their budgets; on Flower a node's"
+            ' limit is its device\'s: start each SuperNode under one (docs/flower.md) with clients.budget = "measured"'
+        )
+    return cfg, driver
