@@ -19,7 +19,7 @@ from pathlib import Path
 from rich.console import Console
 
 from neulite.compare import compare, machine
-from neulite.config import load_config
+from neulite.config import config_differences, load_config
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
@@ -81,7 +81,8 @@ def main() -> None:
     }
     if path.is_file():  # splits an earlier invocation finished with the same seeds, methods and setting stay
         earlier = json.loads(path.read_text())
-        if all(earlier.get(k) == report[k] for k in ("methods", "seeds", "config")):
+        same_setting = not config_differences(earlier.get("config", {}), report["config"])
+        if same_setting and all(earlier.get(k) == report[k] for k in ("methods", "seeds")):
             report["splits"] = earlier["splits"]
     for split in args.splits.split(","):
         cfg = load_config(HERE / "headline.toml", [*SPLITS[split], *args.set])

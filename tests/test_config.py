@@ -1,8 +1,9 @@
+import json
 from pathlib import Path
 
 import pytest
 
-from neulite.config import Config, config_to_toml, load_config
+from neulite.config import Config, config_differences, config_to_toml, load_config
 from neulite.errors import NeuliteError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,3 +76,11 @@ def test_shipped_configs_load():
     assert load_config(ROOT / "configs" / "default.toml") == Config()
     ref = load_config(ROOT / "configs" / "reference-resnet34-cifar10.toml")
     assert ref.model.name == "resnet34" and ref.data.name == "cifar10" and ref.data.num_clients == 100
+
+
+def test_a_setting_written_before_an_option_existed_matches_it_at_its_default():
+    written = json.loads(json.dumps(Config().to_dict()))  # as a results file holds it: lists, not tuples
+    del written["clients"]["enforce_budgets"]  # an option added since
+    assert config_differences(written, Config().to_dict()) == []
+    enforced = load_config(overrides=["clients.enforce_budgets=true", "method.rounds=7"]).to_dict()
+    assert config_differences(written, enforced) == ["method.rounds", "clients.enforce_budgets"]

@@ -382,15 +382,23 @@ def _toml_table(name: str, table: dict[str, Any]) -> str:
     return head + plain + nested
 
 
-def config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
-    """The dotted keys whose values differ between two `Config.to_dict()` trees."""
+def config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "", defaults: Any = None) -> list[str]:
+    """The dotted keys whose values differ between two `Config.to_dict()` trees. A key one tree
+    lacks is a setting added to neulite since it was written: it differs only where the other tree
+    holds something other than its default (so results and checkpoints outlive new options)."""
+    if defaults is None:
+        defaults = Config().to_dict()
     keys = dict.fromkeys([*a, *b])
     out = []
     for key in keys:
         x, y = a.get(key), b.get(key)
+        default = defaults.get(key) if isinstance(defaults, dict) else None
         if isinstance(x, dict) and isinstance(y, dict):
-            out += config_differences(x, y, f"{prefix}{key}.")
-        elif x != y:
+            out += config_differences(x, y, f"{prefix}{key}.", default)
+        elif key not in a or key not in b:
+            if json.dumps(y if key not in a else x) != json.dumps(default):
+                out.append(f"{prefix}{key}")
+        elif json.dumps(x) != json.dumps(y):  # a list read back from JSON equals the tuple it was
             out.append(f"{prefix}{key}")
     return out
 
