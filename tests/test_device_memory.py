@@ -100,7 +100,8 @@ def test_a_device_between_a_stages_peak_and_full_training_trains_its_stage_but_n
 def test_with_enforced_budgets_a_client_that_needs_more_fails_and_the_round_goes_on(caplog):
     cfg = load_config(
         overrides=[
-            "data.name=digits",
+            "data.train_size=400",
+            "data.partition=iid",
             "data.num_clients=2",
             "clients.per_round=2",
             "method.name=fedavg",
@@ -120,4 +121,4 @@ def test_with_enforced_budgets_a_client_that_needs_more_fails_and_the_round_goes
     assert short and ample  # this seed draws both kinds of device
     failed = {cid for cid in budgets if f"client {cid} left out" in caplog.text}
     assert short <= failed and not ample & failed
-    assert record.participants == len(budgets) - len(failed) and record.accuracy > 0.1
+    assert record.participants == len(budgets) - len(failed) == 1  # aggregated from the device that trained
