@@ -82,6 +82,14 @@ def _inactive_file(stat: Path, key: str) -> int:
     return int(fields.get(key, 0))
 
 
+def _memberships(membership: str) -> Iterator[tuple[list[str], str]]:
+    """(controllers, group path relative to the hierarchy) per line of a /proc/PID/cgroup text;
+    cgroup v2's line has no controllers ("0::/path")."""
+    for line in membership.splitlines():
+        _, controllers, path = line.split(":", 2)
+        yield [c for c in controllers.split(",") if c], path.lstrip("/")
+
+
 def cgroup_limits(root: Path = Path("/sys/fs/cgroup"), membership: str | None = None) -> list[Limit]:
     """The memory limits of this process's cgroup and of each cgroup above it (the tightest binds),
     each with its working set in use (usage less inactive page cache, which the kernel reclaims
@@ -94,18 +102,17 @@ def cgroup_limits(root: Path = Path("/sys/fs/cgroup"), membership: str | None = 
         except OSError:
             return []
     limits = []
-    for line in membership.splitlines():
-        _, controllers, path = line.split(":", 2)
-        if controllers == "":
+    for controllers, path in _memberships(membership):
+        if not controllers:
             base = root if (root / "cgroup.controllers").is_file() else root / "unified"
             files, source = ("memory.max", "memory.current", "inactive_file"), "cgroup v2 memory.max"
-        elif "memory" in controllers.split(","):
+        elif "memory" in controllers:
             base = root / "memory"
             files = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
             source = "cgroup v1 memory.limit_in_bytes"
         else:
             continue
-        group = base / path.lstrip("/")
+        group = base / path
         while True:
             limit, in_use = _read_int(group / files[0]), _read_int(group / files[1])
             if limit is not None and limit < _UNLIMITED and in_use is not None:
@@ -197,17 +204,13 @@ def warm_up() -> None:
     optimizer.step()
 
 
-def _memory_group(pid: int | str = "self") -> Path | None:
-    """The cgroup v1 memory group a process is in, where this machine mounts one."""
+def _memory_group() -> Path | None:
+    """The cgroup v1 memory group this process is in, where this machine mounts one."""
     try:
-        membership = Path(f"/proc/{pid}/cgroup").read_text()
+        membership = Path("/proc/self/cgroup").read_text()
     except OSError:
         return None
-    for line in membership.splitlines():
-        _, controllers, path = line.split(":", 2)
-        if "memory" in controllers.split(","):
-            return _CGROUP_V1 / path.lstrip("/")
-    return None
+    return next((_CGROUP_V1 / path for controllers, path in _memberships(membership) if "memory" in controllers), None)
 
 
 def enforcement() -> str:
@@ -268,9 +271,8 @@ def run_within(budget: int, setup: Callable[[], S], work: Callable[[S], T], how:
     how = how or enforcement()
     if how not in ("cgroup v1", "RLIMIT_DATA"):
         raise NeuliteError(f'run_within: how must be "cgroup v1" or "RLIMIT_DATA", got {how!r}')
-    context = multiprocessing.get_context(
-        "spawn"
-    )  # a fresh process: a fork's copy-on-write pages would be charged to it
+    # a fresh process: a fork's copy-on-write copies of this one's pages would be charged to it
+    context = multiprocessing.get_context("spawn")
     receive, send = context.Pipe(duplex=False)
     child = context.Process(target=_device, args=(budget, how, setup, work, send), daemon=True)
     before = os.environ.get("MALLOC_MMAP_THRESHOLD_")

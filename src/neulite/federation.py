@@ -166,13 +166,9 @@ def ready_node(cfg: Config, cid: int, task: ClientTask) -> tuple[Node, ClientTas
     layer and batch shape: 1-2 MiB on small_cnn) belongs to a device's baseline, as on a device
     that trains every round, not to what a round's training needs."""
     node = load_node(cfg, cid)
-    node.method.client_update(
-        task,
-        _subset(
-            node.train, np.arange(min(len(node.train), cfg.train.batch_size + len(node.train) % cfg.train.batch_size))
-        ),
-        augment=False,
-    )
+    batch = cfg.train.batch_size
+    full_and_last = np.arange(min(len(node.train), batch + len(node.train) % batch))
+    node.method.client_update(task, _subset(node.train, full_and_last), augment=False)
     return node, task
 
 
