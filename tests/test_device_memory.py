@@ -70,6 +70,8 @@ def test_a_data_limit_refuses_what_a_device_lacks_and_the_parent_stays_free():
     assert available_memory() > 64 * MIB and not enforced_limits()  # the parent is not held
     with pytest.raises(NeuliteError, match="how must be"):
         run_within(16 * MIB, _nothing, _nothing, how="ulimit")
+    with pytest.raises(NeuliteError, match="budget must be a positive number of bytes, got -5"):
+        run_within(-5, _nothing, _nothing)
 
 
 needs_cgroups = pytest.mark.skipif(

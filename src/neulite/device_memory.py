@@ -268,6 +268,8 @@ def run_within(budget: int, setup: Callable[[], S], work: Callable[[S], T], how:
     is used. `setup` and `work` must pickle (top-level functions, `functools.partial`); so must
     what they return. Raises `work`'s exception, or `OutOfMemory` when it needed more. `how`
     ("cgroup v1" or "RLIMIT_DATA") overrides `enforcement()`."""
+    if not isinstance(budget, int) or budget <= 0:
+        raise NeuliteError(f"run_within: budget must be a positive number of bytes, got {budget!r}")
     how = how or enforcement()
     if how not in ("cgroup v1", "RLIMIT_DATA"):
         raise NeuliteError(f'run_within: how must be "cgroup v1" or "RLIMIT_DATA", got {how!r}')
