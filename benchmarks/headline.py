@@ -64,12 +64,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override headline.toml")
     parser.add_argument("--out", default=str(RESULTS / "headline-runs"), help="run folders (resumable)")
-    parser.add_argument("--report", default=str(RESULTS), help="folder for headline.json and the plots")
+    parser.add_argument("--report", default=str(RESULTS), help="folder for NAME.json and the plots")
+    parser.add_argument("--name", default="headline", help="NAME.json and NAME-SPLIT.png (another model: --name vit)")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = args.methods.split(",")
     report_dir = Path(args.report)
-    path = report_dir / "headline.json"
+    path = report_dir / f"{args.name}.json"
     config = load_config(HERE / "headline.toml", args.set).to_dict()
     info = machine()
     report = {
@@ -88,7 +89,7 @@ def main() -> None:
         cfg = load_config(HERE / "headline.toml", [*SPLITS[split], *args.set])
         runs = Path(args.out) / split
         result = compare(cfg, methods, seeds, runs, console=Console(), workers=args.workers)
-        shutil.copy(runs / "accuracy.png", report_dir / f"headline-{split}.png")
+        shutil.copy(runs / "accuracy.png", report_dir / f"{args.name}-{split}.png")
         report["splits"][split] = {
             "methods": {m: headline_row(r) for m, r in result["methods"].items()},
             "skipped": result["skipped"],
