@@ -91,6 +91,39 @@ def test_eligibility_follows_budgets_and_infeasible_budgets_fail_early():
         Simulation(load_config(overrides=[*SMALL, "clients.budget=uniform", "clients.budget_mb=[1, 2]"]))
 
 
+def test_clients_are_index_views_into_one_training_set():
+    sim = Simulation(load_config(overrides=SMALL))
+    held = sim.splits.train
+    for client in sim.clients:
+        assert client.data is held  # no copy of a shard is kept: the federation's size does not multiply the data
+        assert torch.equal(client.train.x, held.x[client.train_indices])
+        assert torch.equal(client.val.y, held.y[client.val_indices])
+    shards = np.concatenate([np.concatenate([c.train_indices, c.val_indices]) for c in sim.clients])
+    assert sorted(shards.tolist()) == list(range(len(held)))  # disjoint, and every sample belongs to a client
+
+
+def test_validation_accuracy_is_the_clients_accuracies_weighted_by_their_validation_sizes():
+    sim = Simulation(load_config(overrides=[*SMALL, "clients.fractions=[0.05, 1.1]"]))
+    sim.run_round(1)
+    fitting = sim.server.fitting_clients()
+    assert 0 < len(fitting) < len(sim.clients)  # a client that fits no stage is not asked
+    task = sim.method.evaluation_task()
+    per_client = [(sim.method.client_evaluate(task, sim.clients[c].val)[0], len(sim.clients[c].val)) for c in fitting]
+    expected = sum(a * n for a, n in per_client) / sum(n for _, n in per_client)
+    assert sim.validation_accuracy() == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_rounds_sampling_asks_each_budget_once_per_plan(monkeypatch: pytest.MonkeyPatch):
+    sim = Simulation(load_config(overrides=[*SMALL, "method.rounds=4", "method.neulite.stage_rounds=[2, 1, 1]"]))
+    calls = []
+    assign = sim.method.assign
+    monkeypatch.setattr(sim.method, "assign", lambda plan, budget: calls.append(plan) or assign(plan, budget))
+    sim.server._eligible.clear()
+    for rnd in range(1, 5):
+        sim.server.configure(rnd)
+    assert len(calls) == len(sim.clients) * len({sim.method.plan(r) for r in range(1, 5)})
+
+
 def _final_state(overrides: list[str]) -> dict[str, torch.Tensor]:
     sim = Simulation(load_config(overrides=overrides))
     for r in range(1, 3):

@@ -29,14 +29,22 @@ from neulite.planner import BlockPlan, auto_blocks
 
 @dataclass(frozen=True)
 class Client:
+    """A simulated client: index views into the shared training set (its samples are copied out only
+    while it trains or validates, so a federation of any size holds the data once) and its budget."""
+
     cid: int
-    train: TensorDataset
-    val: TensorDataset
+    data: TensorDataset
+    train_indices: np.ndarray
+    val_indices: np.ndarray
     budget: int  # bytes of memory available for training
 
+    @property
+    def train(self) -> TensorDataset:
+        return self.data.take(self.train_indices)
 
-def _subset(data: TensorDataset, idx: np.ndarray) -> TensorDataset:
-    return TensorDataset(data.x[idx], data.y[idx], data.num_classes)
+    @property
+    def val(self) -> TensorDataset:
+        return self.data.take(self.val_indices)
 
 
 def draw_budgets(cfg: ClientsConfig, n: int, full_peak: int, rng: np.random.Generator) -> list[int]:
@@ -109,7 +117,7 @@ def make_clients(
     """Each client's train/validation data (from `client_indices`) and budget."""
     budgets = simulated_budgets(cfg, full_peak)
     return [
-        Client(cid, _subset(splits.train, train), _subset(splits.train, val), budget)
+        Client(cid, splits.train, train, val, budget)
         for cid, ((train, val), budget) in enumerate(zip(indices, budgets, strict=True))
     ]
 
@@ -155,9 +163,7 @@ def load_node(cfg: Config, cid: int) -> Node:
     """Client `cid` of the experiment `cfg`, as a process of its own serves it."""
     splits, indices = client_data(cfg)
     train, val = indices[cid]
-    return Node(
-        cid, _subset(splits.train, train), _subset(splits.train, val), augment_enabled(cfg, splits), client_method(cfg)
-    )
+    return Node(cid, splits.train.take(train), splits.train.take(val), augment_enabled(cfg, splits), client_method(cfg))
 
 
 def ready_node(cfg: Config, cid: int, task: ClientTask) -> tuple[Node, ClientTask]:
@@ -168,7 +174,7 @@ def ready_node(cfg: Config, cid: int, task: ClientTask) -> tuple[Node, ClientTas
     node = load_node(cfg, cid)
     batch = cfg.train.batch_size
     full_and_last = np.arange(min(len(node.train), batch + len(node.train) % batch))
-    node.method.client_update(task, _subset(node.train, full_and_last), augment=False)
+    node.method.client_update(task, node.train.take(full_and_last), augment=False)
     return node, task
 
 

@@ -109,11 +109,15 @@ class Server:
         self.full_peak = full_peak
         self.participated: set[int] = set()
         self._rng = np.random.default_rng([cfg.seed, 2])
+        self._eligible: dict[StagePlan, list[tuple[int, int]]] = {}
 
     def eligible(self, plan: StagePlan) -> list[tuple[int, int]]:
-        """(cid, capacity level) of every client that can train the stage, in cid order."""
-        levels = [(cid, self.method.assign(plan, budget)) for cid, budget in self.budgets.items()]
-        return [(cid, level) for cid, level in levels if level is not None]
+        """(cid, capacity level) of every client that can train the stage, in cid order (once per
+        plan: budgets are fixed, so a round's sampling does not grow with the federation)."""
+        if plan not in self._eligible:
+            levels = [(cid, self.method.assign(plan, budget)) for cid, budget in self.budgets.items()]
+            self._eligible[plan] = [(cid, level) for cid, level in levels if level is not None]
+        return self._eligible[plan]
 
     def fitting_clients(self) -> list[int]:
         """The clients that fit at least one stage: the only ones ever sent work (or asked to validate)."""

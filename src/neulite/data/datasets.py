@@ -63,6 +63,10 @@ class TensorDataset:
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
+    def take(self, indices: np.ndarray | torch.Tensor) -> TensorDataset:
+        """The samples at `indices`, copied out (a client's shard from the shared set)."""
+        return TensorDataset(self.x[indices], self.y[indices], self.num_classes)
+
     @staticmethod
     def concat(parts: list[TensorDataset]) -> TensorDataset:
         """One data set holding every sample of `parts` (e.g. the union of the clients' shards)."""
@@ -222,7 +226,7 @@ def subsample(data: TensorDataset, size: int, seed: int) -> TensorDataset:
         )
     _, chosen = _stratified_split(data.y.numpy(), size, seed)
     idx = torch.from_numpy(chosen)
-    return TensorDataset(data.x[idx], data.y[idx], data.num_classes)
+    return data.take(idx)
 
 
 @functools.cache
