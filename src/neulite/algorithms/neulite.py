@@ -44,7 +44,10 @@ class NeuLiteOptions:
     frozen_bn_drift: let frozen blocks' BatchNorm statistics move (the reference code's behaviour)
     instead of running them in eval mode. inherit_outputs: when stage t+1 starts, start Op_{t+1}'s
     light layers and classifier (or, at the last stage, the real head) from the matching layers
-    of Op_t, which stood in for the same blocks, instead of from scratch.
+    of Op_t, which stood in for the same blocks, instead of from scratch. max_window: elastic
+    NeuLite: a client whose budget fits it trains the next blocks too, up to this many blocks
+    from the stage's on (0: as many as it fits; 1: the paper's stage for everyone); see
+    `StagePlan.window`.
     """
 
     schedule: str = "sequential"
@@ -58,6 +61,7 @@ class NeuLiteOptions:
     sigma: float = 5.0
     frozen_bn_drift: bool = False
     inherit_outputs: bool = False
+    max_window: int = 1
 
     def __post_init__(self) -> None:
         choice("method.neulite.schedule", self.schedule, ("sequential", "cyclic"))
@@ -65,6 +69,12 @@ class NeuLiteOptions:
         check(all(r >= 1 for r in self.stage_rounds), "method.neulite.stage_rounds entries must be >= 1")
         check(self.sigma > 0, "method.neulite.sigma must be > 0")
         check(self.lambda_scale >= 0, "method.neulite.lambda_scale must be >= 0")
+        check(self.max_window >= 0, "method.neulite.max_window must be >= 0 (0: as many blocks as a client fits)")
+        check(
+            not (self.inherit_outputs and self.max_window != 1),
+            "method.neulite.inherit_outputs and method.neulite.max_window != 1 exclude each other: a wider window "
+            "already trains the next stage's output module, which inheriting would overwrite",
+        )
 
 
 def neulite_loss(
@@ -85,7 +95,7 @@ def neulite_loss(
         loss = loss - lambda1 * nhsic(z, x, sigma)
     if plan.mentor and lambda2:
         onehot = F.one_hot(y, net.model.num_classes).float()
-        loss = loss - lambda2 * nhsic(net.projections[plan.stage - 1](z), onehot, sigma)
+        loss = loss - lambda2 * nhsic(net.projections[plan.last - 1](z), onehot, sigma)
     return loss
 
 
@@ -152,9 +162,20 @@ class NeuLite(Method):
         )
         return dataclasses.replace(plan, recompute=self.cfg.train.recompute == "on")
 
+    def windows(self, plan: StagePlan) -> list[StagePlan]:
+        """The stage's wider windows a client may train (`max_window`), narrowest first."""
+        widest = plan.num_stages - plan.stage + 1
+        if self.options.max_window:
+            widest = min(widest, self.options.max_window)
+        return [dataclasses.replace(plan, window=w) for w in range(2, widest + 1)]
+
     def assign(self, plan: StagePlan, budget: int) -> int | None:
-        """0: the client trains the stage as planned; `RECOMPUTE` (train.recompute = "auto"): it fits
-        only when it recomputes what it trains; None: it cannot take part."""
+        """The widest window the client fits (level w >= 2: `windows`); 0: the client trains the
+        stage as planned; `RECOMPUTE` (train.recompute = "auto"): it fits only when it recomputes
+        what it trains; None: it cannot take part."""
+        for wider in reversed(self.windows(plan)):
+            if budget >= self.memory(wider).total:
+                return wider.window
         if budget >= self.memory(plan).total:
             return 0
         if (
@@ -167,6 +188,8 @@ class NeuLite(Method):
     def configure_train(self, rnd: int, plan: StagePlan, level: int, seed: int) -> ClientTask:
         if level == RECOMPUTE:  # the same network; the plan tells the client to recompute
             return super().configure_train(rnd, dataclasses.replace(plan, recompute=True), 0, seed)
+        if level > RECOMPUTE:
+            return super().configure_train(rnd, dataclasses.replace(plan, window=level), 0, seed)
         return super().configure_train(rnd, plan, level, seed)
 
     def plan(self, rnd: int) -> StagePlan:
@@ -182,7 +205,7 @@ class NeuLite(Method):
         """The Mentor's weights for the stage (0 without the Mentor)."""
         if not self.mentor:
             return {"lambda1": 0.0, "lambda2": 0.0}
-        return {"lambda1": self.lambda1[plan.stage - 1], "lambda2": self.lambda2[plan.stage - 1]}
+        return {"lambda1": self.lambda1[plan.last - 1], "lambda2": self.lambda2[plan.last - 1]}
 
     def loss(self, config: Mapping[str, ConfigValue]) -> StepLoss:
         return functools.partial(

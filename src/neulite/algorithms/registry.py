@@ -28,6 +28,7 @@ METHODS: dict[str, Callable[[StageNet, Config], Method]] = {
     "neulite-no-mentor": partial(NeuLite, mentor=False),
     "neulite-no-harmonizer": partial(NeuLite, harmonizer=False),
     "neulite-plain": partial(NeuLite, mentor=False, harmonizer=False),
+    "neulite-elastic": partial(NeuLite, max_window=0),
     "fedavg": FedAvg,
     "exclusivefl": partial(FedAvg, exclusive=True),
     "allsmall": AllSmall,

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from neulite.errors import NeuliteError
 from neulite.models.blocks import BlockModel, channels, tail_modules
 from neulite.models.output_modules import OutputModule, ProjectionHead, projection_width
 
@@ -27,7 +28,9 @@ FULL_MODEL = 0  # the `stage` of a plan that trains the whole model (plain FedAv
 class StagePlan:
     """What stage t of T trains (`FULL_MODEL`: the whole model).
 
-    harmonize: the tail of block t-1 trains too (the Training Harmonizer); mentor: the projection
+    window: how many blocks from block t on train together (elastic NeuLite's forward window: a
+    client that fits more pre-trains the next blocks before their stage begins), with the output
+    module of the window's last block (`last`); 1 is the paper's stage. harmonize: the tail of block t-1 trains too (the Training Harmonizer); mentor: the projection
     head P_t trains (the Curriculum Mentor's label term); bn_drift: the frozen blocks' BatchNorm
     statistics move and are returned (the reference code's behaviour) instead of staying fixed;
     recompute: what trains keeps only its segments' inputs and re-runs their forward in backward
@@ -42,6 +45,7 @@ class StagePlan:
     mentor: bool = False
     bn_drift: bool = False
     recompute: bool = False
+    window: int = 1
 
     types: ClassVar[dict[str, type[StagePlan]]] = {}
 
@@ -49,9 +53,22 @@ class StagePlan:
         super().__init_subclass__(**kwargs)
         StagePlan.types[cls.__name__] = cls
 
+    def __post_init__(self) -> None:
+        widest = 1 if self.stage == FULL_MODEL else self.num_stages - self.stage + 1
+        if not (0 <= self.stage <= self.num_stages and 1 <= self.window <= widest):
+            raise NeuliteError(
+                f"bad stage plan: stage {self.stage} with a window of {self.window} blocks in a model of "
+                f"{self.num_stages} blocks"
+            )
+
     @property
     def full(self) -> bool:
         return self.stage == FULL_MODEL
+
+    @property
+    def last(self) -> int:
+        """The last block the stage trains (its output module, projection head and Mentor weights are this block's)."""
+        return self.stage + self.window - 1
 
     def frozen_modules(self) -> tuple[str, ...]:
         return () if self.full else tuple(f"model.blocks.{i}" for i in range(self.stage - 1))
@@ -59,13 +76,13 @@ class StagePlan:
     def trainable_modules(self, net: StageNet) -> tuple[str, ...]:
         if self.full:
             return ("model",)
-        t = self.stage
-        names = [f"model.blocks.{t - 1}"]
+        t, last = self.stage, self.last
+        names = [f"model.blocks.{i}" for i in range(t - 1, last)]
         if self.harmonize and t >= 2:
             names += [f"model.blocks.{t - 2}.{n}" for n in tail_modules(net.model.blocks[t - 2])]
-        names.append("model.head" if t == self.num_stages else f"outputs.{t - 1}")
+        names.append("model.head" if last == self.num_stages else f"outputs.{last - 1}")
         if self.mentor:
-            names.append(f"projections.{t - 1}")
+            names.append(f"projections.{last - 1}")
         return tuple(names)
 
 
@@ -145,7 +162,8 @@ class StageNet(nn.Module):
     def stage_forward(
         self, x: torch.Tensor, plan: StagePlan, prefix: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(feature map Z for the Mentor, logits) of stage model [θ_1..θ_t, Op_t].
+        """(feature map Z for the Mentor, logits) of stage model [θ_1..θ_last, Op_last] (last = t
+        unless the plan's window is wider).
 
         Fully frozen blocks run without autograd, so none of their activations are kept; `prefix`,
         when given, is their output for `x` (from a `PrefixCache`) and they do not run at all. With
@@ -157,18 +175,18 @@ class StageNet(nn.Module):
             for block in blocks:
                 x = block(x)
             return x, self.model.head(x)
-        t, depth = plan.stage, self.frozen_depth(plan)
+        last, depth = plan.last, self.frozen_depth(plan)
         if prefix is not None:
             x = prefix
         else:
             with torch.no_grad():
                 for block in blocks[:depth]:
                     x = block(x)
-        for block in blocks[depth:t]:
+        for block in blocks[depth:last]:
             x = recomputed(block, x) if plan.recompute else block(x)
-        if t == plan.num_stages:
+        if last == plan.num_stages:
             return x, self.model.head(x)
-        output = self.outputs[t - 1]
+        output = self.outputs[last - 1]
         return recomputed(output, x) if plan.recompute else output(x)
 
 

@@ -1,0 +1,105 @@
+"""Elastic NeuLite: a client whose budget fits more trains the next blocks with its stage's block (a
+forward window), and the server merges each tensor over the clients that trained it."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from neulite.algorithms.merge import merge_results
+from neulite.algorithms.neulite import NeuLite
+from neulite.config import load_config
+from neulite.errors import NeuliteError
+from neulite.models.stage_net import StageNet, StagePlan
+from neulite.models.zoo import build_model
+from neulite.simulation import Simulation, run_experiment
+
+DIGITS = ["data.name=digits", "data.num_clients=6", "train.local_epochs=1", "model.width=0.5"]
+
+
+def _net() -> StageNet:
+    return StageNet(build_model("small_cnn", (1, 28, 28), 10))
+
+
+def _starting(names: list[str], *prefixes: str) -> bool:
+    return any(n.startswith(prefixes) for n in names)
+
+
+def test_a_window_trains_the_next_blocks_with_the_last_blocks_output_module():
+    net = _net()
+    wide = dataclasses.replace(net.plan(1, harmonize=True, mentor=True), window=2)
+    up = net.up_names(wide)
+    assert _starting(up, "model.blocks.0") and _starting(up, "model.blocks.1")
+    assert _starting(up, "outputs.1") and _starting(up, "projections.1")
+    assert not _starting(up, "outputs.0", "projections.0", "model.blocks.2", "model.head")
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        _, logits = net.stage_forward(x, wide)
+        blocks = net.model.blocks
+        assert torch.equal(logits, net.outputs[1](blocks[1](blocks[0](x)))[1])  # Op_2 after block 2
+    to_the_end = dataclasses.replace(net.plan(2, harmonize=True, mentor=True), window=2)
+    up = net.up_names(to_the_end)
+    assert _starting(up, "model.blocks.1", "model.blocks.2", "model.head", "projections.2")
+    assert _starting(up, "model.blocks.0.layer1.1")  # the Harmonizer's tail of the block before the window
+    assert not _starting(up, "outputs", "projections.1")
+    assert set(net.down_names(to_the_end)) >= set(net.state_names(("model.blocks.0",)))
+
+
+@pytest.mark.parametrize(("stage", "window"), [(2, 3), (3, 2), (1, 0), (0, 2), (4, 1)])
+def test_a_plan_beyond_the_model_is_refused(stage: int, window: int):
+    with pytest.raises(NeuliteError, match="bad stage plan"):
+        StagePlan(stage, 3, window=window)
+
+
+def _elastic(max_window: int) -> NeuLite:
+    cfg = load_config(overrides=["method.name=neulite", f"method.neulite.max_window={max_window}"])
+    return NeuLite(_net(), cfg)
+
+
+def test_each_budget_gets_the_widest_window_it_fits():
+    method = _elastic(0)
+    plan = method.plan(1)
+    peaks = [method.memory(p).total for p in (plan, *method.windows(plan))]
+    assert peaks[0] < peaks[1] < peaks[2]
+    assert [method.assign(plan, b) for b in (peaks[2], peaks[1], peaks[0], peaks[0] - 1)] == [3, 2, 0, None]
+    task = method.configure_train(1, plan, 2, seed=0)
+    assert task.plan.window == 2 and set(task.arrays) == set(method.net.down_names(task.plan))
+    assert method.windows(method.plan(method.stage_rounds[0] + method.stage_rounds[1] + 1)) == []  # the last stage
+    assert _elastic(2).assign(plan, peaks[2]) == 2  # max_window caps it
+    assert _elastic(1).assign(plan, peaks[2]) == 0  # the paper's NeuLite
+
+
+def test_a_wider_window_and_inherited_outputs_exclude_each_other():
+    with pytest.raises(NeuliteError, match="inherit_outputs"):
+        load_config(overrides=["method.neulite.max_window=0", "method.neulite.inherit_outputs=true"])
+
+
+def test_an_elastic_round_merges_each_tensor_over_the_clients_that_trained_it():
+    sim = Simulation(
+        load_config(overrides=[*DIGITS, "method.name=neulite-elastic", "clients.per_round=6", "method.rounds=3"])
+    )
+    replies = {}
+    honest = sim.train
+
+    def train(cid, task):
+        replies[cid] = (task.plan.window, honest(cid, task))
+        return replies[cid][1]
+
+    sim.train = train
+    sim.run_round(1)
+    windows = {w for w, _ in replies.values()}
+    assert 1 in windows and len(windows) > 1, windows  # the budgets give both kinds of client
+    state = sim.method.net.state_dict()
+    for name, expected in merge_results([r for _, r in replies.values()], sim.cfg.server).items():
+        assert torch.equal(state[name], expected), name
+    wide = [r for w, r in replies.values() if w > 1]
+    block2 = [n for n in wide[0].arrays if n.startswith("model.blocks.1.")]
+    assert block2 and all(n not in r.arrays for w, r in replies.values() if w == 1 for n in block2)
+
+
+def test_neulite_elastic_learns(tmp_path):
+    summary = run_experiment(
+        load_config(overrides=[*DIGITS, "method.name=neulite-elastic", "clients.per_round=4", "method.rounds=6"]),
+        tmp_path / "run",
+    )
+    assert summary["final_accuracy"] > 0.3  # chance is 0.1
