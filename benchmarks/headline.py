@@ -33,6 +33,7 @@ METHODS = (
     "profl",
     "neulite",
     "neulite-adaptive",
+    "neulite-elastic",
 )
 SPLITS = {
     "dirichlet-0.1": ["data.partition=dirichlet", "data.alpha=0.1"],
