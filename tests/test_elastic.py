@@ -92,6 +92,9 @@ def test_an_elastic_round_merges_each_tensor_over_the_clients_that_trained_it():
     state = sim.method.net.state_dict()
     for name, expected in merge_results([r for _, r in replies.values()], sim.cfg.server).items():
         assert torch.equal(state[name], expected), name
+    rows = {r["label"]: r["clients_fit"] for r in sim.server.memory_rows()}  # the run's summary: who fits what
+    assert rows["stage 1"] >= rows["stage 1, blocks 1-2"] >= rows["stage 1, blocks 1-3"] >= 1
+    assert rows["stage 2"] >= rows["stage 2, blocks 2-3"] and "stage 3, blocks 3-3" not in rows
     wide = [r for w, r in replies.values() if w > 1]
     block2 = [n for n in wide[0].arrays if n.startswith("model.blocks.1.")]
     assert block2 and all(n not in r.arrays for w, r in replies.values() if w == 1 for n in block2)

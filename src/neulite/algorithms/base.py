@@ -57,6 +57,10 @@ class Method(ABC):
     def plans(self) -> list[StagePlan]:
         """Every distinct stage this method trains, in order."""
 
+    def windows(self, plan: StagePlan) -> list[StagePlan]:
+        """Wider plans that a client who fits more may train at `plan`'s stage (elastic NeuLite), narrowest first."""
+        return []
+
     def setup(self, budgets: Mapping[int, int]) -> None:
         """Adapt to the federation before the first round, from the budgets the clients reported
         (AllSmall sizes its model to the smallest)."""

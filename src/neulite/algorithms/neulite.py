@@ -163,7 +163,7 @@ class NeuLite(Method):
         return dataclasses.replace(plan, recompute=self.cfg.train.recompute == "on")
 
     def windows(self, plan: StagePlan) -> list[StagePlan]:
-        """The stage's wider windows a client may train (`max_window`), narrowest first."""
+        """The stage's wider windows a client may train (up to `max_window` blocks), narrowest first."""
         widest = plan.num_stages - plan.stage + 1
         if self.options.max_window:
             widest = min(widest, self.options.max_window)
