@@ -463,6 +463,35 @@ def flower_section(data: dict[str, Any]) -> list[str]:
     ]
 
 
+def scale_section(data: dict[str, Any]) -> list[str]:
+    out = [
+        "## Scale: `python benchmarks/scale.py`",
+        "",
+        "NeuLite federations of growing size, 10 clients trained a round, through the in-process simulator",
+        "and Flower's simulation engine (one supernode per client). Every client holds the same 6",
+        "Fashion-MNIST samples whatever the federation's size, so a round trains the same amount and what",
+        "grows with the number of clients is the framework's own cost (and the training set, held once:",
+        "clients are index views into it). Seconds per round: the median over a run's rounds after the",
+        "first; memory: the peak resident memory of the run's processes summed (PSS counts a page that",
+        "Ray's processes share once); each figure is the median over the runs shown. Flower's simulation",
+        "engine (flwr 1.42) polls every node's queue every 0.1 s, scanning every stored message for each",
+        "node (`InMemoryLinkState.get_message_ins`): its rounds, the profiling query to every node and the",
+        "final validation grow with the number of nodes, whatever neulite does.",
+        "",
+        f"Machine: {machine(data['machine'])}. Setting: {', '.join(f'`{s}`' for s in data['setting'])}.",
+        "",
+        "| engine | clients | training set (MiB) | seconds per round | first round (s) | peak RSS (MiB) | peak PSS (MiB) | runs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for engine, title in (("inprocess", "in-process"), ("flower", "Flower simulation")):
+        for n, r in sorted(data.get(engine, {}).items(), key=lambda item: int(item[0])):
+            out.append(
+                f"| {title} | {int(n):,} | {r['training_set_bytes'] / MIB:.0f} | {r['seconds_per_round']:.2f} | "
+                f"{r['first_round_seconds']:.2f} | {r['max_rss_bytes'] / MIB:.0f} | {r['max_pss_bytes'] / MIB:.0f} | {r['runs']} |"
+            )
+    return out + [""]
+
+
 def stage_compute_section(data: dict[str, Any]) -> list[str]:
     lines = [
         "## A client's compute per stage: `python benchmarks/stage_compute.py`",
@@ -505,10 +534,23 @@ def headline_table(methods: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def headline_section(data: dict[str, Any]) -> list[str]:
+VIT_COMMAND = (
+    "python benchmarks/headline.py --name vit --set model.name=vit_tiny --set model.width=0.5 "
+    "--methods fedavg,exclusivefl,neulite --splits dirichlet-0.5 --seeds 0"
+)
+
+
+def vit_section(data: dict[str, Any]) -> list[str]:
+    """The headline setting with the built-in Vision Transformer instead of the CNN."""
+    return headline_section(data, f"## Transformer: `{VIT_COMMAND}`", "vit")
+
+
+def headline_section(
+    data: dict[str, Any], title: str = "## Headline: `python benchmarks/headline.py`", name: str = "headline"
+) -> list[str]:
     cfg = data["config"]
     out = [
-        "## Headline: `python benchmarks/headline.py`",
+        title,
         "",
         f"The full Fashion-MNIST, {cfg['data']['num_clients']} clients, {cfg['clients']['per_round']} a round, "
         f"{cfg['method']['rounds']} rounds of {cfg['train']['local_epochs']} local epoch(s) at learning rate "
@@ -529,8 +571,8 @@ def headline_section(data: dict[str, Any]) -> list[str]:
         ]
         if {"neulite", "exclusivefl", "fedavg"} < result["methods"].keys():
             out += [_headline_sentence(result["methods"]), ""]
-        if (RESULTS / f"headline-{split}.png").is_file():
-            out += [f"![Accuracy by round, {split}](results/headline-{split}.png)", ""]
+        if (RESULTS / f"{name}-{split}.png").is_file():
+            out += [f"![Accuracy by round, {split}](results/{name}-{split}.png)", ""]
     return out
 
 
@@ -730,6 +772,16 @@ def index(available: dict[str, dict[str, Any] | None], tunes: list[Path]) -> lis
             "final accuracy with 1 or 2 hostile clients of 10, under each aggregation rule",
         ),
         (
+            "vit",
+            f"`{VIT_COMMAND}`",
+            "the headline setting with the built-in Vision Transformer: NeuLite against ExclusiveFL and FedAvg",
+        ),
+        (
+            "scale",
+            "`python benchmarks/scale.py`",
+            "seconds per round and peak memory for 100 to 10,000 clients, in-process and on Flower",
+        ),
+        (
             "devices",
             "`python benchmarks/devices.py`",
             "training on a device held to its budget by the OS: a stage against the full model",
@@ -752,7 +804,19 @@ def index(available: dict[str, dict[str, Any] | None], tunes: list[Path]) -> lis
 
 def render_benchmarks() -> str:
     """The whole text of benchmarks/README.md."""
-    names = ("headline", "memory", "accuracy", "compute", "speed", "stage-compute", "flower", "robustness", "devices")
+    names = (
+        "headline",
+        "memory",
+        "accuracy",
+        "compute",
+        "speed",
+        "stage-compute",
+        "flower",
+        "robustness",
+        "devices",
+        "scale",
+        "vit",
+    )
     data = {name: load(name) for name in names}
     tunes = tune_paths()
     out = INTRO + index(data, tunes)
@@ -766,6 +830,8 @@ def render_benchmarks() -> str:
         ("flower", flower_section),
         ("robustness", robustness_section),
         ("devices", devices_section),
+        ("scale", scale_section),
+        ("vit", vit_section),
     ):
         if data[name]:
             out += section(data[name])
@@ -862,6 +928,23 @@ def render_summary() -> str:
             f"`mean` {pct(flip['mean'])}, `trimmed_mean` {pct(flip['trimmed_mean'])}, `median` {pct(flip['median'])} "
             f"(clean: {pct(rules['mean']['clean'])}, {pct(rules['trimmed_mean']['clean'])}, {pct(rules['median']['clean'])})."
         )
+    if scale := load("scale"):
+        parts = []
+        for engine, title in (("inprocess", "in-process"), ("flower", "on Flower's simulation engine")):
+            rows = sorted(scale.get(engine, {}).items(), key=lambda item: int(item[0]))
+            if len(rows) > 1:
+                (n0, a), (n1, b) = rows[0], rows[-1]
+                parts.append(
+                    f"{title}, {int(n0):,} to {int(n1):,} clients: {a['seconds_per_round']:.2f} to "
+                    f"{b['seconds_per_round']:.2f} s a round, peak memory {a['max_rss_bytes'] / MIB:.0f} to "
+                    f"{b['max_rss_bytes'] / MIB:.0f} MiB"
+                )
+        if parts:
+            out.append(
+                "- **Scale** (`python benchmarks/scale.py`, 10 clients a round, the same data per client): "
+                + "; ".join(parts)
+                + "."
+            )
     return "\n".join(out) + "\n"
 
 
