@@ -17,7 +17,6 @@ Writes benchmarks/results/devices.json.  Run: python benchmarks/devices.py [--re
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 from pathlib import Path
@@ -25,8 +24,8 @@ from pathlib import Path
 from neulite.algorithms.payload import ClientTask
 from neulite.compare import machine
 from neulite.config import Config, load_config
-from neulite.device_memory import OutOfMemory, available_memory, enforcement, run_within
-from neulite.federation import Node, ready_node
+from neulite.device_memory import OutOfMemory, available_memory, enforcement
+from neulite.federation import Node, train_on_device
 from neulite.memory import MIB
 from neulite.simulation import Simulation
 
@@ -45,7 +44,7 @@ def report_and_train(state: tuple[Node, ClientTask]) -> float:
 def on_device(cfg: Config, cid: int, task: ClientTask, budget: int) -> tuple[str, float | None]:
     """("trained" or the failure, the budget the device reported)."""
     try:
-        return "trained", run_within(budget, functools.partial(ready_node, cfg, cid, task), report_and_train)
+        return "trained", train_on_device(cfg, cid, task, budget, work=report_and_train)
     except OutOfMemory as exc:
         return f"failed: {exc}", None
 

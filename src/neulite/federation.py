@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -25,6 +26,8 @@ from neulite.memory import MIB, estimate
 from neulite.models.stage_net import StageNet
 from neulite.models.zoo import build_model
 from neulite.planner import BlockPlan, auto_blocks
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -183,9 +186,15 @@ def _update(state: tuple[Node, ClientTask]) -> ClientResult:
     return node.method.client_update(task, node.train, augment=node.augment)
 
 
-def train_on_device(cfg: Config, cid: int, task: ClientTask, budget: int) -> ClientResult:
-    """Client `cid`'s update to `task` as a device with `budget` bytes for training makes it: a
-    fresh process that loads the client's shard and has trained this network before (`ready_node`),
-    then is held to its budget by the OS (`run_within`; no frozen-prefix cache survives it).
-    Raises `OutOfMemory` when the update needs more."""
-    return run_within(budget, functools.partial(ready_node, cfg, cid, task), _update)
+def train_on_device(
+    cfg: Config,
+    cid: int,
+    task: ClientTask,
+    budget: int,
+    work: Callable[[tuple[Node, ClientTask]], T] = _update,
+) -> T:
+    """Client `cid`'s update to `task` (or what `work` does with its ready node) as a device with
+    `budget` bytes for training makes it: a fresh process that loads the client's shard and has
+    trained this network before (`ready_node`), then is held to its budget by the OS (`run_within`;
+    no frozen-prefix cache survives it). Raises `OutOfMemory` when the update needs more."""
+    return run_within(budget, functools.partial(ready_node, cfg, cid, task), work)
