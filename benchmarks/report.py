@@ -852,8 +852,11 @@ def render_summary() -> str:
             m = result["methods"]
             if {"neulite", "exclusivefl", "fedavg"} < m.keys():
                 h = _headline(m)
+                elastic = (
+                    f" (elastic {pct(m['neulite-elastic']['final_accuracy_mean'])})" if "neulite-elastic" in m else ""
+                )
                 parts.append(
-                    f"{split}: NeuLite {pct(h['neulite'])}, ExclusiveFL {pct(h['exclusivefl'])}, "
+                    f"{split}: NeuLite {pct(h['neulite'])}{elastic}, ExclusiveFL {pct(h['exclusivefl'])}, "
                     f"{h['best']} {pct(h['best_acc'])}, FedAvg {pct(h['fedavg'])}"
                 )
         if parts:
