@@ -106,3 +106,8 @@ def test_neulite_elastic_learns(tmp_path):
         tmp_path / "run",
     )
     assert summary["final_accuracy"] > 0.3  # chance is 0.1
+    windows = [r["estimated_bytes"] for r in summary["stages"] if "blocks" in r["label"]]
+    stages = [
+        r["estimated_bytes"] for r in summary["stages"] if r["label"].startswith("stage") and "blocks" not in r["label"]
+    ]
+    assert summary["peak_memory_bytes"] == max(windows) > max(stages)  # a client's peak is its window's
