@@ -115,12 +115,19 @@ class Simulation:
     def validation_accuracy(self) -> float:
         """Accuracy of the deployable model on the validation splits of the clients that fit some
         stage (for tuning; Flower asks the same nodes, each for its own). The model is the same for
-        every client, so one pass over their union gives the same figure as one per client, at a
-        cost that does not grow with the number of clients."""
-        indices = np.concatenate([self.clients[cid].val_indices for cid in self.server.fitting_clients()])
-        if not len(indices):
+        every client, so unless a prediction depends on its batch (`batch_dependent_evaluation`),
+        one pass over their union gives the same figure as one per client, at a cost that does not
+        grow with the number of clients."""
+        task, fitting = self.method.evaluation_task(), self.server.fitting_clients()
+        if self.method.batch_dependent_evaluation:
+            vals = [self.clients[cid].val for cid in fitting]
+        else:
+            vals = [self.splits.train.take(np.concatenate([self.clients[cid].val_indices for cid in fitting]))]
+        vals = [val for val in vals if len(val)]
+        if not vals:
             return float("nan")
-        return self.method.client_evaluate(self.method.evaluation_task(), self.splits.train.take(indices))[0]
+        correct = sum(self.method.client_evaluate(task, val)[0] * len(val) for val in vals)
+        return correct / sum(len(val) for val in vals)
 
 
 def run_experiment(

@@ -42,6 +42,9 @@ class Method(ABC):
     """
 
     respects_memory: bool = True
+    batch_dependent_evaluation: bool = False
+    """True when a sample's prediction depends on the other samples of its batch (HeteroFL's static
+    BatchNorm normalises with the batch's statistics): each client must then validate on its own data."""
 
     def __init__(self, net: StageNet, cfg: Config) -> None:
         self.net = net

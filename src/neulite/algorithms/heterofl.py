@@ -109,6 +109,8 @@ class HeteroFL(Method):
         batch size of the memory estimates).
     """
 
+    batch_dependent_evaluation = True
+
     def __init__(self, net: StageNet, cfg: Config) -> None:
         super().__init__(static_bn(net), cfg)
         self._level_memory: dict[int, MemoryBreakdown] = {}
