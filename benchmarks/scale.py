@@ -5,9 +5,10 @@ Every client holds the same number of samples whatever the federation's size (`S
 of Fashion-MNIST's training set, IID; the 10,000-client federation takes all 60,000), so a round
 trains the same amount and whatever grows with N is the framework's. Each size runs in a fresh
 process; a round's seconds are the median over the rounds after the first (which sets up torch's
-kernels), from the run's own metrics.jsonl; every figure is the median of `--repeats` runs. Memory is the peak resident memory of the run's
-processes summed (sampled every 0.5 s, or the kernel's exact ru_maxrss of the run's own process if
-that is more) and the peak summed PSS, which counts a page shared by Ray's processes once.
+kernels), from the run's own metrics.jsonl; every figure is the median of `--repeats` runs. Memory
+is the peak resident memory of the run's processes summed (sampled every 0.5 s, or the kernel's
+exact ru_maxrss of the run's own process if that is more) and the peak summed PSS, which counts a
+page shared by Ray's processes once.
 
 Writes benchmarks/results/scale.json. Needs `apt-get install dataset-fashion-mnist` and, for
 Flower, the flower extra.  Run: python benchmarks/scale.py [--clients 100,1000,10000] [--flower 100,1000,10000]

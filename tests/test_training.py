@@ -82,9 +82,9 @@ def test_eligibility_follows_budgets_and_infeasible_budgets_fail_early():
     sim = Simulation(load_config(overrides=SMALL))
     for plan in sim.method.plans():
         peak = sim.method.memory(plan).total
-        assert {c.cid for c, _ in sim.eligible(plan)} == {c.cid for c in sim.clients if c.budget >= peak}
+        assert {cid for cid, _ in sim.server.eligible(plan)} == {c.cid for c in sim.clients if c.budget >= peak}
     oracle = Simulation(load_config(overrides=[*SMALL, "method.name=fedavg", "clients.fractions=[0.1, 0.2]"]))
-    assert len(oracle.eligible(oracle.method.plan(1))) == 6
+    assert len(oracle.server.eligible(oracle.method.plan(1))) == 6
     with pytest.raises(NeuliteError, match="budget no stage fits: full-model training"):
         Simulation(load_config(overrides=[*SMALL, "method.name=exclusivefl", "clients.fractions=[0.1, 0.9]"]))
     with pytest.raises(NeuliteError, match="budget no stage fits: stage 1"):

@@ -244,9 +244,7 @@ class RunLog:
             "num_clients": len(budgets),
             "participation": len(server.participated) / len(budgets),
             "full_model_clients": sum(b >= server.full_peak for b in budgets) / len(budgets),
-            "peak_memory_bytes": max(
-                method.memory(trained).total for p in method.plans() for trained in (p, *method.windows(p))
-            ),
+            "peak_memory_bytes": max(method.memory(plan).total for plan in method.trained_plans()),
             "full_model_peak_bytes": server.full_peak,
             "bytes_down": sum(r["bytes_down"] for r in rows),
             "bytes_up": sum(r["bytes_up"] for r in rows),

@@ -264,15 +264,12 @@ class Server:
         """Estimated peak of each stage the method trains (and of its wider windows, and of full-model
         training), with how many clients fit it."""
         rows = []
-        for plan in self.method.plans():
-            for trained in (plan, *self.method.windows(plan)):
-                peak = self.method.memory(trained).total
-                label = "full" if plan.full else f"stage {plan.stage}"
-                if trained.window > 1:
-                    label += f", blocks {trained.stage}-{trained.last}"
-                rows.append(
-                    {"label": label, "stage": plan.stage, "estimated_bytes": peak, "clients_fit": self._fit(peak)}
-                )
+        for plan in self.method.trained_plans():
+            peak = self.method.memory(plan).total
+            label = "full" if plan.full else f"stage {plan.stage}"
+            if plan.window > 1:
+                label += f", blocks {plan.stage}-{plan.last}"
+            rows.append({"label": label, "stage": plan.stage, "estimated_bytes": peak, "clients_fit": self._fit(peak)})
         if not any(r["label"] == "full" for r in rows):
             rows.append(
                 {

@@ -22,8 +22,7 @@ from neulite.client_pool import ClientPool
 from neulite.config import Config
 from neulite.errors import NeuliteError
 from neulite.experiment import build_experiment
-from neulite.federation import Client, augment_enabled, make_clients, train_on_device
-from neulite.models.stage_net import StagePlan
+from neulite.federation import augment_enabled, make_clients, train_on_device
 from neulite.prefix_cache import PrefixStore
 from neulite.results import ResultsDir, RunLog
 from neulite.server import RoundRecord
@@ -66,10 +65,6 @@ class Simulation:
     def query(self, task: ClientTask) -> Mapping[int, ClientResult]:
         """Every client's calibration reply for `task` (see `Server.query`)."""
         return {c.cid: self.method.client_calibrate(task, c.train) for c in self.clients}
-
-    def eligible(self, plan: StagePlan) -> list[tuple[Client, int]]:
-        """The clients that can take part in a stage, each with the capacity level it would train."""
-        return [(self.clients[cid], level) for cid, level in self.server.eligible(plan)]
 
     def train(self, cid: int, task: ClientTask) -> ClientResult:
         """One client's reply to its task (replaced on an instance to stand in for a faulty or hostile client)."""

@@ -64,6 +64,10 @@ class Method(ABC):
         """Wider plans that a client who fits more may train at `plan`'s stage (elastic NeuLite), narrowest first."""
         return []
 
+    def trained_plans(self) -> list[StagePlan]:
+        """Every plan a client may be sent: each stage, then its wider windows."""
+        return [trained for plan in self.plans() for trained in (plan, *self.windows(plan))]
+
     def setup(self, budgets: Mapping[int, int]) -> None:
         """Adapt to the federation before the first round, from the budgets the clients reported
         (AllSmall sizes its model to the smallest)."""

@@ -30,11 +30,12 @@ class StagePlan:
 
     window: how many blocks from block t on train together (elastic NeuLite's forward window: a
     client that fits more pre-trains the next blocks before their stage begins), with the output
-    module of the window's last block (`last`); 1 is the paper's stage. harmonize: the tail of block t-1 trains too (the Training Harmonizer); mentor: the projection
-    head P_t trains (the Curriculum Mentor's label term); bn_drift: the frozen blocks' BatchNorm
-    statistics move and are returned (the reference code's behaviour) instead of staying fixed;
-    recompute: what trains keeps only its segments' inputs and re-runs their forward in backward
-    (`recomputed`), for less memory at the cost of time; the result is the same.
+    module of the window's last block (`last`); 1 is the paper's stage. harmonize: the tail of block
+    t-1 trains too (the Training Harmonizer); mentor: the projection head P_t trains (the Curriculum
+    Mentor's label term); bn_drift: the frozen blocks' BatchNorm statistics move and are returned
+    (the reference code's behaviour) instead of staying fixed; recompute: what trains keeps only its
+    segments' inputs and re-runs their forward in backward (`recomputed`), for less memory at the
+    cost of time; the result is the same.
     Subclasses (a method's own kinds of plan) register themselves by class name, so that the wire
     format can rebuild any plan without knowing the methods.
     """
