@@ -1,5 +1,6 @@
 """Elastic NeuLite: a client whose budget fits more trains the next blocks with its stage's block (a
-forward window), and the server merges each tensor over the clients that trained it."""
+forward window) or the frozen blocks before it (a backward window), and the server merges each
+tensor over the clients that trained it."""
 
 import dataclasses
 
@@ -45,14 +46,42 @@ def test_a_window_trains_the_next_blocks_with_the_last_blocks_output_module():
     assert set(net.down_names(to_the_end)) >= set(net.state_names(("model.blocks.0",)))
 
 
-@pytest.mark.parametrize(("stage", "window"), [(2, 3), (3, 2), (1, 0), (0, 2), (4, 1)])
-def test_a_plan_beyond_the_model_is_refused(stage: int, window: int):
+def test_a_backward_window_trains_the_blocks_before_the_stage_with_the_harmonizer_one_further_back():
+    net = _net()
+    back = dataclasses.replace(net.plan(3, harmonize=True, mentor=True), reach=1)
+    assert (back.first, back.last, net.frozen_depth(back)) == (2, 3, 0)
+    up = net.up_names(back)
+    assert set(net.state_names(("model.blocks.1", "model.blocks.2", "model.head"))) <= set(up)
+    assert _starting(up, "model.blocks.0.layer1.1") and not _starting(up, "model.blocks.0.layer1.0")
+    assert not _starting(up, "outputs", "projections.0", "projections.1")
+    params = net.prepare(back)
+    x, y = torch.randn(4, 1, 28, 28), torch.arange(4)
+    torch.nn.functional.cross_entropy(net.stage_forward(x, back)[1], y).backward()
+    block2 = list(net.model.blocks[1].parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in block2)
+    assert {id(p) for p in block2} <= {id(p) for p in params}
+    everything = dataclasses.replace(net.plan(3, harmonize=True), reach=2)
+    assert net.frozen_depth(everything) == 0 and _starting(net.up_names(everything), "model.blocks.0.stem")
+    assert net.down_names(everything) == net.up_names(everything)
+
+
+@pytest.mark.parametrize(
+    ("stage", "window", "reach"),
+    [(2, 3, 0), (3, 2, 0), (1, 0, 0), (0, 2, 0), (4, 1, 0), (1, 1, 1), (3, 1, 3), (2, 1, -1)],
+)
+def test_a_plan_beyond_the_model_is_refused(stage: int, window: int, reach: int):
     with pytest.raises(NeuliteError, match="bad stage plan"):
-        StagePlan(stage, 3, window=window)
+        StagePlan(stage, 3, window=window, reach=reach)
 
 
-def _elastic(max_window: int) -> NeuLite:
-    cfg = load_config(overrides=["method.name=neulite", f"method.neulite.max_window={max_window}"])
+def _elastic(max_window: int, direction: str = "forward") -> NeuLite:
+    cfg = load_config(
+        overrides=[
+            "method.name=neulite",
+            f"method.neulite.max_window={max_window}",
+            f"method.neulite.window_direction={direction}",
+        ]
+    )
     return NeuLite(_net(), cfg)
 
 
@@ -69,35 +98,60 @@ def test_each_budget_gets_the_widest_window_it_fits():
     assert _elastic(1).assign(plan, peaks[2]) == 0  # the paper's NeuLite
 
 
+def test_a_backward_window_reaches_as_far_back_as_the_budget_fits():
+    method = _elastic(0, "backward")
+    assert method.windows(method.plan(1)) == []  # nothing before the first block
+    plan = method.plan(method.stage_rounds[0] + method.stage_rounds[1] + 1)
+    wider = method.windows(plan)
+    assert [(p.stage, p.reach) for p in wider] == [(3, 1), (3, 2)]
+    peaks = [method.memory(p).total for p in (plan, *wider)]
+    assert peaks[0] < peaks[1] < peaks[2]
+    assert [method.assign(plan, b) for b in (peaks[2], peaks[1], peaks[0], peaks[0] - 1)] == [3, 2, 0, None]
+    assert method.configure_train(1, plan, 3, seed=0).plan.reach == 2
+    assert _elastic(2, "backward").windows(plan) == wider[:1]
+    load_config(
+        overrides=[
+            "method.neulite.max_window=0",
+            "method.neulite.window_direction=backward",
+            "method.neulite.inherit_outputs=true",
+        ]
+    )
+
+
 def test_a_wider_window_and_inherited_outputs_exclude_each_other():
     with pytest.raises(NeuliteError, match="inherit_outputs"):
         load_config(overrides=["method.neulite.max_window=0", "method.neulite.inherit_outputs=true"])
 
 
-def test_an_elastic_round_merges_each_tensor_over_the_clients_that_trained_it():
+@pytest.mark.parametrize(("variant", "stage"), [("neulite-elastic", 1), ("neulite-elastic-backward", 2)])
+def test_an_elastic_round_merges_each_tensor_over_the_clients_that_trained_it(variant: str, stage: int):
     sim = Simulation(
-        load_config(overrides=[*DIGITS, "method.name=neulite-elastic", "clients.per_round=6", "method.rounds=3"])
+        load_config(overrides=[*DIGITS, f"method.name={variant}", "clients.per_round=6", "method.rounds=3"])
     )
     replies = {}
     honest = sim.train
 
     def train(cid, task):
-        replies[cid] = (task.plan.window, honest(cid, task))
+        replies[cid] = (task.plan.first != task.plan.last, honest(cid, task))
         return replies[cid][1]
 
     sim.train = train
-    sim.run_round(1)
-    windows = {w for w, _ in replies.values()}
-    assert 1 in windows and len(windows) > 1, windows  # the budgets give both kinds of client
+    sim.run_round(stage)
+    assert {wide for wide, _ in replies.values()} == {False, True}  # the budgets give both kinds of client
     state = sim.method.net.state_dict()
     for name, expected in merge_results([r for _, r in replies.values()], sim.cfg.server).items():
         assert torch.equal(state[name], expected), name
     rows = {r["label"]: r["clients_fit"] for r in sim.server.memory_rows()}  # the run's summary: who fits what
-    assert rows["stage 1"] >= rows["stage 1, blocks 1-2"] >= rows["stage 1, blocks 1-3"] >= 1
-    assert rows["stage 2"] >= rows["stage 2, blocks 2-3"] and "stage 3, blocks 3-3" not in rows
-    wide = [r for w, r in replies.values() if w > 1]
-    block2 = [n for n in wide[0].arrays if n.startswith("model.blocks.1.")]
-    assert block2 and all(n not in r.arrays for w, r in replies.values() if w == 1 for n in block2)
+    if variant == "neulite-elastic":
+        assert rows["stage 1"] >= rows["stage 1, blocks 1-2"] >= rows["stage 1, blocks 1-3"] >= 1
+        assert rows["stage 2"] >= rows["stage 2, blocks 2-3"] and "stage 3, blocks 3-3" not in rows
+    else:
+        assert rows["stage 2"] >= rows["stage 2, blocks 1-2"] >= 1 and "stage 1, blocks 1-1" not in rows
+        assert rows["stage 3"] >= rows["stage 3, blocks 2-3"] >= rows["stage 3, blocks 1-3"]
+    extra = "model.blocks.1." if variant == "neulite-elastic" else "model.blocks.0.stem"
+    wide = [r for w, r in replies.values() if w]
+    extra_names = [n for n in wide[0].arrays if n.startswith(extra)]
+    assert extra_names and all(n not in r.arrays for w, r in replies.values() if not w for n in extra_names)
 
 
 def test_neulite_elastic_learns(tmp_path):

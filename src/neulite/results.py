@@ -265,7 +265,8 @@ def summary_table(summary: dict[str, Any]) -> Table:
     table.add_row("clients that fit full-model training", f"{summary['full_model_clients']:.0%}")
     for row in summary["stages"]:
         table.add_row(
-            f"peak memory, {row['label']}", f"{row['estimated_bytes'] / MIB:.1f} MiB ({row['clients_fit']} clients fit)"
+            f"peak memory, {row['label']}",
+            f"{row['estimated_bytes'] / MIB:.1f} MiB ({row['clients_fit']} {'client fits' if row['clients_fit'] == 1 else 'clients fit'})",
         )
     table.add_row("bytes down / up", f"{summary['bytes_down'] / MIB:.1f} / {summary['bytes_up'] / MIB:.1f} MiB")
     return table

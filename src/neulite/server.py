@@ -267,8 +267,8 @@ class Server:
         for plan in self.method.trained_plans():
             peak = self.method.memory(plan).total
             label = "full" if plan.full else f"stage {plan.stage}"
-            if plan.window > 1:
-                label += f", blocks {plan.stage}-{plan.last}"
+            if plan.first != plan.last:
+                label += f", blocks {plan.first}-{plan.last}"
             rows.append({"label": label, "stage": plan.stage, "estimated_bytes": peak, "clients_fit": self._fit(peak)})
         if not any(r["label"] == "full" for r in rows):
             rows.append(

@@ -45,9 +45,9 @@ class NeuLiteOptions:
     instead of running them in eval mode. inherit_outputs: when stage t+1 starts, start Op_{t+1}'s
     light layers and classifier (or, at the last stage, the real head) from the matching layers
     of Op_t, which stood in for the same blocks, instead of from scratch. max_window: elastic
-    NeuLite: a client whose budget fits it trains the next blocks too, up to this many blocks
-    from the stage's on (0: as many as it fits; 1: the paper's stage for everyone); see
-    `StagePlan.window`.
+    NeuLite: a client whose budget fits it trains more blocks, up to this many in all (0: as many as
+    it fits; 1: the paper's stage for everyone); window_direction: "forward" (the next blocks:
+    `StagePlan.window`) or "backward" (the frozen blocks before the stage's: `StagePlan.reach`).
     """
 
     schedule: str = "sequential"
@@ -62,18 +62,20 @@ class NeuLiteOptions:
     frozen_bn_drift: bool = False
     inherit_outputs: bool = False
     max_window: int = 1
+    window_direction: str = "forward"
 
     def __post_init__(self) -> None:
         choice("method.neulite.schedule", self.schedule, ("sequential", "cyclic"))
         choice("method.neulite.stage_split", self.stage_split, ("equal", "params"))
+        choice("method.neulite.window_direction", self.window_direction, ("forward", "backward"))
         check(all(r >= 1 for r in self.stage_rounds), "method.neulite.stage_rounds entries must be >= 1")
         check(self.sigma > 0, "method.neulite.sigma must be > 0")
         check(self.lambda_scale >= 0, "method.neulite.lambda_scale must be >= 0")
         check(self.max_window >= 0, "method.neulite.max_window must be >= 0 (0: as many blocks as a client fits)")
         check(
-            not (self.inherit_outputs and self.max_window != 1),
-            "method.neulite.inherit_outputs and method.neulite.max_window != 1 exclude each other: a wider window "
-            "already trains the next stage's output module, which inheriting would overwrite",
+            not (self.inherit_outputs and self.max_window != 1 and self.window_direction == "forward"),
+            "method.neulite.inherit_outputs and a forward method.neulite.max_window != 1 exclude each other: a wider "
+            "window already trains the next stage's output module, which inheriting would overwrite",
         )
 
 
@@ -163,19 +165,24 @@ class NeuLite(Method):
         return dataclasses.replace(plan, recompute=self.cfg.train.recompute == "on")
 
     def windows(self, plan: StagePlan) -> list[StagePlan]:
-        """The stage's wider windows a client may train (up to `max_window` blocks), narrowest first."""
-        widest = plan.num_stages - plan.stage + 1
+        """The stage's wider windows a client may train (up to `max_window` blocks, in
+        `window_direction`), narrowest first."""
+        forward = self.options.window_direction == "forward"
+        widest = plan.num_stages - plan.stage + 1 if forward else plan.stage
         if self.options.max_window:
             widest = min(widest, self.options.max_window)
-        return [dataclasses.replace(plan, window=w) for w in range(2, widest + 1)]
+        if forward:
+            return [dataclasses.replace(plan, window=w) for w in range(2, widest + 1)]
+        return [dataclasses.replace(plan, reach=w - 1) for w in range(2, widest + 1)]
 
     def assign(self, plan: StagePlan, budget: int) -> int | None:
-        """The widest window the client fits (level w >= 2: `windows`); 0: the client trains the
-        stage as planned; `RECOMPUTE` (train.recompute = "auto"): it fits only when it recomputes
-        what it trains; None: it cannot take part."""
-        for wider in reversed(self.windows(plan)):
-            if budget >= self.memory(wider).total:
-                return wider.window
+        """The widest window the client fits (level 2 + its index in `windows`); 0: the client
+        trains the stage as planned; `RECOMPUTE` (train.recompute = "auto"): it fits only when it
+        recomputes what it trains; None: it cannot take part."""
+        wider = self.windows(plan)
+        for index in reversed(range(len(wider))):
+            if budget >= self.memory(wider[index]).total:
+                return index + 2
         if budget >= self.memory(plan).total:
             return 0
         if (
@@ -189,7 +196,7 @@ class NeuLite(Method):
         if level == RECOMPUTE:  # the same network; the plan tells the client to recompute
             return super().configure_train(rnd, dataclasses.replace(plan, recompute=True), 0, seed)
         if level > RECOMPUTE:
-            return super().configure_train(rnd, dataclasses.replace(plan, window=level), 0, seed)
+            return super().configure_train(rnd, self.windows(plan)[level - 2], 0, seed)
         return super().configure_train(rnd, plan, level, seed)
 
     def plan(self, rnd: int) -> StagePlan:

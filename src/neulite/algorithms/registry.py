@@ -29,6 +29,7 @@ METHODS: dict[str, Callable[[StageNet, Config], Method]] = {
     "neulite-no-harmonizer": partial(NeuLite, harmonizer=False),
     "neulite-plain": partial(NeuLite, mentor=False, harmonizer=False),
     "neulite-elastic": partial(NeuLite, max_window=0),
+    "neulite-elastic-backward": partial(NeuLite, max_window=0, window_direction="backward"),
     "fedavg": FedAvg,
     "exclusivefl": partial(FedAvg, exclusive=True),
     "allsmall": AllSmall,

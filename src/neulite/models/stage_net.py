@@ -30,8 +30,10 @@ class StagePlan:
 
     window: how many blocks from block t on train together (elastic NeuLite's forward window: a
     client that fits more pre-trains the next blocks before their stage begins), with the output
-    module of the window's last block (`last`); 1 is the paper's stage. harmonize: the tail of block
-    t-1 trains too (the Training Harmonizer); mentor: the projection head P_t trains (the Curriculum
+    module of the window's last block (`last`); 1 is the paper's stage. reach: how many blocks before
+    block t train whole as well (elastic NeuLite's backward window: a client that fits more adapts
+    the prefix to the block it trains; `first` is the first block trained); 0 is the paper's stage.
+    harmonize: the tail of the block before the first trained one trains too (the Training Harmonizer); mentor: the projection head P_t trains (the Curriculum
     Mentor's label term); bn_drift: the frozen blocks' BatchNorm statistics move and are returned
     (the reference code's behaviour) instead of staying fixed; recompute: what trains keeps only its
     segments' inputs and re-runs their forward in backward (`recomputed`), for less memory at the
@@ -47,6 +49,7 @@ class StagePlan:
     bn_drift: bool = False
     recompute: bool = False
     window: int = 1
+    reach: int = 0
 
     types: ClassVar[dict[str, type[StagePlan]]] = {}
 
@@ -56,10 +59,11 @@ class StagePlan:
 
     def __post_init__(self) -> None:
         widest = 1 if self.stage == FULL_MODEL else self.num_stages - self.stage + 1
-        if not (0 <= self.stage <= self.num_stages and 1 <= self.window <= widest):
+        deepest = max(0, self.stage - 1)
+        if not (0 <= self.stage <= self.num_stages and 1 <= self.window <= widest and 0 <= self.reach <= deepest):
             raise NeuliteError(
-                f"bad stage plan: stage {self.stage} with a window of {self.window} blocks in a model of "
-                f"{self.num_stages} blocks"
+                f"bad stage plan: stage {self.stage} with a window of {self.window} blocks and a reach of "
+                f"{self.reach} blocks back in a model of {self.num_stages} blocks"
             )
 
     @property
@@ -67,20 +71,25 @@ class StagePlan:
         return self.stage == FULL_MODEL
 
     @property
+    def first(self) -> int:
+        """The first block the stage trains whole (blocks before it are frozen, but for the Harmonizer's tail)."""
+        return self.stage - self.reach
+
+    @property
     def last(self) -> int:
         """The last block the stage trains (its output module, projection head and Mentor weights are this block's)."""
         return self.stage + self.window - 1
 
     def frozen_modules(self) -> tuple[str, ...]:
-        return () if self.full else tuple(f"model.blocks.{i}" for i in range(self.stage - 1))
+        return () if self.full else tuple(f"model.blocks.{i}" for i in range(self.first - 1))
 
     def trainable_modules(self, net: StageNet) -> tuple[str, ...]:
         if self.full:
             return ("model",)
-        t, last = self.stage, self.last
-        names = [f"model.blocks.{i}" for i in range(t - 1, last)]
-        if self.harmonize and t >= 2:
-            names += [f"model.blocks.{t - 2}.{n}" for n in tail_modules(net.model.blocks[t - 2])]
+        first, last = self.first, self.last
+        names = [f"model.blocks.{i}" for i in range(first - 1, last)]
+        if self.harmonize and first >= 2:
+            names += [f"model.blocks.{first - 2}.{n}" for n in tail_modules(net.model.blocks[first - 2])]
         names.append("model.head" if last == self.num_stages else f"outputs.{last - 1}")
         if self.mentor:
             names.append(f"projections.{last - 1}")
@@ -158,7 +167,7 @@ class StageNet(nn.Module):
         """How many leading blocks the stage runs without autograd (a `PrefixCache` may hold their output)."""
         if plan.full:
             return 0
-        return plan.stage - 2 if plan.harmonize and plan.stage >= 2 else plan.stage - 1
+        return plan.first - 2 if plan.harmonize and plan.first >= 2 else plan.first - 1
 
     def stage_forward(
         self, x: torch.Tensor, plan: StagePlan, prefix: torch.Tensor | None = None
@@ -168,8 +177,8 @@ class StageNet(nn.Module):
 
         Fully frozen blocks run without autograd, so none of their activations are kept; `prefix`,
         when given, is their output for `x` (from a `PrefixCache`) and they do not run at all. With
-        the Harmonizer, block t-1 runs with autograd on but only its tail requires grad: autograd
-        then saves just what the tail needs.
+        the Harmonizer, the block before the first trained one runs with autograd on but only its
+        tail requires grad: autograd then saves just what the tail needs.
         """
         blocks = self.model.blocks
         if plan.full:
