@@ -34,6 +34,7 @@ METHODS = (
     "neulite",
     "neulite-adaptive",
     "neulite-elastic",
+    "neulite-elastic-backward",
 )
 SPLITS = {
     "dirichlet-0.1": ["data.partition=dirichlet", "data.alpha=0.1"],
