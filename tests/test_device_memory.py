@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import functools
+import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from neulite import device_memory
+from neulite.cli import main
 from neulite.config import load_config
 from neulite.device_memory import (
     OutOfMemory,
@@ -15,6 +19,8 @@ from neulite.device_memory import (
     cgroup_limits,
     enforced_limits,
     enforcement,
+    group_home,
+    memory_group,
     run_within,
 )
 from neulite.errors import NeuliteError
@@ -58,6 +64,47 @@ def test_cgroup_v1_memory_limits_are_read_and_other_controllers_ignored(tmp_path
     assert "cgroup v1" in limits[0].source
 
 
+def test_a_memory_group_is_made_beside_a_v2_group_and_under_a_v1_group(tmp_path: Path):
+    v2 = tmp_path / "v2"
+    _write(v2, cgroup__controllers="cpu memory")
+    _write(v2 / "fleet", cgroup__subtree_control="cpu memory\n")
+    (v2 / "fleet" / "node-1").mkdir()
+    home = group_home(v2, "0::/fleet/node-1\n")
+    assert home == ("cgroup v2", v2 / "fleet")  # a v2 group with processes in it cannot have children
+    group = memory_group("device", 64 * MIB, home)
+    assert (group / "memory.max").read_text() == str(64 * MIB)
+    _write(v2 / "fleet", cgroup__subtree_control="cpu\n")
+    assert group_home(v2, "0::/fleet/node-1\n") is None  # the memory controller is not passed down
+    _write(v2, cgroup__subtree_control="memory")
+    assert group_home(v2, "0::/\n") == ("cgroup v2", v2)  # the root group may hold both
+    v1 = tmp_path / "v1"
+    (v1 / "memory" / "node").mkdir(parents=True)
+    assert group_home(v1, "4:memory:/node\n3:cpuset:/\n0::/\n") == ("cgroup v1", v1 / "memory" / "node")
+    group = memory_group("device", 32 * MIB, ("cgroup v1", v1 / "memory" / "node"))
+    assert (group / "memory.limit_in_bytes").read_text() == str(32 * MIB)
+
+
+TOUCH = "b = bytearray({mb} << 20); b[::4096] = bytes(len(b[::4096])); print('allocated {mb} MiB')"
+
+
+@pytest.mark.parametrize("how", ["enforced here", "RLIMIT_DATA"])
+def test_neulite_limit_runs_a_command_as_a_device_with_that_memory(monkeypatch, capfd, how: str):
+    if how == "RLIMIT_DATA":
+        monkeypatch.setattr(device_memory, "enforcement", lambda: "RLIMIT_DATA")
+    assert main(["limit", "--memory-mb", "64", "--", sys.executable, "-c", TOUCH.format(mb=16)]) == 0
+    status = main(["limit", "--memory-mb", "64", "--", sys.executable, "-c", TOUCH.format(mb=256)])
+    out, err = capfd.readouterr()
+    assert "allocated 16 MiB" in out and "allocated 256 MiB" not in out
+    if how == "RLIMIT_DATA" or enforcement() == "RLIMIT_DATA":
+        assert status == 1 and "MemoryError" in err  # the allocation refused
+    else:
+        assert status == 128 + 9 and "the kernel killed 1 process(es) that needed more than 64 MiB" in err
+    home = group_home()
+    assert home is None or not (home[1] / f"neulite-node-{os.getpid()}").exists()  # the group goes with the command
+    assert main(["limit", "--memory-mb", "64"]) == 2
+    assert "no command to run" in capfd.readouterr().err
+
+
 def _nothing() -> None:
     return None
 
@@ -74,9 +121,7 @@ def test_a_data_limit_refuses_what_a_device_lacks_and_the_parent_stays_free():
         run_within(-5, _nothing, _nothing)
 
 
-needs_cgroups = pytest.mark.skipif(
-    enforcement() != "cgroup v1", reason="needs permission to create memory cgroups (root on cgroup v1)"
-)
+needs_cgroups = pytest.mark.skipif(enforcement() == "RLIMIT_DATA", reason="needs permission to create memory cgroups")
 
 
 SMALL = [

@@ -1,7 +1,8 @@
 """Flower's deployment engine on loopback: a real SuperLink (TLS, SuperNode authentication) and 2
 SuperNodes, each with its partition and memory budget in its node config, run neulite for 2 rounds
-through `flwr run apps/flower`. The budgets the nodes report decide who trains which stage; a third
-SuperNode, whose key was never registered, is refused. (Each message a node gets starts a Python
+through `flwr run apps/flower`. The budgets the nodes report decide who trains which stage: one
+node's from its node config, the other's measured under the memory limit `neulite limit` starts it
+with (a device); a third SuperNode, whose key was never registered, is refused. (Each message a node gets starts a Python
 process that imports torch: two nodes keep the test within the suite's time.)"""
 
 from __future__ import annotations
@@ -20,13 +21,17 @@ from pathlib import Path
 
 import pytest
 
+from neulite.memory import MIB
+
 pytest.importorskip("flwr")
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow  # starts a SuperLink and SuperNodes
 
-BUDGETS_MB = (19, 30)  # small_cnn in 2 blocks at batch 32: stage 2 18.1 MiB, stage 1 20.4 MiB, full 28.7 MiB
+# small_cnn in 2 blocks at batch 32: stage 2 18.1 MiB, stage 1 20.4 MiB, full 28.7 MiB; None: measured
+BUDGETS_MB = (19, None)
+LIMIT_MB = 1200  # the measured node's device: its SuperNode, the ClientApp process and training share it
 
 
 def _free_port() -> int:
@@ -140,9 +145,12 @@ def test_superlink_and_two_supernodes_on_loopback_train_with_reported_budgets(tm
         for i in range(len(BUDGETS_MB)):
             assert procs.flwr("supernode", "register", str(certs / f"supernode-{i}.pub"), "local")["success"]
         for i, budget in enumerate((*BUDGETS_MB, 1000)):  # the last key is never registered
+            supernode = ("flower-supernode",)
+            if budget is None:  # a device: the SuperNode under a memory limit
+                supernode = ("neulite", "limit", "--memory-mb", str(LIMIT_MB), "--", str(BIN / supernode[0]))
             procs.start(
                 f"supernode-{i}",
-                "flower-supernode",
+                *supernode,
                 "--superlink",
                 f"127.0.0.1:{port}",
                 "--root-certificates",
@@ -154,7 +162,7 @@ def test_superlink_and_two_supernodes_on_loopback_train_with_reported_budgets(tm
                 "--max-wait-time",
                 "120",
                 "--node-config",
-                f"partition-id={i} num-partitions={len(BUDGETS_MB)} budget-mb={budget}",
+                f"partition-id={i} num-partitions={len(BUDGETS_MB)}" + (f" budget-mb={budget}" if budget else ""),
             )
         run_config = f'method.rounds=2 model.blocks=2 data.num_clients={len(BUDGETS_MB)} clients.per_round={len(BUDGETS_MB)} train.local_epochs=1 out="{out}" round-timeout=300.0'
         started = procs.flwr("run", str(ROOT / "apps" / "flower"), "local", "--run-config", run_config)
@@ -177,7 +185,13 @@ def test_superlink_and_two_supernodes_on_loopback_train_with_reported_budgets(tm
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # the SuperLink activated the registered nodes only: the unregistered one never joined
     assert (logs / "superlink.log").read_text().count("[Fleet.ActivateNode] Activated") == 2
-    # stage 1 fits only the 30 MB node, stage 2 both
+    # the measured node's budget is its limit less what the node holds (its SuperNode, a ClientApp
+    # process with torch and its shard): above full-model training's peak, well below the limit
+    budgets = summary["node_budgets"]
+    assert budgets["0"] == {"budget_bytes": 19 * MIB, "source": "node-config"}
+    assert budgets["1"]["source"] == "measured", budgets
+    assert 100 * MIB < budgets["1"]["budget_bytes"] < (LIMIT_MB - 250) * MIB, budgets
+    # stage 1 fits only the measured node, stage 2 both
     assert [(r["stage"], r["eligible"], r["participants"]) for r in rows] == [(1, 1, 1), (2, 2, 2)]
     assert summary["driver"] == "flower" and summary["nodes"] == 2 and summary["participation"] == 1.0
     assert summary["final_accuracy"] > 0.1

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from neulite.config import load_config
+from neulite.device_memory import run_limited
 from neulite.errors import NeuliteError
 from neulite.memory import MIB
 
@@ -183,6 +184,11 @@ WORKERS_HELP = (
 )
 
 
+def _limit(args: argparse.Namespace) -> int:
+    command = args.command_line[1:] if args.command_line[:1] == ["--"] else args.command_line
+    return run_limited(command, int(args.memory_mb * MIB))
+
+
 def _network_arguments(parser: argparse.ArgumentParser, model: str) -> None:
     """The network and batch a memory question is about."""
     parser.add_argument("--model", default=model)
@@ -268,20 +274,30 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--no-recompute", action="store_true", help='plan without train.recompute = "auto"')
     plan.add_argument("--json", action="store_true")
     plan.set_defaults(func=_plan)
+    limit = sub.add_parser(
+        "limit",
+        help="run a command (a Flower SuperNode, say) as a device with this much memory",
+        description="Run COMMAND in a memory cgroup of its own limited to --memory-mb (cgroup v2 or v1; where this "
+        "process may not create one, an RLIMIT_DATA on each process it starts). A node started so reports its "
+        'budget from the limit with clients.budget = "measured". Exits with the command\'s status.',
+    )
+    limit.add_argument("--memory-mb", type=float, required=True, help="the device's memory in MiB")
+    limit.add_argument("command_line", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
+    limit.set_defaults(func=_limit)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        status = args.func(args)
     except NeuliteError as exc:
         print(f"neulite: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("neulite: interrupted (completed rounds are checkpointed; use --resume)", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

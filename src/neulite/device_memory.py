@@ -5,11 +5,13 @@ CUDA), or less where a limit is enforced on the process (its cgroup's memory lim
 an `RLIMIT_DATA` / `RLIMIT_AS` resource limit), minus what the process already holds. `limited`
 enforces a budget on a stretch of training and `run_within` runs training as a device of that
 budget would, so a client that needs more than it has fails as it would on a device (an
-allocation refused), not silently.
+allocation refused), not silently. `run_limited` starts any command (a Flower SuperNode, say) as
+such a device: `neulite limit --memory-mb N -- COMMAND`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import multiprocessing
@@ -18,6 +20,9 @@ import pickle
 import re
 import resource
 import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,7 +38,7 @@ from neulite.memory import MIB
 _UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as a page-rounded 2**63 - 1
 S = TypeVar("S")
 T = TypeVar("T")
-_CGROUP_V1 = Path("/sys/fs/cgroup/memory")
+_CGROUPS = Path("/sys/fs/cgroup")
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
 
 
@@ -204,26 +209,85 @@ def warm_up() -> None:
     optimizer.step()
 
 
-def _memory_group() -> Path | None:
-    """The cgroup v1 memory group this process is in, where this machine mounts one."""
-    try:
-        membership = Path("/proc/self/cgroup").read_text()
-    except OSError:
-        return None
-    return next((_CGROUP_V1 / path for controllers, path in _memberships(membership) if "memory" in controllers), None)
+# per cgroup version: the memory limit's file, and the swap limit's (set too where the kernel has
+# one, so that swap cannot stand in for the RAM a device lacks)
+_LIMIT_FILES = {
+    "cgroup v2": ("memory.max", "memory.swap.max"),
+    "cgroup v1": ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes"),
+}
+
+
+def group_home(root: Path = _CGROUPS, membership: str | None = None) -> tuple[str, Path] | None:
+    """("cgroup v2" or "cgroup v1", the folder where this process may create a memory group), or
+    None where it may not. v1: under its own memory group. v2: beside its own group, since a v2
+    group that holds processes cannot also have children with controllers; the parent must pass the
+    memory controller down (`cgroup.subtree_control`), as it does wherever the own group has one."""
+    if membership is None:
+        try:
+            membership = Path("/proc/self/cgroup").read_text()
+        except OSError:
+            return None
+    for controllers, path in _memberships(membership):
+        if not controllers:
+            base = root if (root / "cgroup.controllers").is_file() else root / "unified"
+            home = (base / path).parent if path else base
+            try:
+                delegated = "memory" in (home / "cgroup.subtree_control").read_text().split()
+            except OSError:
+                delegated = False
+            if delegated and os.access(home, os.W_OK):
+                return "cgroup v2", home
+        elif "memory" in controllers and os.access(root / "memory" / path, os.W_OK):
+            return "cgroup v1", root / "memory" / path
+    return None
 
 
 def enforcement() -> str:
-    """How `run_within` holds a device to its budget here: "cgroup v1" where this process may
-    create memory groups (resident memory, as a device's RAM counts it), else "RLIMIT_DATA"
-    (virtual memory: stricter, since oneDNN's kernel code and glibc's reserves count too)."""
-    group = _memory_group()
-    return "cgroup v1" if group is not None and os.access(group, os.W_OK) else "RLIMIT_DATA"
+    """How `run_within` and `run_limited` hold a device to its budget here: "cgroup v2" or
+    "cgroup v1" where this process may create memory groups (resident memory, as a device's RAM
+    counts it), else "RLIMIT_DATA" (virtual memory: stricter, since oneDNN's kernel code and glibc's
+    reserves count too)."""
+    home = group_home()
+    return "RLIMIT_DATA" if home is None else home[0]
+
+
+def memory_group(name: str, budget: int, home: tuple[str, Path] | None = None) -> Path:
+    """A new memory group `name` limited to `budget` bytes (RAM, and no swap where the kernel counts
+    it) in `home` (default: `group_home()`); a process joins it by writing its pid to the group's
+    cgroup.procs."""
+    home = home or group_home()
+    if home is None:
+        raise NeuliteError("this process may not create memory cgroups (it needs write access to a memory hierarchy)")
+    how, folder = home
+    group = folder / name
+    group.mkdir()
+    limit, swap = _LIMIT_FILES[how]
+    (group / limit).write_text(str(budget))
+    if (group / swap).exists():
+        (group / swap).write_text("0" if how == "cgroup v2" else str(budget))
+    return group
+
+
+def remove_group(group: Path) -> None:
+    """Kill what is left in `group` (processes a command left behind) and remove it."""
+    for _ in range(50):
+        try:
+            pids = [int(p) for p in (group / "cgroup.procs").read_text().split()]
+        except OSError:
+            return
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.02)
+    with contextlib.suppress(OSError):
+        group.rmdir()
 
 
 def _device_group(pid: int) -> Path | None:
-    group = _memory_group()
-    return None if group is None else group / f"neulite-device-{pid}"
+    home = group_home()
+    return None if home is None else home[1] / f"neulite-device-{pid}"
 
 
 @contextmanager
@@ -234,10 +298,7 @@ def _held(budget: int, how: str) -> Iterator[None]:
             yield
         return
     _account_allocations()
-    group = _device_group(os.getpid())
-    assert group is not None
-    group.mkdir()
-    (group / "memory.limit_in_bytes").write_text(str(budget))
+    group = memory_group(f"neulite-device-{os.getpid()}", budget)
     (group / "cgroup.procs").write_text(str(os.getpid()))  # from now on, what it touches is charged here
     yield
 
@@ -267,12 +328,12 @@ def run_within(budget: int, setup: Callable[[], S], work: Callable[[S], T], how:
     allocation). glibc maps every block of 64 KiB or more on its own there, so what is held is what
     is used. `setup` and `work` must pickle (top-level functions, `functools.partial`); so must
     what they return. Raises `work`'s exception, or `OutOfMemory` when it needed more. `how`
-    ("cgroup v1" or "RLIMIT_DATA") overrides `enforcement()`."""
+    ("cgroup v2", "cgroup v1" or "RLIMIT_DATA") overrides `enforcement()`."""
     if not isinstance(budget, int) or budget <= 0:
         raise NeuliteError(f"run_within: budget must be a positive number of bytes, got {budget!r}")
     how = how or enforcement()
-    if how not in ("cgroup v1", "RLIMIT_DATA"):
-        raise NeuliteError(f'run_within: how must be "cgroup v1" or "RLIMIT_DATA", got {how!r}')
+    if how not in (*_LIMIT_FILES, "RLIMIT_DATA"):
+        raise NeuliteError(f'run_within: how must be "cgroup v2", "cgroup v1" or "RLIMIT_DATA", got {how!r}')
     # a fresh process: a fork's copy-on-write copies of this one's pages would be charged to it
     context = multiprocessing.get_context("spawn")
     receive, send = context.Pipe(duplex=False)
@@ -287,7 +348,7 @@ def run_within(budget: int, setup: Callable[[], S], work: Callable[[S], T], how:
         else:
             os.environ["MALLOC_MMAP_THRESHOLD_"] = before
     send.close()
-    group = _device_group(child.pid) if how == "cgroup v1" else None
+    group = _device_group(child.pid) if how in _LIMIT_FILES else None
     try:
         try:
             ok, value = pickle.loads(receive.recv_bytes())
@@ -304,7 +365,67 @@ def run_within(budget: int, setup: Callable[[], S], work: Callable[[S], T], how:
     finally:
         receive.close()
         if group is not None and group.exists():
-            group.rmdir()
+            remove_group(group)
     if not ok:
         raise value
     return value
+
+
+def run_limited(command: list[str], budget: int) -> int:
+    """Run `command` as a device with `budget` bytes of memory and return its exit status: in a
+    memory cgroup of its own with that limit (the command and every process it starts share it,
+    as a device's RAM; the kernel kills beyond it), or where this process cannot create one, with
+    an `RLIMIT_DATA` of `budget` on each process it starts. A node started so reports its budget from
+    that limit (`clients.budget = "measured"`). SIGINT and SIGTERM are passed on; what the command
+    leaves running in its group is stopped with it."""
+    if not command:
+        raise NeuliteError("neulite limit: no command to run (give it after --)")
+    if budget <= 0:
+        raise NeuliteError(f"neulite limit: the memory limit must be positive, got {budget} bytes")
+    how = enforcement()
+    group = memory_group(f"neulite-node-{os.getpid()}", budget) if how in _LIMIT_FILES else None
+
+    def join() -> None:  # in the child, before it runs the command
+        if group is None:
+            resource.setrlimit(resource.RLIMIT_DATA, (budget, resource.getrlimit(resource.RLIMIT_DATA)[1]))
+        else:
+            (group / "cgroup.procs").write_text(str(os.getpid()))
+
+    print(f"neulite limit: {budget / MIB:.0f} MiB ({how}) for {' '.join(command)}", file=sys.stderr, flush=True)
+    try:
+        child = subprocess.Popen(command, preexec_fn=join)  # preexec_fn: safe, this process runs no threads
+    except OSError as exc:
+        if group is not None:
+            remove_group(group)
+        raise NeuliteError(f"neulite limit: cannot start {command[0]}: {exc.strerror}") from None
+    passed = {
+        sig: signal.signal(sig, lambda number, _: child.send_signal(number)) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    kills = 0
+    try:
+        status = child.wait()
+    finally:
+        for sig, handler in passed.items():
+            signal.signal(sig, handler)
+        if group is not None:
+            kills = oom_kills(group)
+            remove_group(group)
+    if kills:
+        print(
+            f"neulite limit: the kernel killed {kills} process(es) that needed more than {budget / MIB:.0f} MiB",
+            file=sys.stderr,
+        )
+    return 128 - status if status < 0 else status
+
+
+def oom_kills(group: Path) -> int:
+    """How many of `group`'s processes the kernel killed for exceeding its limit (0 where unknown)."""
+    for name in ("memory.events", "memory.oom_control"):  # v2, v1
+        try:
+            text = (group / name).read_text()
+        except OSError:
+            continue
+        match = re.search(r"^oom_kill (\d+)$", text, re.MULTILINE)
+        if match:
+            return int(match.group(1))
+    return 0

@@ -46,10 +46,11 @@ def run(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     found = profile_nodes(
         grid, experiment.full_peak, partitions=cfg.data.num_clients, min_nodes=min_nodes, wait=driver.node_wait
     )
-    check_planned_budgets(experiment, {cid: budget for cid, (_, budget) in found.items()})
-    nodes = {cid: node for cid, (node, _) in found.items()}
+    budgets = {cid: profile.budget for cid, profile in found.items()}
+    check_planned_budgets(experiment, budgets)
+    nodes = {cid: profile.node for cid, profile in found.items()}
     query = NodeQuery(grid, nodes, experiment.method, timeout=driver.round_timeout)
-    server = experiment.server({cid: budget for cid, (_, budget) in found.items()}, query)
+    server = experiment.server(budgets, query)
     console = Console(force_terminal=False, soft_wrap=True)
     run_log = RunLog(cfg, driver.out, resume=driver.resume, overwrite=driver.overwrite, console=console)
     run_log.resume(server)
@@ -59,7 +60,13 @@ def run(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     )
     final = server.evaluate(experiment.method.final_plan(), experiment.splits.test)
     return run_log.finish(
-        server, final, strategy.validation_accuracy, driver="flower", nodes=len(found), **experiment.summary()
+        server,
+        final,
+        strategy.validation_accuracy,
+        driver="flower",
+        nodes=len(found),
+        node_budgets={str(cid): {"budget_bytes": p.budget, "source": p.source} for cid, p in found.items()},
+        **experiment.summary(),
     )
 
 

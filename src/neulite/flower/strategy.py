@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 from flwr.app import (
     ArrayRecord,
@@ -38,10 +39,18 @@ MAX_BUDGET = 2**50
 """The largest budget a node may report (1 PiB): beyond it a claim is not a device's."""
 
 
+class NodeProfile(NamedTuple):
+    """What a node answered the profiling query with, once checked."""
+
+    node: int
+    budget: int  # bytes
+    source: str  # where the node took its budget from: "node-config", "measured", or the budget model
+
+
 def profile_nodes(
     grid: Grid, full_peak: int, *, partitions: int, min_nodes: int, wait: float
-) -> dict[int, tuple[int, int]]:
-    """Ask every connected node for its partition and budget: {partition id: (node id, budget bytes)}.
+) -> dict[int, NodeProfile]:
+    """Ask every connected node for its partition and budget: {partition id: its `NodeProfile`}.
 
     Waits up to `wait` seconds for `min_nodes` to connect and as long again for their answers
     (a node loads its data first), and fails if fewer than `min_nodes` answer. A node that errors,
@@ -57,7 +66,7 @@ def profile_nodes(
     replies = grid.send_and_receive(
         [Message(query, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes], timeout=wait
     )
-    found: dict[int, tuple[int, int]] = {}
+    found: dict[int, NodeProfile] = {}
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error():
@@ -72,12 +81,11 @@ def profile_nodes(
         elif not 0 < budget <= MAX_BUDGET:
             log.warning("node %d left out: budget %d bytes is not in (0, %d]", node, budget, MAX_BUDGET)
         elif cid in found:
-            log.warning("node %d left out: partition %d is already held by node %d", node, cid, found[cid][0])
+            log.warning("node %d left out: partition %d is already held by node %d", node, cid, found[cid].node)
         else:
-            found[cid] = (node, budget)
-            log.info(
-                "node %d: partition %d, budget %.1f MiB (%s)", node, cid, budget / MIB, profile.get("budget-source")
-            )
+            source = str(profile.get("budget-source"))[:64]  # a node's words: kept short
+            found[cid] = NodeProfile(node, budget, source)
+            log.info("node %d: partition %d, budget %.1f MiB (%s)", node, cid, budget / MIB, source)
     if len(found) < min_nodes:
         raise NeuliteError(
             f"only {len(found)} of {min_nodes} nodes answered the profiling query within {wait:.0f} s (node-wait); "
