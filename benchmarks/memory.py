@@ -8,11 +8,12 @@ user CNNs of examples/user_cnns.py (one block per conv) at batch 32 and 64: weig
 read by benchmarks/rss_check.py, an independent check of the measurement.
 Writes benchmarks/results/memory.json after each row; rows already there measured the current way are
 kept (delete the file to redo all). Run on an idle machine (the step times):
-OMP_NUM_THREADS=1 python benchmarks/memory.py
+OMP_NUM_THREADS=1 python benchmarks/memory.py [--only user_cnns]  (only: rows whose model name holds it)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -51,6 +52,9 @@ def user_report(build: Any, input_shape: tuple[int, int, int], batch: int, recom
 
 def main() -> None:
     """Measure every row not yet measured the current way, saving after each (an interrupted run resumes)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="measure only the rows whose model name holds this")
+    only = parser.parse_args().only
     info = machine()
     print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}")
     old = json.loads(OUT.read_text()) if OUT.is_file() else {"reports": [], "seconds": 0.0}
@@ -71,6 +75,8 @@ def main() -> None:
                 jobs.append((key, partial(user_report, build, shape, batch, recompute)))
     OUT.parent.mkdir(parents=True, exist_ok=True)
     for key, run in jobs:
+        if only not in key[0]:
+            continue
         if rows.get(key, {}).get("measured_with") != MEASURED_WITH:
             rows[key] = {**run(), "recompute": key[3]}
             ordered = [rows[k] for k, _ in jobs if k in rows]
