@@ -3,6 +3,7 @@ same rows (stages, eligibility, sampling, bytes) and the same model, bit for bit
 strategy, the wire format and the ClientApp (delivered in-process by `LoopbackGrid`); hostile and
 failing nodes are left out on that same path."""
 
+import dataclasses
 import json
 import logging
 
@@ -18,6 +19,7 @@ pytest.importorskip("flwr")
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
+from neulite import federation  # noqa: E402
 from neulite.federation import client_data, client_method, load_node  # noqa: E402
 from neulite.flower.client_app import make_client_app  # noqa: E402
 from neulite.flower.server_app import run  # noqa: E402
@@ -47,7 +49,7 @@ def _rows(path):
 def _identity(monkeypatch):
     for key in ("_run_id", "_node_id", "_task_id"):  # who is sending: Flower's runtime sets these
         monkeypatch.setattr(TaskIdentity, key, 1)
-    client_data.cache_clear()
+    federation._client_data.cache_clear()
     client_method.cache_clear()
 
 
@@ -142,3 +144,16 @@ def test_a_profiling_query_is_answered_from_the_data_alone(tmp_path):
     assert profile["partition-id"] == 1 and profile["num-examples"] == len(client_data(cfg)[1][1][0]) > 0
     assert client_method.cache_info().currsize == 0
     assert load_node(cfg, 1).method.net.num_stages == 2 and client_method.cache_info().currsize == 1
+
+
+def test_a_planned_network_is_planned_once_by_the_server_and_built_from_the_task_by_each_node(tmp_path, monkeypatch):
+    """With model.blocks = "auto" the task carries the server's choice: a deployed node, a fresh
+    process per message, would otherwise plan again for each one (seconds of CPU)."""
+    plans = []
+    planner = federation.auto_blocks
+    monkeypatch.setattr(federation, "auto_blocks", lambda *args: plans.append(planner(*args)) or plans[-1])
+    cfg = load_config(overrides=[*SMALL, "model.blocks=auto", "method.name=neulite", "method.rounds=3"])
+    run_config = run_config_for(cfg, tmp_path)
+    summary = run(LoopbackGrid(make_client_app(run_config), run_config, cfg.data.num_clients), run_config)
+    assert len(plans) == 1, "a node planned again"
+    assert summary["block_plan"] == dataclasses.asdict(plans[0]) and len(_rows(tmp_path)) == 3

@@ -11,10 +11,10 @@ from neulite.models.arrays import nbytes
 from neulite.simulation import Simulation
 
 pytest.importorskip("flwr")
-from flwr.app import ArrayRecord  # noqa: E402
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict  # noqa: E402
 
 from neulite.flower.run_config import parse_run_config  # noqa: E402
-from neulite.flower.wire import decode_result, decode_task, encode_result, encode_task  # noqa: E402
+from neulite.flower.wire import decode_result, decode_task, encode_result, encode_task, task_blocks  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("wire")  # one worker computes the shared reply
 
@@ -38,7 +38,8 @@ def test_each_stage_sends_down_only_prefix_and_trained_parts_and_up_only_trained
         assert plan.stage == rnd
         results = {}
         for cid, task in configured.tasks.items():
-            record = encode_task(task)
+            record = encode_task(task, 0)
+            assert task_blocks(record) == 0
             sent = record.array_records["arrays"]
             frozen = [f"model.blocks.{i}." for i in range(rnd - 1)]
             assert list(sent.keys()) == sim.method.net.down_names(plan)
@@ -92,6 +93,13 @@ def test_malformed_replies_are_rejected_naming_the_problem(corrupt, message, rep
     with pytest.raises(NeuliteError, match=message):
         decode_result(encode_result(bad), spec)
     decode_result(encode_result(result), spec)  # the untouched reply passes
+
+
+@pytest.mark.parametrize("blocks", [-1, 9, "4", True, None])
+def test_a_task_naming_no_buildable_number_of_blocks_is_refused(blocks):
+    config = {} if blocks is None else {"model-blocks": blocks}
+    with pytest.raises(NeuliteError, match="model-blocks must be an integer in \\[0, 8\\]"):
+        task_blocks(RecordDict({"config": ConfigRecord(config)}))
 
 
 def test_a_reply_is_sized_up_before_any_tensor_is_deserialised(reply, monkeypatch):

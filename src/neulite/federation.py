@@ -137,10 +137,14 @@ class Node:
     method: Method
 
 
-@functools.lru_cache(maxsize=2)
 def client_data(cfg: Config) -> tuple[DataSplits, list[tuple[np.ndarray, np.ndarray]]]:
     """What a process serving clients loads once from the config alone: the data and the partition
-    (the same as every other driver's)."""
+    (the same as every other driver's), whatever `model.blocks` (planned or not) cuts the network."""
+    return _client_data(cfg.replace(model=replace(cfg.model, blocks=0)))
+
+
+@functools.lru_cache(maxsize=2)
+def _client_data(cfg: Config) -> tuple[DataSplits, list[tuple[np.ndarray, np.ndarray]]]:
     splits = load_splits(cfg)
     return splits, client_indices(cfg, splits)
 

@@ -15,6 +15,7 @@ the device's available memory), so a simulation sees the same federation as `neu
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -26,7 +27,7 @@ from neulite.device_memory import warm_up
 from neulite.errors import NeuliteError
 from neulite.federation import Node, load_node, node_examples, simulated_budgets
 from neulite.flower.run_config import parse_run_config
-from neulite.flower.wire import decode_task, encode_result
+from neulite.flower.wire import decode_task, encode_result, task_blocks
 from neulite.memory import MIB
 from neulite.prefix_cache import PrefixStore
 
@@ -70,8 +71,10 @@ def make_client_app(run_config: dict[str, Any] | None = None) -> ClientApp:
     def config_of(context: Context) -> Config:
         return parse_run_config({**base, **context.run_config})[0]
 
-    def node_of(context: Context) -> tuple[Config, Node]:
+    def node_of(context: Context, task: RecordDict) -> tuple[Config, Node]:
         cfg = config_of(context)
+        if cfg.model.blocks == "auto":  # the server planned once; a node builds what it chose
+            cfg = cfg.replace(model=dataclasses.replace(cfg.model, blocks=task_blocks(task)))
         return cfg, load_node(cfg, partition_id(context, cfg))
 
     @app.query()
@@ -92,13 +95,13 @@ def make_client_app(run_config: dict[str, Any] | None = None) -> ClientApp:
 
     @app.query("calibrate")
     def calibrate(msg: Message, context: Context) -> Message:
-        _, node = node_of(context)
+        _, node = node_of(context, msg.content)
         result = node.method.client_calibrate(decode_task(msg.content), node.train)
         return Message(encode_result(result), reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        cfg, node = node_of(context)
+        cfg, node = node_of(context, msg.content)
         task = decode_task(msg.content)
         store = prefixes.setdefault(cfg.train.prefix_cache_mb, PrefixStore(cfg.train.prefix_cache_mb))
         result = node.method.client_update(task, node.train, augment=node.augment, cache=store.get(node.cid))
@@ -106,7 +109,7 @@ def make_client_app(run_config: dict[str, Any] | None = None) -> ClientApp:
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        _, node = node_of(context)
+        _, node = node_of(context, msg.content)
         task = decode_task(msg.content)
         accuracy, loss = node.method.client_evaluate(task, node.val) if len(node.val) else (0.0, 0.0)
         metrics = MetricRecord({"accuracy": accuracy, "loss": loss, "num-examples": len(node.val)})

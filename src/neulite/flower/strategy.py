@@ -105,7 +105,7 @@ class NodeQuery:
 
     def __call__(self, task: ClientTask) -> dict[int, ClientResult]:
         cids = {node: cid for cid, node in self.nodes.items()}
-        content = encode_task(task)
+        content = encode_task(task, self.method.cfg.model.blocks)
         messages = [Message(content, dst_node_id=node, message_type="query.calibrate") for node in self.nodes.values()]
         spec = self.method.calibration_spec()
         results: dict[int, ClientResult] = {}
@@ -171,7 +171,11 @@ class NeuliteStrategy(Strategy):
     ) -> Iterable[Message]:
         self.round = self.server.configure(server_round + self.rounds_before)
         return [
-            Message(encode_task(task), dst_node_id=self.nodes[cid], message_type=MessageType.TRAIN)
+            Message(
+                encode_task(task, self.server.cfg.model.blocks),
+                dst_node_id=self.nodes[cid],
+                message_type=MessageType.TRAIN,
+            )
             for cid, task in self.round.tasks.items()
         ]
 
@@ -207,7 +211,7 @@ class NeuliteStrategy(Strategy):
     ) -> Iterable[Message]:
         if not self.validate or server_round + self.rounds_before != self.server.cfg.method.rounds:
             return []
-        record = encode_task(self.server.method.evaluation_task())
+        record = encode_task(self.server.method.evaluation_task(), self.server.cfg.model.blocks)
         return [
             Message(record, dst_node_id=self.nodes[cid], message_type=MessageType.EVALUATE)
             for cid in self.server.fitting_clients()

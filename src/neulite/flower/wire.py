@@ -1,7 +1,8 @@
 """What travels between the Flower ServerApp and ClientApps, as Flower records.
 
-A task goes down as `RecordDict{"arrays": only the stage's tensors, "config": round, seed and the
-stage plan, "method-config": the method's own knobs}`; a result comes up as `{"arrays": only the
+A task goes down as `RecordDict{"arrays": only the stage's tensors, "config": round, seed, the
+stage plan and the `model.blocks` the server's network has (a planned "auto" resolved, so that a
+node does not plan again for every message), "method-config": the method's own knobs}`; a result comes up as `{"arrays": only the
 trained tensors, "metrics": num-examples and train_loss}`. Plans are rebuilt by type name from
 `StagePlan.types`, where every kind of plan registers itself, so this format knows no method.
 
@@ -22,6 +23,7 @@ from neulite.algorithms.payload import ClientResult, ClientTask, check_layout
 from neulite.errors import NeuliteError
 from neulite.models.arrays import Arrays
 from neulite.models.stage_net import StagePlan
+from neulite.planner import MAX_BLOCKS
 
 NPY_HEADER_BYTES = 4096
 """Room for the .npy header Flower wraps each tensor's bytes in (about 128 bytes in practice)."""
@@ -47,8 +49,10 @@ def _arrays(record: RecordDict) -> Arrays:
     return dict(record.array_records["arrays"].to_torch_state_dict())
 
 
-def encode_task(task: ClientTask) -> RecordDict:
-    config = ConfigRecord({"round": task.round, "seed": task.seed, **encode_plan(task.plan)})
+def encode_task(task: ClientTask, model_blocks: int) -> RecordDict:
+    config = ConfigRecord(
+        {"round": task.round, "seed": task.seed, "model-blocks": model_blocks, **encode_plan(task.plan)}
+    )
     return RecordDict(
         {
             "arrays": ArrayRecord(torch_state_dict=task.arrays),
@@ -65,6 +69,14 @@ def decode_task(record: RecordDict) -> ClientTask:
         return ClientTask(int(c["round"]), decode_plan(c), _arrays(record), int(c["seed"]), method_config)
     except KeyError as exc:
         raise NeuliteError(f"malformed task: missing {exc}") from None
+
+
+def task_blocks(record: RecordDict) -> int:
+    """The `model.blocks` a task's network was built with."""
+    value = record.config_records["config"].get("model-blocks") if "config" in record.config_records else None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_BLOCKS:
+        raise NeuliteError(f"malformed task: model-blocks must be an integer in [0, {MAX_BLOCKS}], got {value!r}")
+    return value
 
 
 def encode_result(result: ClientResult) -> RecordDict:
