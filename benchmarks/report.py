@@ -545,6 +545,17 @@ def vit_section(data: dict[str, Any]) -> list[str]:
     return headline_section(data, f"## Transformer: `{VIT_COMMAND}`", "vit")
 
 
+ELASTIC_COMMAND = (
+    "python benchmarks/headline.py --name elastic --methods exclusivefl,neulite,neulite-elastic,"
+    "neulite-elastic-backward --splits dirichlet-0.5 --seeds 0,1,2"
+)
+
+
+def elastic_section(data: dict[str, Any]) -> list[str]:
+    """Elastic NeuLite, both ways, against the paper's stages on the headline setting."""
+    return headline_section(data, f"## Elastic stages: `{ELASTIC_COMMAND}`", "elastic")
+
+
 def headline_section(
     data: dict[str, Any], title: str = "## Headline: `python benchmarks/headline.py`", name: str = "headline"
 ) -> list[str]:
@@ -613,7 +624,7 @@ def devices_section(data: dict[str, Any]) -> list[str]:
         f"runtime's baseline); then the OS holds it to its budget ({data['mechanism']}: "
         + (
             "a memory cgroup of its own, counting resident memory as a device's RAM does; an excess is killed)."
-            if data["mechanism"] == "cgroup v1"
+            if data["mechanism"].startswith("cgroup")
             else "a data limit, counting virtual memory: stricter than RAM)."
         ),
         "On the default experiment, for each NeuLite stage, the budget lies midway between the stage's",
@@ -772,6 +783,11 @@ def index(available: dict[str, dict[str, Any] | None], tunes: list[Path]) -> lis
             "final accuracy with 1 or 2 hostile clients of 10, under each aggregation rule",
         ),
         (
+            "elastic",
+            f"`{ELASTIC_COMMAND}`",
+            "elastic NeuLite (forward and backward windows) against NeuLite and ExclusiveFL, 3 seeds",
+        ),
+        (
             "vit",
             f"`{VIT_COMMAND}`",
             "the headline setting with the built-in Vision Transformer: NeuLite against ExclusiveFL and FedAvg",
@@ -816,6 +832,7 @@ def render_benchmarks() -> str:
         "devices",
         "scale",
         "vit",
+        "elastic",
     )
     data = {name: load(name) for name in names}
     tunes = tune_paths()
@@ -832,6 +849,7 @@ def render_benchmarks() -> str:
         ("devices", devices_section),
         ("scale", scale_section),
         ("vit", vit_section),
+        ("elastic", elastic_section),
     ):
         if data[name]:
             out += section(data[name])
