@@ -212,14 +212,17 @@ def test_profl_steady_drift_waits_for_the_cap_and_the_run_ends_on_time():
 
 
 def test_neulite_adaptive_is_profls_advance_with_the_mentor_and_the_harmonizer():
-    blocks = [nn.Sequential(nn.Flatten(), nn.Linear(64, 32)), nn.Sequential(nn.Linear(32, 16), nn.ReLU())]
+    blocks = [
+        nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32)),
+        nn.Sequential(nn.Linear(32, 16), nn.ReLU()),
+    ]
     net = StageNet(BlockModel(blocks, nn.Linear(16, 10), (1, 8, 8), 10))
     method = build_method(load_config(overrides=["method.name=neulite-adaptive", "method.rounds=10"]), net)
     assert isinstance(method, ProFL) and method.mentor and method.harmonizer
     plan = method.plan(1)
     assert plan.mentor and plan.harmonize and method.task_config(plan)["lambda2"] > 0
     method.stage = 2
-    assert "model.blocks.0.1" in method.plan(1).trainable_modules(net)  # the Harmonizer's tail: block 1's linear
+    assert "model.blocks.0.3" in method.plan(1).trainable_modules(net)  # the Harmonizer's tail: block 1's last linear
 
 
 # ------------------------------------------------------------------------------------------ AllSmall

@@ -60,6 +60,9 @@ def test_models_that_cannot_be_split_are_named():
 def test_harmonizer_tail_is_last_conv_and_norm():
     model = build_model("resnet18", (3, 32, 32), 10, width=0.25)
     assert tail_modules(model.blocks[0]) == ["layer1.1.conv2", "layer1.1.bn2"]
+    one_layer = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+    assert tail_modules(one_layer) == ["1"]  # a part of the block: its norm, not the whole block
+    assert tail_modules(nn.Sequential(nn.Flatten(), nn.Linear(4, 2))) == []
     with pytest.raises(NeuliteError, match="no conv or linear"):
         tail_modules(nn.Sequential(nn.ReLU()))
 

@@ -167,7 +167,8 @@ class StageNet(nn.Module):
         """How many leading blocks the stage runs without autograd (a `PrefixCache` may hold their output)."""
         if plan.full:
             return 0
-        return plan.first - 2 if plan.harmonize and plan.first >= 2 else plan.first - 1
+        tail = plan.harmonize and plan.first >= 2 and tail_modules(self.model.blocks[plan.first - 2])
+        return plan.first - 2 if tail else plan.first - 1
 
     def stage_forward(
         self, x: torch.Tensor, plan: StagePlan, prefix: torch.Tensor | None = None
