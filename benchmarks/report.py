@@ -547,7 +547,7 @@ def vit_section(data: dict[str, Any]) -> list[str]:
 
 ELASTIC_COMMAND = (
     "python benchmarks/headline.py --name elastic --methods exclusivefl,neulite,neulite-elastic,"
-    "neulite-elastic-backward --splits dirichlet-0.5 --seeds 0,1,2"
+    "neulite-elastic-backward --seeds 0,1,2"
 )
 
 
