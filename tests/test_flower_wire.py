@@ -19,6 +19,7 @@ from neulite.flower.wire import decode_result, decode_task, encode_result, encod
 pytestmark = pytest.mark.xdist_group("wire")  # one worker computes the shared reply
 
 SMALL = [
+    "method.name=neulite",
     "data.num_clients=4",
     "clients.per_round=2",
     "train.local_epochs=1",

@@ -14,7 +14,9 @@ from neulite.simulation import Simulation
 
 
 def _server(budgets_of_full: dict[int, float], *overrides: str) -> Server:
-    cfg = load_config(overrides=["data.num_clients=4", "clients.per_round=4", "method.rounds=3", *overrides])
+    cfg = load_config(
+        overrides=["method.name=neulite", "data.num_clients=4", "clients.per_round=4", "method.rounds=3", *overrides]
+    )
     experiment = build_experiment(cfg)
     full = experiment.full_peak
     budgets = {cid: int(f * full) for cid, f in budgets_of_full.items()}

@@ -17,7 +17,14 @@ from neulite.models.stage_net import StageNet
 from neulite.models.zoo import build_model
 from neulite.simulation import Simulation
 
-SMALL = ["data.num_clients=6", "clients.per_round=3", "train.local_epochs=1", "method.rounds=3", "data.train_size=1000"]
+SMALL = [
+    "method.name=neulite",
+    "data.num_clients=6",
+    "clients.per_round=3",
+    "train.local_epochs=1",
+    "method.rounds=3",
+    "data.train_size=1000",
+]
 
 
 def _data(n: int = 64) -> TensorDataset:

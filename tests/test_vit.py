@@ -58,7 +58,13 @@ def test_the_estimate_holds_against_the_measurement_attention_included(stage: in
 
 
 def test_neulite_learns_digits_with_the_transformer(tmp_path):
-    overrides = ["model.name=vit_tiny", "model.width=0.5", "data.name=digits", "data.num_clients=4"]
+    overrides = [
+        "method.name=neulite",
+        "model.name=vit_tiny",
+        "model.width=0.5",
+        "data.name=digits",
+        "data.num_clients=4",
+    ]
     overrides += ["clients.per_round=3", "method.rounds=3", "train.local_epochs=1", "clients.fractions=[0.5, 1.1]"]
     summary = run_experiment(load_config(overrides=overrides), tmp_path)
     assert summary["final_accuracy"] > 0.3  # chance is 0.1

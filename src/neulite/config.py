@@ -130,7 +130,7 @@ class MethodConfig:
     reads its own with `section(name)`.
     """
 
-    name: str = "neulite"
+    name: str = "neulite-elastic"
     rounds: int = 45
     sections: tuple[tuple[str, Any], ...] = ()
 
