@@ -33,9 +33,10 @@ class StagePlan:
     module of the window's last block (`last`); 1 is the paper's stage. reach: how many blocks before
     block t train whole as well (elastic NeuLite's backward window: a client that fits more adapts
     the prefix to the block it trains; `first` is the first block trained); 0 is the paper's stage.
-    harmonize: the tail of the block before the first trained one trains too (the Training Harmonizer); mentor: the projection head P_t trains (the Curriculum
-    Mentor's label term); bn_drift: the frozen blocks' BatchNorm statistics move and are returned
-    (the reference code's behaviour) instead of staying fixed; recompute: what trains keeps only its
+    harmonize: the tail of the block before the first trained one trains too (the Training
+    Harmonizer); mentor: the projection head P_t trains (the Curriculum Mentor's label term);
+    bn_drift: the frozen blocks' BatchNorm statistics move and are returned (the reference code's
+    behaviour) instead of staying fixed; recompute: what trains keeps only its
     segments' inputs and re-runs their forward in backward (`recomputed`), for less memory at the
     cost of time; the result is the same.
     Subclasses (a method's own kinds of plan) register themselves by class name, so that the wire
