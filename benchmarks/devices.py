@@ -65,7 +65,7 @@ def least_budget(cfg: Config, cid: int, task: ClientTask, estimate: int, step: f
 
 
 def device_rows(repeats: int) -> list[dict]:
-    neulite = Simulation(load_config(DEFAULT))
+    neulite = Simulation(load_config(DEFAULT, ["method.name=neulite"]))  # the paper's stages
     fedavg = Simulation(load_config(DEFAULT, ["method.name=fedavg"]))
     full_peak = fedavg.method.memory(fedavg.method.plan(1)).total
     full_cid, full_task = next(iter(fedavg.server.configure(1).tasks.items()))

@@ -27,7 +27,7 @@ from neulite.simulation import run_experiment
 
 HERE = Path(__file__).parent
 OUT = HERE / "results" / "flower.json"
-SETTING = ["data.num_clients=10", "clients.per_round=10", "method.rounds=3"]
+SETTING = ["method.name=neulite", "data.num_clients=10", "clients.per_round=10", "method.rounds=3"]
 REPEATS = 3
 
 
@@ -43,7 +43,7 @@ def timed(fn, cfg) -> tuple[float, dict, list[dict]]:
 def parity() -> dict:
     """The default experiment through both engines: same sampling and bytes; the accuracies differ
     only by floating point (Ray's workers train single-threaded, the in-process simulator on every core)."""
-    cfg = load_config()
+    cfg = load_config(overrides=["method.name=neulite"])
     local, flower = timed(run_experiment, cfg), timed(simulate, cfg)
     return {
         "setting": "configs/default.toml",

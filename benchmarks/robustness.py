@@ -35,6 +35,7 @@ RESULTS = HERE / "results"
 RUNS = RESULTS / "robustness-runs"
 RULES = ("mean", "trimmed_mean", "median")
 FEDERATION = [
+    "method.name=neulite",
     "data.name=digits",
     "data.num_clients=10",
     "clients.per_round=10",

@@ -37,6 +37,7 @@ SAMPLES_PER_CLIENT = 6
 ROUNDS = 12
 REPEATS = 3
 SETTING = [
+    "method.name=neulite",
     "data.name=fashion-mnist",
     "data.partition=iid",
     "data.val_fraction=0.1",
