@@ -84,13 +84,16 @@ class StagePlan:
     def frozen_modules(self) -> tuple[str, ...]:
         return () if self.full else tuple(f"model.blocks.{i}" for i in range(self.first - 1))
 
+    def harmonized_tail(self, net: StageNet) -> list[str]:
+        """The Training Harmonizer's part of the stage: the tail of the block before the first one
+        trained whole (empty without the Harmonizer, at block 1, or where that block has no tail)."""
+        return net.tail(self.first - 2) if self.harmonize and not self.full and self.first >= 2 else []
+
     def trainable_modules(self, net: StageNet) -> tuple[str, ...]:
         if self.full:
             return ("model",)
         first, last = self.first, self.last
-        names = [f"model.blocks.{i}" for i in range(first - 1, last)]
-        if self.harmonize and first >= 2:
-            names += [f"model.blocks.{first - 2}.{n}" for n in tail_modules(net.model.blocks[first - 2])]
+        names = [f"model.blocks.{i}" for i in range(first - 1, last)] + self.harmonized_tail(net)
         names.append("model.head" if last == self.num_stages else f"outputs.{last - 1}")
         if self.mentor:
             names.append(f"projections.{last - 1}")
@@ -115,10 +118,18 @@ class StageNet(nn.Module):
         self.projections = nn.ModuleList(
             ProjectionHead(channels(model.block_shapes[-1]), projection_width(model)) for _ in range(t)
         )
+        self._tails: dict[int, list[str]] = {}
 
     @property
     def num_stages(self) -> int:
         return self.model.num_blocks
+
+    def tail(self, block: int) -> list[str]:
+        """Module names of block `block`'s tail (0-based; `tail_modules`), found once per block: a
+        stage's forward asks for it every step."""
+        if block not in self._tails:
+            self._tails[block] = [f"model.blocks.{block}.{n}" for n in tail_modules(self.model.blocks[block])]
+        return self._tails[block]
 
     def plan(self, stage: int, harmonize: bool = False, mentor: bool = False, bn_drift: bool = False) -> StagePlan:
         return StagePlan(stage, self.num_stages, harmonize, mentor, bn_drift)
@@ -168,8 +179,7 @@ class StageNet(nn.Module):
         """How many leading blocks the stage runs without autograd (a `PrefixCache` may hold their output)."""
         if plan.full:
             return 0
-        tail = plan.harmonize and plan.first >= 2 and tail_modules(self.model.blocks[plan.first - 2])
-        return plan.first - 2 if tail else plan.first - 1
+        return plan.first - 2 if plan.harmonized_tail(self) else plan.first - 1
 
     def stage_forward(
         self, x: torch.Tensor, plan: StagePlan, prefix: torch.Tensor | None = None
