@@ -285,9 +285,14 @@ def remove_group(group: Path) -> None:
         group.rmdir()
 
 
+def _device_name(pid: int) -> str:
+    """The memory group `run_within`'s device process `pid` makes for itself and its parent removes."""
+    return f"neulite-device-{pid}"
+
+
 def _device_group(pid: int) -> Path | None:
     home = group_home()
-    return None if home is None else home[1] / f"neulite-device-{pid}"
+    return None if home is None else home[1] / _device_name(pid)
 
 
 @contextmanager
@@ -298,7 +303,7 @@ def _held(budget: int, how: str) -> Iterator[None]:
             yield
         return
     _account_allocations()
-    group = memory_group(f"neulite-device-{os.getpid()}", budget)
+    group = memory_group(_device_name(os.getpid()), budget)
     (group / "cgroup.procs").write_text(str(os.getpid()))  # from now on, what it touches is charged here
     yield
 
