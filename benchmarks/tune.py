@@ -14,6 +14,8 @@ Sweeps:
   headline-lr  the local learning rate of the headline benchmark (benchmarks/headline.toml), chosen on
             the FedAvg oracle on the Dirichlet(0.5) split, as `lr` is;
   headline-schedule  NeuLite's rounds per stage on the headline benchmark, at its chosen learning rate.
+  headline-stage  elastic NeuLite's local epochs and learning rate per stage on the headline
+            benchmark (the first candidate is today's: one epoch at train.lr throughout).
 Run: python benchmarks/tune.py NAME [--workers N]
 """
 
@@ -84,6 +86,18 @@ SWEEPS = {
             "method.neulite.stage_split=params",  # [4, 12, 44] rounds
             "method.neulite.stage_rounds=[10,20,30]",
             "method.neulite.stage_split=equal",  # [20, 20, 20]
+        ),
+        (0,),
+        (*DIRICHLET, "eval.every=60"),
+    ),
+    "headline-stage": Sweep(
+        HERE / "headline.toml",
+        "neulite-elastic",
+        (
+            "method.neulite.stage_epochs=[1,1,1]",
+            "method.neulite.stage_epochs=[3,2,1]",
+            "method.neulite.stage_lr=[0.05,0.03,0.02]",
+            "method.neulite.stage_lr=[0.02,0.02,0.01]",
         ),
         (0,),
         (*DIRICHLET, "eval.every=60"),

@@ -51,7 +51,7 @@ def test_each_stage_sends_down_only_prefix_and_trained_parts_and_up_only_trained
                 received.plan == plan
                 and received.seed == task.seed
                 and received.config == task.config
-                and set(task.config) == {"lambda1", "lambda2", "level"}
+                and set(task.config) == {"lambda1", "lambda2", "lr", "local_epochs", "level"}
             )
             assert all(torch.equal(received.arrays[n], task.arrays[n]) for n in task.arrays)
 

@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import functools
 
 import numpy as np
@@ -160,3 +161,39 @@ def test_round_metrics_and_bytes():
     assert rec.stage_peak_bytes == sim.method.memory(plan).total
     # clients train one after another here: the slowest one is a real share of the round, not all of it
     assert 0.0 < rec.slowest_client_seconds < rec.wall_seconds
+
+
+def test_a_stage_trains_with_its_own_learning_rate_and_epochs():
+    sim = Simulation(
+        load_config(
+            overrides=[*SMALL, "method.neulite.stage_lr=[0.2, 0.05, 0.01]", "method.neulite.stage_epochs=[3, 1, 2]"]
+        )
+    )
+    method, client = sim.method, sim.clients[0]
+    assert [(method.task_config(p)["lr"], method.task_config(p)["local_epochs"]) for p in method.plans()] == [
+        (0.2, 3),
+        (0.05, 1),
+        (0.01, 2),
+    ]
+    task = method.configure_train(1, method.plan(1), 0, seed=7)
+    trained = method.client_update(task, client.train, augment=False).arrays
+    own = dataclasses.replace(sim.cfg.train, lr=0.2, local_epochs=3)
+    loss = method.loss(task.config)
+    same = local_update(method.client_net(0), task, client.train, own, augment=False, loss=loss).arrays
+    other = local_update(method.client_net(0), task, client.train, sim.cfg.train, augment=False, loss=loss).arrays
+    assert all(torch.equal(trained[k], same[k]) for k in trained)
+    assert any(not torch.equal(trained[k], other[k]) for k in trained if trained[k].is_floating_point())
+    assert method.summary()["stage_epochs"] == [3, 1, 2]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("method.neulite.stage_lr=[0.1, 0.1]", "stage_lr needs 3 values"),
+        ("method.neulite.stage_epochs=[1, 0, 1]", "stage_epochs entries must be >= 1"),
+        ("method.neulite.stage_lr=[0.1, -1, 0.1]", "stage_lr entries must be > 0"),
+    ],
+)
+def test_bad_per_stage_settings_are_named(override: str, message: str):
+    with pytest.raises(NeuliteError, match=message):
+        Simulation(load_config(overrides=[*SMALL, override]))

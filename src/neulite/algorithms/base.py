@@ -9,6 +9,7 @@ bytes or touches data: that is the driver's job.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -19,7 +20,7 @@ from neulite.algorithms.evaluate import evaluate
 from neulite.algorithms.local import cross_entropy_loss, local_update
 from neulite.algorithms.merge import merge_results
 from neulite.algorithms.payload import ClientResult, ClientTask, ConfigValue
-from neulite.config import Config
+from neulite.config import Config, TrainConfig
 from neulite.data.datasets import TensorDataset
 from neulite.memory import MemoryBreakdown, StepLoss, estimate
 from neulite.models.arrays import assign_arrays
@@ -124,13 +125,20 @@ class Method(ABC):
         net = self.client_net(task.level)
         return {n: (tuple(t.shape), t.dtype) for n in net.up_names(task.plan) for t in [net.get_parameter_or_buffer(n)]}
 
+    def train_config(self, config: Mapping[str, ConfigValue]) -> TrainConfig:
+        """The local-training settings of a task: `train`, with the learning rate and local epochs the
+        task's config sets (NeuLite's per-stage values), checked as the config itself is."""
+        own = {key: kind(config[key]) for key, kind in (("lr", float), ("local_epochs", int)) if key in config}
+        return dataclasses.replace(self.cfg.train, **own) if own else self.cfg.train
+
     def client_update(
         self, task: ClientTask, data: TensorDataset, *, augment: bool, cache: PrefixCache | None = None
     ) -> ClientResult:
         """The client half: train on local data what the task asks, return what was trained (the
         frozen prefix's output from the client's `cache`, when it has one)."""
         net = self.client_net(task.level)
-        return local_update(net, task, data, self.cfg.train, augment=augment, loss=self.loss(task.config), cache=cache)
+        train = self.train_config(task.config)
+        return local_update(net, task, data, train, augment=augment, loss=self.loss(task.config), cache=cache)
 
     def aggregate_train(self, rnd: int, plan: StagePlan, results: Sequence[ClientResult]) -> None:
         """Merge the replies of round `rnd` into the global model."""

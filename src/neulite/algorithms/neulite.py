@@ -48,6 +48,10 @@ class NeuLiteOptions:
     NeuLite: a client whose budget fits it trains more blocks, up to this many in all (0: as many as
     it fits; 1: the paper's stage for everyone); window_direction: "forward" (the next blocks:
     `StagePlan.window`) or "backward" (the frozen blocks before the stage's: `StagePlan.reach`).
+    stage_lr / stage_epochs: the local learning rate and epochs of each stage (one value per block;
+    empty: train.lr and train.local_epochs throughout); a stage's small block may take a larger
+    step or more epochs at little cost (chosen on validation: `python benchmarks/tune.py
+    headline-stage-lr`).
     """
 
     schedule: str = "sequential"
@@ -63,12 +67,16 @@ class NeuLiteOptions:
     inherit_outputs: bool = False
     max_window: int = 1
     window_direction: str = "forward"
+    stage_lr: tuple[float, ...] = ()
+    stage_epochs: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         choice("method.neulite.schedule", self.schedule, ("sequential", "cyclic"))
         choice("method.neulite.stage_split", self.stage_split, ("equal", "params"))
         choice("method.neulite.window_direction", self.window_direction, ("forward", "backward"))
         check(all(r >= 1 for r in self.stage_rounds), "method.neulite.stage_rounds entries must be >= 1")
+        check(all(lr > 0 for lr in self.stage_lr), "method.neulite.stage_lr entries must be > 0")
+        check(all(e >= 1 for e in self.stage_epochs), "method.neulite.stage_epochs entries must be >= 1")
         check(self.sigma > 0, "method.neulite.sigma must be > 0")
         check(self.lambda_scale >= 0, "method.neulite.lambda_scale must be >= 0")
         check(self.max_window >= 0, "method.neulite.max_window must be >= 0 (0: as many blocks as a client fits)")
@@ -146,11 +154,14 @@ class NeuLite(Method):
             raise NeuliteError(
                 f"bad config: method.neulite.lambda1 and method.neulite.lambda2 need {t} values (one per block), got {len(self.lambda1)} and {len(self.lambda2)}"
             )
-        if m.stage_rounds:
-            if len(m.stage_rounds) != t:
+        for key in ("stage_rounds", "stage_lr", "stage_epochs"):
+            if getattr(m, key) and len(getattr(m, key)) != t:
                 raise NeuliteError(
-                    f"bad config: method.neulite.stage_rounds needs {t} values (one per block), got {len(m.stage_rounds)}"
+                    f"bad config: method.neulite.{key} needs {t} values (one per block), got {len(getattr(m, key))}"
                 )
+        self.stage_lr = m.stage_lr or (cfg.train.lr,) * t
+        self.stage_epochs = m.stage_epochs or (cfg.train.local_epochs,) * t
+        if m.stage_rounds:
             self.stage_rounds = list(m.stage_rounds)
         else:
             sizes = [sum(p.numel() for p in b.parameters()) for b in net.model.blocks]
@@ -209,10 +220,15 @@ class NeuLite(Method):
         return [self._plan(s) for s in range(1, self.net.num_stages + 1)]
 
     def task_config(self, plan: StagePlan) -> dict[str, ConfigValue]:
-        """The Mentor's weights for the stage (0 without the Mentor)."""
+        """The Mentor's weights for the plan's last block (0 without the Mentor), and the stage's
+        learning rate and local epochs."""
+        own: dict[str, ConfigValue] = {
+            "lr": self.stage_lr[plan.stage - 1],
+            "local_epochs": self.stage_epochs[plan.stage - 1],
+        }
         if not self.mentor:
-            return {"lambda1": 0.0, "lambda2": 0.0}
-        return {"lambda1": self.lambda1[plan.last - 1], "lambda2": self.lambda2[plan.last - 1]}
+            return {"lambda1": 0.0, "lambda2": 0.0, **own}
+        return {"lambda1": self.lambda1[plan.last - 1], "lambda2": self.lambda2[plan.last - 1], **own}
 
     def loss(self, config: Mapping[str, ConfigValue]) -> StepLoss:
         return functools.partial(
@@ -220,7 +236,12 @@ class NeuLite(Method):
         )
 
     def summary(self) -> dict[str, Any]:
-        return {"lambda1": list(self.lambda1), "lambda2": list(self.lambda2)}
+        return {
+            "lambda1": list(self.lambda1),
+            "lambda2": list(self.lambda2),
+            "stage_lr": list(self.stage_lr),
+            "stage_epochs": list(self.stage_epochs),
+        }
 
     def setup(self, budgets: Mapping[int, int]) -> None:
         """Warn, with figures, when the model's blocks are too light for progressive training to gain."""
