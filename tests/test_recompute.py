@@ -9,13 +9,13 @@ import dataclasses
 import pytest
 import torch
 
-from neulite.algorithms.neulite import RECOMPUTE, NeuLite, neulite_loss
+from neulite.algorithms.neulite import RECOMPUTE, SEGMENTS, NeuLite, neulite_loss
 from neulite.algorithms.registry import build_method
 from neulite.config import load_config
 from neulite.errors import NeuliteError
 from neulite.memory import measure
 from neulite.memory_report import memory_report
-from neulite.models.stage_net import StageNet
+from neulite.models.stage_net import StageNet, _segments
 from neulite.models.zoo import build_model
 
 
@@ -23,14 +23,17 @@ def _net() -> StageNet:
     return StageNet(build_model("small_cnn", (1, 16, 16), 10, 0.5))
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_a_recomputed_step_is_the_step_bit_for_bit(stage: int):
-    net = _net()
+@pytest.mark.parametrize(
+    ("model", "stage", "segment"),
+    [*(("small_cnn", s, 0) for s in (1, 2, 3)), ("resnet18", 1, 1), ("resnet18", 2, 2), ("resnet18", 1, 3)],
+)
+def test_a_recomputed_step_is_the_step_bit_for_bit(model: str, stage: int, segment: int):
+    net = StageNet(build_model(model, (1, 16, 16), 10, 0.25))
     x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,))
     plan = net.plan(stage, harmonize=True, mentor=True)
     steps = []
     for recompute in (False, True):
-        work, p = copy.deepcopy(net), dataclasses.replace(plan, recompute=recompute)
+        work, p = copy.deepcopy(net), dataclasses.replace(plan, recompute=recompute, segment=segment)
         params = work.prepare(p)
         loss = neulite_loss(work, p, x, y, lambda1=0.3, lambda2=0.3, sigma=5.0)
         loss.backward()
@@ -59,7 +62,7 @@ def test_auto_recomputes_only_for_the_clients_that_need_it():
     method = build_method(cfg, _net())
     plan = method.plan(1)
     assert not plan.recompute
-    needed, reduced = method.memory(plan).total, method.memory(dataclasses.replace(plan, recompute=True)).total
+    needed, reduced = method.memory(plan).total, method.memory(method.recomputing(plan)).total
     assert reduced < needed
     assert method.assign(plan, needed) == 0  # fits as planned: trains at full speed
     assert method.assign(plan, reduced) == RECOMPUTE
@@ -68,6 +71,22 @@ def test_auto_recomputes_only_for_the_clients_that_need_it():
     assert task.plan.recompute and task.level == 0  # the same network, told to recompute
     off = build_method(load_config(), _net())
     assert off.assign(off.plan(1), reduced) is None
+
+
+def test_recomputation_segments_open_nested_sequentials_and_the_leanest_size_is_chosen():
+    net = StageNet(build_model("resnet18", (3, 32, 32), 10, 0.25))
+    first = net.model.blocks[0]  # Sequential(stem=Sequential(conv, bn, act), layer1=Sequential(unit, unit))
+    kinds = [[type(layer).__name__ for layer in run] for run in _segments(first, 1)]
+    assert kinds == [["Conv2d"], ["BatchNorm2d"], ["ReLU"], ["BasicBlock"], ["BasicBlock"]]
+    assert [len(run) for run in _segments(first)] == [2, 2, 1]  # about √5 runs
+    method = NeuLite(net, load_config(overrides=["train.batch_size=16"]))
+    for plan in method.plans():
+        chosen = method.recomputing(plan)
+        peaks = {
+            size: method.memory(dataclasses.replace(plan, recompute=True, segment=size)).total for size in SEGMENTS
+        }
+        assert chosen.recompute and method.memory(chosen).total == min(peaks.values())
+        assert method.memory(chosen).total < method.memory(plan).total
 
 
 def test_recompute_is_checked_and_refused_where_it_does_not_apply():

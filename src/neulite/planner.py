@@ -8,11 +8,11 @@ of the clients fits every stage: a stage's peak is NeuLite's estimate (Mentor an
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from neulite.algorithms.local import cross_entropy_loss
+from neulite.algorithms.neulite import NeuLite
 from neulite.algorithms.registry import build_method
 from neulite.config import Config, ModelConfig, TrainConfig
 from neulite.errors import NeuliteError
@@ -77,7 +77,8 @@ def plan_blocks(
         method = build_method(cfg, StageNet(build_model(model, input_shape, num_classes, width, blocks)))
         plans = method.plans()
         peaks = [method.memory(p).total for p in plans]
-        rpeaks = [method.memory(dataclasses.replace(p, recompute=True)).total for p in plans]
+        assert isinstance(method, NeuLite)  # the config names a neulite method
+        rpeaks = [method.memory(method.recomputing(p)).total for p in plans]
         usable = [min(a, b) if recompute else a for a, b in zip(peaks, rpeaks, strict=True)]
         fits = [sum(b >= u for b in budgets) for u in usable]
         cuts = cut_points(model, input_shape, num_classes, blocks) if blocks else own_cuts(whole)

@@ -26,6 +26,10 @@ from neulite.scaffolding import StageCost, scaffolding_warning, stage_cost
 RECOMPUTE = 1
 """The capacity level of a client that fits a stage only by recomputing (train.recompute = "auto")."""
 
+SEGMENTS = (0, 1, 2, 3)
+"""The layers per recomputed segment the estimate chooses from (0: about √n): ResNet-18's first stage is
+leanest with pairs, MobileNetV2's and ResNet-34's with single layers, VGG's with √n runs (issue 13)."""
+
 DEFAULT_LAMBDA1 = (0.5, 0.3, 0.1, 0.0)
 DEFAULT_LAMBDA2 = (0.1, 0.3, 0.5, 0.5)
 
@@ -173,7 +177,12 @@ class NeuLite(Method):
         plan = self.net.plan(
             stage, harmonize=self.harmonizer, mentor=self.mentor, bn_drift=self.options.frozen_bn_drift
         )
-        return dataclasses.replace(plan, recompute=self.cfg.train.recompute == "on")
+        return self.recomputing(plan) if self.cfg.train.recompute == "on" else plan
+
+    def recomputing(self, plan: StagePlan) -> StagePlan:
+        """`plan` recomputing what it trains, in the segment size (`SEGMENTS`) of the lowest estimated peak."""
+        candidates = [dataclasses.replace(plan, recompute=True, segment=size) for size in SEGMENTS]
+        return min(candidates, key=lambda p: self.memory(p).total)
 
     def windows(self, plan: StagePlan) -> list[StagePlan]:
         """The stage's wider windows a client may train (up to `max_window` blocks, in
@@ -196,16 +205,13 @@ class NeuLite(Method):
                 return index + 2
         if budget >= self.memory(plan).total:
             return 0
-        if (
-            self.cfg.train.recompute == "auto"
-            and budget >= self.memory(dataclasses.replace(plan, recompute=True)).total
-        ):
+        if self.cfg.train.recompute == "auto" and budget >= self.memory(self.recomputing(plan)).total:
             return RECOMPUTE
         return None
 
     def configure_train(self, rnd: int, plan: StagePlan, level: int, seed: int) -> ClientTask:
         if level == RECOMPUTE:  # the same network; the plan tells the client to recompute
-            return super().configure_train(rnd, dataclasses.replace(plan, recompute=True), 0, seed)
+            return super().configure_train(rnd, self.recomputing(plan), 0, seed)
         if level > RECOMPUTE:
             return super().configure_train(rnd, self.windows(plan)[level - 2], 0, seed)
         return super().configure_train(rnd, plan, level, seed)

@@ -38,7 +38,8 @@ class StagePlan:
     bn_drift: the frozen blocks' BatchNorm statistics move and are returned (the reference code's
     behaviour) instead of staying fixed; recompute: what trains keeps only its
     segments' inputs and re-runs their forward in backward (`recomputed`), for less memory at the
-    cost of time; the result is the same.
+    cost of time; the result is the same. segment: the layers per recomputed segment (0: about √n
+    of a module's n); which is leanest depends on the network, so the estimate chooses it.
     Subclasses (a method's own kinds of plan) register themselves by class name, so that the wire
     format can rebuild any plan without knowing the methods.
     """
@@ -51,6 +52,7 @@ class StagePlan:
     recompute: bool = False
     window: int = 1
     reach: int = 0
+    segment: int = 0
 
     types: ClassVar[dict[str, type[StagePlan]]] = {}
 
@@ -66,6 +68,8 @@ class StagePlan:
                 f"bad stage plan: stage {self.stage} with a window of {self.window} blocks and a reach of "
                 f"{self.reach} blocks back in a model of {self.num_stages} blocks"
             )
+        if self.segment < 0:
+            raise NeuliteError(f"bad stage plan: {self.segment} layers per recomputed segment")
 
     @property
     def full(self) -> bool:
@@ -205,11 +209,11 @@ class StageNet(nn.Module):
                 for block in blocks[:depth]:
                     x = block(x)
         for block in blocks[depth:last]:
-            x = recomputed(block, x) if plan.recompute else block(x)
+            x = recomputed(block, x, plan.segment) if plan.recompute else block(x)
         if last == plan.num_stages:
             return x, self.model.head(x)
         output = self.outputs[last - 1]
-        return recomputed(output, x) if plan.recompute else output(x)
+        return recomputed(output, x, plan.segment) if plan.recompute else output(x)
 
 
 @contextlib.contextmanager
@@ -229,20 +233,28 @@ def _frozen_statistics(modules: list[nn.Module]) -> Iterator[None]:
                 m.num_batches_tracked.copy_(count)
 
 
-def _segments(module: nn.Module) -> list[list[nn.Module]]:
-    """A Sequential's layers in about √n runs of consecutive layers (one run: any other module)."""
-    parts = list(module.children()) if isinstance(module, nn.Sequential) and len(module) > 1 else [module]
-    size = math.ceil(len(parts) / math.ceil(math.sqrt(len(parts))))
+def _layers(module: nn.Module) -> list[nn.Module]:
+    """The layers a module runs one after another: a Sequential's, nested Sequentials opened up
+    (a ResNet block's stem and residual units); any other module is one layer."""
+    if isinstance(module, nn.Sequential) and len(module):
+        return [layer for child in module.children() for layer in _layers(child)]
+    return [module]
+
+
+def _segments(module: nn.Module, size: int = 0) -> list[list[nn.Module]]:
+    """A module's layers in runs of `size` consecutive layers (0: about √n runs of n layers)."""
+    parts = _layers(module)
+    size = size or math.ceil(len(parts) / math.ceil(math.sqrt(len(parts))))
     return [parts[i : i + size] for i in range(0, len(parts), size)]
 
 
-def recomputed(module: nn.Module, x: torch.Tensor) -> Any:
+def recomputed(module: nn.Module, x: torch.Tensor, size: int = 0) -> Any:
     """`module(x)` whose activations are recomputed in backward instead of kept: only the input of
-    each segment (`_segments`) is saved, and a segment re-runs its forward when its gradient is
+    each segment of `size` layers (`_segments`) is saved, and a segment re-runs its forward when its gradient is
     needed (non-reentrant `torch.utils.checkpoint`), so the peak holds one segment's activations
     at a time. Same values and gradients; BatchNorm's running statistics move once."""
     out: Any = x
-    for segment in _segments(module):
+    for segment in _segments(module, size):
 
         def run(h: Any, layers: list[nn.Module] = segment) -> Any:
             for layer in layers:
