@@ -1,4 +1,5 @@
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -47,7 +48,21 @@ def test_compare_writes_the_table_and_resumes_without_rerunning(tmp_path: Path, 
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/model.pt")} == stamps, "finished runs are not run again"
     capsys.readouterr()
     assert main([*argv, "--set", "train.lr=0.01"]) == 2
-    assert "different config" in capsys.readouterr().err
+    assert "holds a comparison with another train.lr" in capsys.readouterr().err
+
+    tuned = [
+        *argv,
+        "--set",
+        "method.neulite.stage_epochs=[2, 1, 1]",
+    ]  # NeuLite's own knob: ExclusiveFL's runs stay valid
+    assert main(tuned) == 2
+    assert "runs/neulite/seed0 finished with another method.neulite.stage_epochs" in capsys.readouterr().err
+    for seed in (0, 1):
+        shutil.rmtree(out / "runs" / "neulite" / f"seed{seed}")
+    assert main(tuned) == 0
+    kept = {p: p.stat().st_mtime_ns for p in out.glob("runs/exclusivefl/*/model.pt")}
+    assert kept == {p: t for p, t in stamps.items() if "exclusivefl" in str(p)}
+    assert json.loads((out / "runs" / "neulite" / "seed0" / "summary.json").read_text())["stage_epochs"] == [2, 1, 1]
 
 
 def test_time_to_target_counts_wall_time_until_the_first_hit():

@@ -20,7 +20,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from neulite.config import Config, config_to_toml, load_config
+from neulite.algorithms.registry import METHODS, sections_read
+from neulite.config import Config, config_differences, config_to_toml, load_config, setting_for
 from neulite.errors import NeuliteError
 from neulite.memory import MIB
 from neulite.results import ResultsDir
@@ -55,7 +56,7 @@ def run_one(
     results = ResultsDir(folder)
     summary_path = folder / "summary.json"
     if not summary_path.is_file():
-        run_cfg = cfg.replace(seed=seed, method=dataclasses.replace(cfg.method, name=method))
+        run_cfg = _run_config(cfg, method, seed)
         resume = results.checkpoint_path.is_file()
         console.print(f"{'resuming' if resume else 'running'} {method}, seed {seed}")
         run_experiment(
@@ -64,6 +65,27 @@ def run_one(
     else:
         console.print(f"done already: {method}, seed {seed}")
     return json.loads(summary_path.read_text()), results.read_metrics()
+
+
+def _run_config(cfg: Config, method: str, seed: int) -> Config:
+    return cfg.replace(seed=seed, method=dataclasses.replace(cfg.method, name=method))
+
+
+def _check_finished_runs(cfg: Config, methods: list[str], seeds: list[int], out: Path) -> None:
+    """Refuse to read back a finished run whose setting differs, for its method, from this one (a
+    change to another method's `[method.SECTION]` keeps it), naming what changed."""
+    for method in (m for m in methods if m in METHODS):
+        reads = sections_read(method)
+        for seed in seeds:
+            folder = out / "runs" / method / f"seed{seed}"
+            if not (folder / "summary.json").is_file():
+                continue
+            recorded = setting_for(load_config(folder / "config.toml").to_dict(), reads)
+            if changed := config_differences(recorded, setting_for(_run_config(cfg, method, seed).to_dict(), reads)):
+                raise NeuliteError(
+                    f"{folder} finished with another {', '.join(changed)}: remove that folder to run {method}, "
+                    f"seed {seed} again in this setting"
+                )
 
 
 def _to_target(rows: list[dict[str, Any]], target: float) -> tuple[int | None, float | None, float | None]:
@@ -105,8 +127,13 @@ def compare(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shared = out / "config.toml"
-    if shared.is_file() and load_config(shared) != cfg:
-        raise NeuliteError(f"{out} holds a comparison with a different config ({shared}); use another --out")
+    if shared.is_file():
+        changed = config_differences(setting_for(load_config(shared).to_dict(), ()), setting_for(cfg.to_dict(), ()))
+        if changed:
+            raise NeuliteError(
+                f"{out} holds a comparison with another {', '.join(changed)} ({shared}); use another --out"
+            )
+    _check_finished_runs(cfg, methods, seeds, out)
     shared.write_text(config_to_toml(cfg))
     runs: dict[str, list[tuple[dict[str, Any], list[dict[str, Any]]]]] = {}
     skipped: dict[str, str] = {}

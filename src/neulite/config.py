@@ -14,7 +14,7 @@ import json
 import math
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -380,6 +380,14 @@ def _toml_table(name: str, table: dict[str, Any]) -> str:
     head = f"\n[{name}]\n" if name else ""
     nested = "".join(_toml_table(f"{name}.{k}" if name else k, v) for k, v in table.items() if isinstance(v, dict))
     return head + plain + nested
+
+
+def setting_for(tree: dict[str, Any], sections: Collection[str]) -> dict[str, Any]:
+    """A `Config.to_dict()` tree without the `[method.SECTION]` tables other than `sections`: the
+    setting a run depends on when its method reads only those (a finished FedAvg run stays valid
+    when NeuLite's knobs change)."""
+    method = {key: value for key, value in tree["method"].items() if not isinstance(value, dict) or key in sections}
+    return {**tree, "method": method}
 
 
 def config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "", defaults: Any = None) -> list[str]:

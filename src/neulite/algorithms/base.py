@@ -42,6 +42,8 @@ class Method(ABC):
         The whole experiment config (the method reads `method`, its own `[method.SECTION]` and `train`).
     """
 
+    sections: tuple[str, ...] = ()
+    """The `[method.SECTION]` tables it reads: a change to another leaves its results valid."""
     respects_memory: bool = True
     batch_dependent_evaluation: bool = False
     """True when a sample's prediction depends on the other samples of its batch (HeteroFL's static

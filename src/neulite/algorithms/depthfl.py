@@ -126,6 +126,8 @@ class DepthFL(Method):
         `[method.depthfl]` (`DepthFLOptions`) sets the distillation; `train` the local training.
     """
 
+    sections = ("depthfl",)
+
     def __init__(self, net: StageNet, cfg: Config) -> None:
         super().__init__(DepthNet(net.model), cfg)
         self.options: DepthFLOptions = cfg.method.section("depthfl")

@@ -146,6 +146,8 @@ class NeuLite(Method):
         neulite-cyclic, `mentor=False` for neulite-no-mentor), overriding the config.
     """
 
+    sections = ("neulite",)
+
     def __init__(self, net: StageNet, cfg: Config, **variant: Any) -> None:
         super().__init__(net, cfg)
         m = dataclasses.replace(cfg.method.section("neulite"), **variant)

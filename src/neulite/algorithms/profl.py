@@ -56,6 +56,8 @@ class ProFL(NeuLite):
         Switch NeuLite's Curriculum Mentor and Training Harmonizer on (off in ProFL).
     """
 
+    sections = ("neulite", "profl")
+
     def __init__(self, net: StageNet, cfg: Config, *, mentor: bool = False, harmonizer: bool = False) -> None:
         p: ProFLOptions = cfg.method.section("profl")
         super().__init__(

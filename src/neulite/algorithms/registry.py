@@ -43,6 +43,12 @@ METHODS: dict[str, Callable[[StageNet, Config], Method]] = {
 SECTIONS: dict[str, type] = {"neulite": NeuLiteOptions, "depthfl": DepthFLOptions, "profl": ProFLOptions}
 
 
+def sections_read(name: str) -> tuple[str, ...]:
+    """The `[method.SECTION]` tables the registered method `name` reads (`Method.sections`)."""
+    factory = METHODS[name]
+    return getattr(factory, "func", factory).sections
+
+
 def build_network(cfg: Config, input_shape: tuple[int, ...], num_classes: int) -> StageNet:
     """The configured network with its scaffolding (build under `torch.device("meta")` for a
     client skeleton that holds no weights)."""
