@@ -41,7 +41,7 @@ DIRICHLET = ("data.partition=dirichlet", "data.alpha=0.5")
 class Sweep:
     config: Path
     method: str
-    candidates: tuple[str, ...]  # one "key=value" override each
+    candidates: tuple[str | tuple[str, ...], ...]  # one "key=value" override each, or several together
     seeds: tuple[int, ...]
     fixed: tuple[str, ...] = ()
 
@@ -98,8 +98,10 @@ SWEEPS = {
             "method.neulite.stage_epochs=[3,2,1]",
             "method.neulite.stage_lr=[0.05,0.03,0.02]",
             "method.neulite.stage_lr=[0.02,0.02,0.01]",
+            "method.neulite.stage_epochs=[4,3,1]",
+            ("method.neulite.stage_epochs=[3,2,1]", "method.neulite.stage_lr=[0.05,0.03,0.02]"),
         ),
-        (0,),
+        (0, 1),
         (*DIRICHLET, "eval.every=60"),
     ),
     "inherit": Sweep(
@@ -115,9 +117,11 @@ SWEEPS = {
 def run_sweep(name: str, workers: int = 1) -> dict:
     sweep = SWEEPS[name]
     rows = []
-    for candidate in sweep.candidates:
-        cfg = load_config(sweep.config, [*sweep.fixed, candidate])
-        out = HERE / "results" / "tune-runs" / name / candidate.replace("=", "_")
+    for choice in sweep.candidates:
+        overrides = (choice,) if isinstance(choice, str) else choice
+        candidate = " ".join(overrides)
+        cfg = load_config(sweep.config, [*sweep.fixed, *overrides])
+        out = HERE / "results" / "tune-runs" / name / "+".join(overrides).replace("=", "_")
         val, test = [], []
         for seed in sweep.seeds:
             summary, _ = run_one(cfg, sweep.method, seed, out, Console(), workers=workers)
