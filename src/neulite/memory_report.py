@@ -60,6 +60,7 @@ def memory_report(
             {
                 "stage": plan.stage,
                 "recompute": plan.recompute,
+                "segment": plan.segment,
                 "estimated_bytes": est.total,
                 "measured_bytes": real,
                 "breakdown": est.as_dict(),
