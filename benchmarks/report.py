@@ -676,6 +676,7 @@ SWEEPS = {
     "inherit": "Whether a new stage starts from the previous output module (`method.neulite.inherit_outputs`) on the accuracy benchmark.",
     "headline-lr": "The local learning rate of the headline benchmark, chosen on the FedAvg oracle as `lr` is; every method shares it.",
     "headline-schedule": "NeuLite's rounds per stage on the headline benchmark, at its chosen learning rate.",
+    "headline-stage": "Elastic NeuLite's local epochs and learning rate per stage on the headline benchmark (issue 12's fourth lever): an early stage trains a small block, so more epochs there cost little.",
 }
 
 
