@@ -1,8 +1,8 @@
 """An independent check of `neulite.memory.measure`: a client's peak resident memory, read by code
 of its own.
 
-A child Python starts with MALLOC_MMAP_THRESHOLD_=65536, so glibc gives every block from 64 KiB up
-its own mapping and returns it when freed: resident memory then follows live memory. On one
+A child Python starts with MALLOC_MMAP_THRESHOLD_ at one page (`HEAP_BLOCK`), so glibc gives every
+block from a page up its own mapping and returns it when freed: resident memory then follows live memory. On one
 thread, it trains a twin client one step (kernels compiled, caches filled), restarts the
 high-water mark (/proc/self/clear_refs), trains a client that received only its tensors for
 `steps` steps and reports the high-water mark above the resident size at the restart.
@@ -19,13 +19,13 @@ import sys
 
 import torch
 
-from neulite.memory import StepLoss
+from neulite.memory import HEAP_BLOCK, StepLoss
 from neulite.models.arrays import assign_arrays, extract_arrays
 from neulite.models.stage_net import StageNet, StagePlan
 
 
 def resident_peak(net: StageNet, plan: StagePlan, batch_size: int, loss: StepLoss, steps: int = 2) -> int:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(HEAP_BLOCK), "OMP_NUM_THREADS": "1"}
     payload = pickle.dumps((net, plan, batch_size, loss, steps))
     done = subprocess.run([sys.executable, __file__], input=payload, capture_output=True, env=env, timeout=600)
     if done.returncode != 0:

@@ -16,7 +16,7 @@ from neulite.algorithms.base import Method
 from neulite.algorithms.local import cross_entropy_loss
 from neulite.algorithms.registry import build_method, build_network
 from neulite.config import load_config
-from neulite.memory import HEAP_BLOCK, MIB, LiveTensorBytes, estimate, measure
+from neulite.memory import HEAP_BLOCK, MIB, LiveTensorBytes, estimate, footprint, measure
 from neulite.models.blocks import BlockModel, ClassifierHead
 from neulite.models.stage_net import StageNet
 from neulite.models.zoo import build_model
@@ -117,14 +117,16 @@ def test_a_convolution_counts_the_copies_onednn_computes_on():
 
 def test_freed_heap_blocks_stay_in_the_peak():
     """A block below `HEAP_BLOCK` stays resident in the C heap once freed, a larger one is unmapped:
-    a freed small storage still adds to a later large one's peak, a freed large one does not."""
+    a freed small storage still adds to a later large one's peak, a freed large one does not. A
+    mapped block holds whole pages, its allocator header included."""
     with LiveTensorBytes() as step:
-        small = torch.ones(1024)
+        small = torch.ones(HEAP_BLOCK // F32 // 4)
         del small
-        large = torch.ones(HEAP_BLOCK // F32)
+        large = torch.ones(4 * HEAP_BLOCK // F32)
         del large
-        torch.ones(HEAP_BLOCK // F32)
-    assert step.peak == 1024 * F32 + HEAP_BLOCK
+        torch.ones(4 * HEAP_BLOCK // F32)
+    assert step.peak == HEAP_BLOCK // 4 + 5 * HEAP_BLOCK
+    assert footprint(HEAP_BLOCK - 1) == HEAP_BLOCK - 1 and footprint(HEAP_BLOCK) == 2 * HEAP_BLOCK
 
 
 @functools.cache
@@ -155,7 +157,7 @@ def test_estimate_holds_against_the_measurement_on_a_weight_heavy_cnn(stage: int
 
 def test_measure_agrees_with_an_independent_resident_memory_check():
     """benchmarks/rss_check.py reads a client's peak resident memory with code of its own (a child
-    started with MALLOC_MMAP_THRESHOLD_=65536, warmed on a twin, VmHWM restarted). The allocated
+    started with MALLOC_MMAP_THRESHOLD_ at one page, warmed on a twin, VmHWM restarted). The allocated
     peak that `measure` used to report was 1.55x that figure on this network."""
     spec = importlib.util.spec_from_file_location(
         "rss_check", Path(__file__).parents[1] / "benchmarks" / "rss_check.py"

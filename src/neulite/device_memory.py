@@ -12,8 +12,6 @@ such a device: `neulite limit --memory-mb N -- COMMAND`.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import multiprocessing
 import os
 import pickle
@@ -33,13 +31,12 @@ from typing import Any, TypeVar
 import torch
 
 from neulite.errors import NeuliteError
-from neulite.memory import MIB
+from neulite.memory import HEAP_BLOCK, MIB, map_blocks_alone
 
 _UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as a page-rounded 2**63 - 1
 S = TypeVar("S")
 T = TypeVar("T")
 _CGROUPS = Path("/sys/fs/cgroup")
-_M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
 
 
 class OutOfMemory(NeuliteError):
@@ -165,17 +162,6 @@ def _out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and any(m in str(exc) for m in messages))
 
 
-def _account_allocations() -> None:
-    """Make glibc map every allocation of 64 KiB or more on its own and unmap it when freed, and
-    hand back the free top of its heap: what the process holds is then what it uses, so a limit on
-    it is a limit on training's memory (at some cost in speed)."""
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    if libc is None or not hasattr(libc, "mallopt") or libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024) != 1:
-        raise NeuliteError("enforced memory budgets need Linux with glibc (mallopt), which this machine lacks")
-    libc.malloc_trim(0)
-
-
 @contextmanager
 def limited(budget: int) -> Iterator[None]:
     """Allocations of more than `budget` bytes beyond what this process holds now are refused
@@ -183,7 +169,7 @@ def limited(budget: int) -> Iterator[None]:
 
     Per process: another thread's allocations count too, so use it around one client's work, in a
     process that has trained before or ran `warm_up` (a first step's one-time set-up is not training)."""
-    _account_allocations()
+    map_blocks_alone("an enforced memory budget")
     soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
     limit = data_in_use() + budget
     if hard != resource.RLIM_INFINITY and limit > hard:
@@ -302,7 +288,7 @@ def _held(budget: int, how: str) -> Iterator[None]:
         with limited(budget):
             yield
         return
-    _account_allocations()
+    map_blocks_alone("an enforced memory budget")
     group = memory_group(_device_name(os.getpid()), budget)
     (group / "cgroup.procs").write_text(str(os.getpid()))  # from now on, what it touches is charged here
     yield
@@ -330,7 +316,7 @@ def run_within(budget: int, setup: Callable[[], S], work: Callable[[S], T], how:
     one torch thread, where `setup` (loading its data, say) and the runtime's one-time set-up
     (`warm_up`) are the baseline and the OS then holds `work` to `budget` more (`enforcement()`:
     a memory cgroup of its own, which kills it beyond; or `RLIMIT_DATA`, which refuses the
-    allocation). glibc maps every block of 64 KiB or more on its own there, so what is held is what
+    allocation). glibc maps every block of a page or more on its own there, so what is held is what
     is used. `setup` and `work` must pickle (top-level functions, `functools.partial`); so must
     what they return. Raises `work`'s exception, or `OutOfMemory` when it needed more. `how`
     ("cgroup v2", "cgroup v1" or "RLIMIT_DATA") overrides `enforcement()`."""
@@ -344,7 +330,7 @@ def run_within(budget: int, setup: Callable[[], S], work: Callable[[S], T], how:
     receive, send = context.Pipe(duplex=False)
     child = context.Process(target=_device, args=(budget, how, setup, work, send), daemon=True)
     before = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by glibc as the child starts
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(HEAP_BLOCK)  # read by glibc as the child starts
     try:
         child.start()
     finally:

@@ -21,7 +21,8 @@ from neulite.models.stage_net import StageNet, StagePlan
 from neulite.models.zoo import build_model
 
 MEASURED_WITH = (
-    "peak resident memory growth, fresh process, 1 thread, 2 training steps after a twin's warm-up step, lesser of 2"
+    "peak resident memory growth, fresh process, 1 thread, glibc mapping every block from a page up, "
+    "2 training steps after a twin's warm-up step, lesser of 2"
 )
 """How `measure` reads a step's peak, recorded with every report (a benchmark re-measures rows read another way)."""
 
