@@ -100,6 +100,8 @@ SWEEPS = {
             "method.neulite.stage_lr=[0.02,0.02,0.01]",
             "method.neulite.stage_epochs=[4,3,1]",
             ("method.neulite.stage_epochs=[3,2,1]", "method.neulite.stage_lr=[0.05,0.03,0.02]"),
+            "method.neulite.stage_epochs=[6,4,1]",  # added when [4,3,1] led [3,2,1]
+            "method.neulite.stage_epochs=[4,3,2]",
         ),
         (0, 1),
         (*DIRICHLET, "eval.every=60"),
