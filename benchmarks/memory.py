@@ -8,7 +8,7 @@ user CNNs of examples/user_cnns.py (one block per conv) at batch 32 and 64: weig
 read by benchmarks/rss_check.py, an independent check of the measurement.
 Writes benchmarks/results/memory.json after each row; rows already there measured the current way are
 kept (delete the file to redo all). Run on an idle machine (the step times):
-OMP_NUM_THREADS=1 python benchmarks/memory.py [--only user_cnns]  (only: rows whose model name holds it)
+OMP_NUM_THREADS=1 python benchmarks/memory.py [--only user_cnns] [--batch 64]  (only: rows whose model name holds it)
 """
 
 from __future__ import annotations
@@ -54,7 +54,9 @@ def main() -> None:
     """Measure every row not yet measured the current way, saving after each (an interrupted run resumes)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="measure only the rows whose model name holds this")
-    only = parser.parse_args().only
+    parser.add_argument("--batch", type=int, default=0, help="measure only the rows at this batch size")
+    args = parser.parse_args()
+    only = args.only
     info = machine()
     print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}")
     old = json.loads(OUT.read_text()) if OUT.is_file() else {"reports": [], "seconds": 0.0}
@@ -75,7 +77,7 @@ def main() -> None:
                 jobs.append((key, partial(user_report, build, shape, batch, recompute)))
     OUT.parent.mkdir(parents=True, exist_ok=True)
     for key, run in jobs:
-        if only not in key[0]:
+        if only not in key[0] or args.batch not in (0, key[2]):
             continue
         if rows.get(key, {}).get("measured_with") != MEASURED_WITH:
             rows[key] = {**run(), "recompute": key[3]}
