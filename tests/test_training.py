@@ -197,3 +197,12 @@ def test_a_stage_trains_with_its_own_learning_rate_and_epochs():
 def test_bad_per_stage_settings_are_named(override: str, message: str):
     with pytest.raises(NeuliteError, match=message):
         Simulation(load_config(overrides=[*SMALL, override]))
+
+
+@pytest.mark.parametrize(
+    "config", [{"lr": "0.1"}, {"local_epochs": 2.5}, {"local_epochs": 0}, {"lr": -1.0}, {"lr": True}]
+)
+def test_a_malformed_per_stage_setting_in_a_task_is_refused_by_name(config: dict):
+    method = Simulation(load_config(overrides=SMALL)).method
+    with pytest.raises(NeuliteError, match="malformed task"):
+        method.train_config(config)

@@ -22,6 +22,7 @@ from neulite.algorithms.merge import merge_results
 from neulite.algorithms.payload import ClientResult, ClientTask, ConfigValue
 from neulite.config import Config, TrainConfig
 from neulite.data.datasets import TensorDataset
+from neulite.errors import NeuliteError
 from neulite.memory import MemoryBreakdown, StepLoss, estimate
 from neulite.models.arrays import assign_arrays
 from neulite.models.blocks import BlockModel
@@ -130,8 +131,16 @@ class Method(ABC):
     def train_config(self, config: Mapping[str, ConfigValue]) -> TrainConfig:
         """The local-training settings of a task: `train`, with the learning rate and local epochs the
         task's config sets (NeuLite's per-stage values), checked as the config itself is."""
-        own = {key: kind(config[key]) for key, kind in (("lr", float), ("local_epochs", int)) if key in config}
-        return dataclasses.replace(self.cfg.train, **own) if own else self.cfg.train
+        own = {key: config[key] for key in ("lr", "local_epochs") if key in config}
+        if not own:
+            return self.cfg.train
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in own.values())
+        if not numbers or not isinstance(own.get("local_epochs", 1), int):
+            raise NeuliteError(f"malformed task: {own} (lr must be a number, local_epochs an integer)")
+        try:
+            return dataclasses.replace(self.cfg.train, **own)
+        except NeuliteError as exc:
+            raise NeuliteError(f"malformed task: {exc}") from None
 
     def client_update(
         self, task: ClientTask, data: TensorDataset, *, augment: bool, cache: PrefixCache | None = None
