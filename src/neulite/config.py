@@ -293,6 +293,13 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     return value
 
 
+def replace_checked(record: Any, changes: dict[str, Any], prefix: str) -> Any:
+    """`dataclasses.replace` with values from outside the config file (a task's settings), each
+    checked and converted as the file's are (`_coerce`), naming `prefix + key` when one is wrong."""
+    hints = typing.get_type_hints(type(record))
+    return dataclasses.replace(record, **{key: _coerce(prefix + key, v, hints[key]) for key, v in changes.items()})
+
+
 def _build_method(raw: dict[str, Any]) -> MethodConfig:
     from neulite.algorithms.registry import SECTIONS
 

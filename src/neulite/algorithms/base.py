@@ -9,7 +9,6 @@ bytes or touches data: that is the driver's job.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,7 +19,7 @@ from neulite.algorithms.evaluate import evaluate
 from neulite.algorithms.local import cross_entropy_loss, local_update
 from neulite.algorithms.merge import merge_results
 from neulite.algorithms.payload import ClientResult, ClientTask, ConfigValue
-from neulite.config import Config, TrainConfig
+from neulite.config import Config, TrainConfig, replace_checked
 from neulite.data.datasets import TensorDataset
 from neulite.errors import NeuliteError
 from neulite.memory import MemoryBreakdown, StepLoss, estimate
@@ -132,15 +131,10 @@ class Method(ABC):
         """The local-training settings of a task: `train`, with the learning rate and local epochs the
         task's config sets (NeuLite's per-stage values), checked as the config itself is."""
         own = {key: config[key] for key in ("lr", "local_epochs") if key in config}
-        if not own:
-            return self.cfg.train
-        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in own.values())
-        if not numbers or not isinstance(own.get("local_epochs", 1), int):
-            raise NeuliteError(f"malformed task: {own} (lr must be a number, local_epochs an integer)")
         try:
-            return dataclasses.replace(self.cfg.train, **own)
+            return replace_checked(self.cfg.train, own, "task's ") if own else self.cfg.train
         except NeuliteError as exc:
-            raise NeuliteError(f"malformed task: {exc}") from None
+            raise NeuliteError(f"malformed task: {str(exc).removeprefix('bad config: ')}") from None
 
     def client_update(
         self, task: ClientTask, data: TensorDataset, *, augment: bool, cache: PrefixCache | None = None

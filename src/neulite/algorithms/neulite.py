@@ -55,7 +55,7 @@ class NeuLiteOptions:
     stage_lr / stage_epochs: the local learning rate and epochs of each stage (one value per block;
     empty: train.lr and train.local_epochs throughout); a stage's small block may take a larger
     step or more epochs at little cost (chosen on validation: `python benchmarks/tune.py
-    headline-stage-lr`).
+    headline-stage`).
     """
 
     schedule: str = "sequential"
