@@ -15,7 +15,9 @@ Sweeps:
             the FedAvg oracle on the Dirichlet(0.5) split, as `lr` is;
   headline-schedule  NeuLite's rounds per stage on the headline benchmark, at its chosen learning rate.
   headline-stage  elastic NeuLite's local epochs and learning rate per stage on the headline
-            benchmark (the first candidate is today's: one epoch at train.lr throughout).
+            benchmark (the first candidate is today's: one epoch at train.lr throughout);
+  headline-epochs  the local epochs of every other method on the headline benchmark, chosen on the
+            FedAvg oracle as headline-lr is (NeuLite's per-stage epochs were tuned: so are theirs).
 Run: python benchmarks/tune.py NAME [--workers N]
 """
 
@@ -103,6 +105,13 @@ SWEEPS = {
             "method.neulite.stage_epochs=[6,4,1]",  # added when [4,3,1] led [3,2,1]
             "method.neulite.stage_epochs=[4,3,2]",
         ),
+        (0, 1),
+        (*DIRICHLET, "eval.every=60"),
+    ),
+    "headline-epochs": Sweep(
+        HERE / "headline.toml",
+        "fedavg",
+        ("train.local_epochs=1", "train.local_epochs=2"),
         (0, 1),
         (*DIRICHLET, "eval.every=60"),
     ),
