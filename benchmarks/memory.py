@@ -9,6 +9,7 @@ read by benchmarks/rss_check.py, an independent check of the measurement.
 Writes benchmarks/results/memory.json after each row; rows already there measured the current way are
 kept (delete the file to redo all). Run on an idle machine (the step times):
 OMP_NUM_THREADS=1 python benchmarks/memory.py [--only user_cnns] [--batch 64]  (only: rows whose model name holds it)
+On a GPU, `--device cuda` measures allocated bytes and times steps there, into memory-cuda.json.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the user models are imported as examples.user_cnns
 
@@ -31,22 +34,25 @@ from examples.user_cnns import heavy_cnn, plain_cnn  # noqa: E402
 from neulite.algorithms.local import cross_entropy_loss  # noqa: E402
 from neulite.compare import machine  # noqa: E402
 from neulite.memory import MIB  # noqa: E402
-from neulite.memory_report import MEASURED_WITH, memory_report  # noqa: E402
+from neulite.memory_report import measured_with, memory_report  # noqa: E402
 from neulite.models.stage_net import StageNet  # noqa: E402
 
 MODELS = (("resnet18", 0), ("resnet34", 0), ("vgg16", 0), ("mobilenetv2", 0), ("resnet34", 4), ("vit_tiny", 0))
 BATCHES = (32, 64, 128)
 USER_MODELS = ((heavy_cnn, (3, 8, 8)), (plain_cnn, (3, 32, 32)))
 USER_BATCHES = (32, 64)
-OUT = Path(__file__).parent / "results" / "memory.json"
+RESULTS = Path(__file__).parent / "results"
 
 
-def user_report(build: Any, input_shape: tuple[int, int, int], batch: int, recompute: bool) -> dict[str, Any]:
-    """memory_report's figures for a user model, and the full model's peak as rss_check reads it."""
+def user_report(
+    build: Any, input_shape: tuple[int, int, int], batch: int, recompute: bool, device: str
+) -> dict[str, Any]:
+    """memory_report's figures for a user model, and on a CPU the full model's peak as rss_check reads it."""
     name = f"{build.__module__}:{build.__name__}"
-    report = memory_report(name, batch, input_shape, 10, recompute=recompute, with_timing=True)
-    net = StageNet(build(input_shape, 10))
-    report["full"]["rss_check_bytes"] = resident_peak(net, net.full_plan(), batch, cross_entropy_loss)
+    report = memory_report(name, batch, input_shape, 10, recompute=recompute, with_timing=True, device=device)
+    if device == "cpu":
+        net = StageNet(build(input_shape, 10))
+        report["full"]["rss_check_bytes"] = resident_peak(net, net.full_plan(), batch, cross_entropy_loss)
     return report
 
 
@@ -55,11 +61,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="measure only the rows whose model name holds this")
     parser.add_argument("--batch", type=int, default=0, help="measure only the rows at this batch size")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda: GPU allocated bytes and step times")
+    parser.add_argument("--out", help="report file (default: results/memory.json, or memory-cuda.json)")
     args = parser.parse_args()
-    only = args.only
+    only, device = args.only, args.device
+    out = Path(args.out) if args.out else RESULTS / ("memory.json" if device == "cpu" else "memory-cuda.json")
     info = machine()
-    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}")
-    old = json.loads(OUT.read_text()) if OUT.is_file() else {"reports": [], "seconds": 0.0}
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(device)
+    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, {info.get('gpu', 'no GPU')}")
+    old = json.loads(out.read_text()) if out.is_file() else {"reports": [], "seconds": 0.0}
     rows = {(r["model"], r["blocks"], r["batch_size"], r.get("recompute", False)): r for r in old["reports"]}
     start = time.perf_counter() - old["seconds"]
     jobs: list[tuple[tuple[str, str, int, bool], Callable[[], dict[str, Any]]]] = []
@@ -68,24 +79,32 @@ def main() -> None:
             label = "one per resolution stage" if not blocks else f"{blocks} memory-balanced"
             for recompute in (False, True):  # side by side: the time a stage's recomputation costs
                 run = partial(
-                    memory_report, model, batch, (3, 32, 32), 10, blocks=blocks, recompute=recompute, with_timing=True
+                    memory_report,
+                    model,
+                    batch,
+                    (3, 32, 32),
+                    10,
+                    blocks=blocks,
+                    recompute=recompute,
+                    with_timing=True,
+                    device=device,
                 )
                 jobs.append(((model, label, batch, recompute), run))
         for build, shape in USER_MODELS if batch in USER_BATCHES else ():
             for recompute in (False, True):
                 key = (f"{build.__module__}:{build.__name__}", "one per resolution stage", batch, recompute)
-                jobs.append((key, partial(user_report, build, shape, batch, recompute)))
-    OUT.parent.mkdir(parents=True, exist_ok=True)
+                jobs.append((key, partial(user_report, build, shape, batch, recompute, device)))
+    out.parent.mkdir(parents=True, exist_ok=True)
     for key, run in jobs:
         if only not in key[0] or args.batch not in (0, key[2]):
             continue
-        if rows.get(key, {}).get("measured_with") != MEASURED_WITH:
+        if rows.get(key, {}).get("measured_with") != measured_with(device):
             rows[key] = {**run(), "recompute": key[3]}
             ordered = [rows[k] for k, _ in jobs if k in rows]
             report = {"machine": info, "seconds": time.perf_counter() - start, "reports": ordered}
-            OUT.write_text(json.dumps(report, indent=2) + "\n")
+            out.write_text(json.dumps(report, indent=2) + "\n")
         show(rows[key])
-    print(f"wrote {OUT}")
+    print(f"wrote {out}")
 
 
 def show(r: dict[str, Any]) -> None:

@@ -85,6 +85,13 @@ def test_a_crafted_checkpoint_is_refused_without_running_its_code(tmp_path: Path
         (["run", "--set", "data.name=cifar10", "--set", "data.root=/nonexistent"], "cifar10"),
         (["run", "--set", "model.name=resnet50"], "resnet50"),
         (["memory", "--model", "small_cnn", "--input-shape", "1,28"], "C,H,W"),
+        (["memory", "--model", "small_cnn", "--device", "tpu0"], "unknown device 'tpu0'"),
+        (["memory", "--model", "small_cnn", "--device", "meta"], "'cpu' or 'cuda' only"),
+        pytest.param(
+            ["memory", "--model", "small_cnn", "--device", "cuda"],
+            "no CUDA device",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this host has a GPU"),
+        ),
     ],
 )
 def test_bad_input_exits_with_a_one_line_error(argv: list[str], fragment: str, capsys: pytest.CaptureFixture[str]):

@@ -84,6 +84,7 @@ def _memory(args: argparse.Namespace) -> None:
         args.blocks,
         with_measurement=not args.no_measure,
         recompute=args.recompute == "on",
+        device=args.device,
     )
     full = report["full"]
     rows = [full, *report["stages"]]
@@ -92,7 +93,7 @@ def _memory(args: argparse.Namespace) -> None:
         return
     table = Table(
         title=f"{args.model} (blocks: {report['blocks']}), batch {args.batch_size}, input {args.input_shape}, "
-        f"recompute {args.recompute}: peak training memory"
+        f"recompute {args.recompute}, {args.device}: peak training memory"
     )
     for col in ("", "estimated MiB", "measured MiB", "est/meas", "of full"):
         table.add_column(col, justify="right")
@@ -264,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--recompute", choices=("off", "on"), default="off", help="stages that recompute what they train in backward"
     )
     mem.add_argument("--no-measure", action="store_true", help="estimate only (skip the measured training steps)")
+    mem.add_argument(
+        "--device", default="cpu", help="where the steps are measured: cpu (resident memory) or cuda (allocated bytes)"
+    )
     mem.add_argument("--json", action="store_true")
     mem.set_defaults(func=_memory)
     plan = sub.add_parser("plan", help="how many memory-balanced blocks let a target share of clients fit every stage")

@@ -249,6 +249,7 @@ def measure(
     that calls this outside `if __name__ == "__main__":` re-runs itself in the child) the call fails
     at once saying so, instead of waiting forever.
     """
+    check_device(device)
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(["torch", "neulite.memory"])  # a measurement forks from them, imported once
@@ -281,6 +282,18 @@ def measure(
     return value
 
 
+def check_device(device: str) -> None:
+    """Refuse a device this host cannot train on, by name, before any work starts."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise NeuliteError(f"unknown device {device!r} (use 'cpu' or 'cuda')") from None
+    if kind not in ("cpu", "cuda"):
+        raise NeuliteError(f"device {device!r}: memory is measured on 'cpu' or 'cuda' only")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise NeuliteError(f"device {device!r}: torch sees no CUDA device on this host")
+
+
 def _measure_child(send: Connection, *args: Any) -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)  # the libraries' own log lines are not the user's business
@@ -301,7 +314,8 @@ def _measure_here(net: StageNet, plan: StagePlan, batch_size: int, loss: StepLos
     it), and untouched pages cost a host nothing. Kernels run on one thread, as the estimate
     assumes: on T threads that kernel writes a partial weight gradient per thread, a cost of the
     host's core count rather than of the step. A twin client's step first compiles the kernels
-    and fills the libraries' caches, which a process pays once, not per client.
+    and fills the libraries' caches, which a process pays once, not per client (on a GPU too:
+    cuBLAS's workspace, cuDNN's plans).
     """
     torch.set_num_threads(1)
     arrays = {k: v.to(device) for k, v in extract_arrays(net, net.down_names(plan)).items()}
@@ -321,6 +335,7 @@ def _measure_here(net: StageNet, plan: StagePlan, batch_size: int, loss: StepLos
             del value
 
     if device.startswith("cuda"):
+        run(copy.deepcopy(skeleton), 1)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()

@@ -16,7 +16,7 @@ import torch
 from neulite.algorithms.local import cross_entropy_loss
 from neulite.algorithms.registry import build_method
 from neulite.config import Config, ModelConfig, TrainConfig
-from neulite.memory import StepLoss, estimate, measure
+from neulite.memory import StepLoss, check_device, estimate, measure
 from neulite.models.stage_net import StageNet, StagePlan
 from neulite.models.zoo import build_model
 
@@ -24,7 +24,16 @@ MEASURED_WITH = (
     "peak resident memory growth, fresh process, 1 thread, glibc mapping every block from a page up, "
     "2 training steps after a twin's warm-up step, lesser of 2"
 )
-"""How `measure` reads a step's peak, recorded with every report (a benchmark re-measures rows read another way)."""
+"""How `measure` reads a step's peak on a CPU, recorded with every report (a benchmark re-measures
+rows read another way)."""
+CUDA_MEASURED_WITH = (
+    "torch.cuda.max_memory_allocated growth, fresh process, 2 training steps after a twin's warm-up step"
+)
+
+
+def measured_with(device: str) -> str:
+    """How `measure` reads a step's peak on `device`."""
+    return CUDA_MEASURED_WITH if device.startswith("cuda") else MEASURED_WITH
 
 
 def memory_report(
@@ -38,12 +47,15 @@ def memory_report(
     with_measurement: bool = True,
     recompute: bool = False,
     with_timing: bool = False,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Per-stage NeuLite peaks (Mentor and Harmonizer on) next to full-model training, estimated and
     measured; with `recompute`, of stages that recompute what they train in backward; with
-    `with_timing`, each row's `step_seconds` (`step_seconds`).
+    `with_timing`, each row's `step_seconds` (`step_seconds`). Measured and timed on `device` ("cuda":
+    the GPU's allocated bytes); the estimate is the same for every device.
 
     `model` is any name a config takes: a built-in, a registered model or an import path "module:function"."""
+    check_device(device)
     cfg = Config(
         model=ModelConfig(name=model, width=width, blocks=blocks),
         train=TrainConfig(batch_size=batch_size, recompute="on" if recompute else "off"),
@@ -51,12 +63,13 @@ def memory_report(
     net = StageNet(build_model(model, input_shape, num_classes, width, blocks))  # type: ignore[arg-type]
     full_plan = net.full_plan()
     full_est = estimate(net, full_plan, batch_size, cross_entropy_loss)
-    full_real = measure(net, full_plan, batch_size, cross_entropy_loss) if with_measurement else None
+    full_real = measure(net, full_plan, batch_size, cross_entropy_loss, device=device) if with_measurement else None
     method = build_method(cfg, net)
     rows = []
     for plan in method.plans():
         est = method.memory(plan)
-        real = measure(net, plan, batch_size, method.loss(method.task_config(plan))) if with_measurement else None
+        step_loss = method.loss(method.task_config(plan))
+        real = measure(net, plan, batch_size, step_loss, device=device) if with_measurement else None
         rows.append(
             {
                 "stage": plan.stage,
@@ -71,9 +84,11 @@ def memory_report(
     for r in [full, *rows]:
         r["estimate_error"] = None if r["measured_bytes"] is None else r["estimated_bytes"] / r["measured_bytes"] - 1.0
     if with_timing:
-        full["step_seconds"] = step_seconds(net, full_plan, batch_size, cross_entropy_loss)
+        full["step_seconds"] = step_seconds(net, full_plan, batch_size, cross_entropy_loss, device=device)
         for plan, r in zip(method.plans(), rows, strict=True):
-            r["step_seconds"] = step_seconds(net, plan, batch_size, method.loss(method.task_config(plan)))
+            r["step_seconds"] = step_seconds(
+                net, plan, batch_size, method.loss(method.task_config(plan)), device=device
+            )
     for r in rows:
         r["fraction_of_full"] = r["estimated_bytes"] / full["estimated_bytes"]
         if r["measured_bytes"] is not None:
@@ -88,22 +103,28 @@ def memory_report(
         "stages": rows,
         "worst_stage_fraction": worst,
         "reduction_percent": 100.0 * (1.0 - worst),
-        "measured_with": MEASURED_WITH if with_measurement else None,
+        "device": device,
+        "measured_with": measured_with(device) if with_measurement else None,
     }
 
 
-def step_seconds(net: StageNet, plan: StagePlan, batch_size: int, loss: StepLoss, steps: int = 5) -> float:
-    """Median wall seconds of one training step of `plan` on this process's torch threads, after a
-    warm-up step (kernel selection and caches are a process's once, not a step's)."""
-    client = copy.deepcopy(net)
+def step_seconds(
+    net: StageNet, plan: StagePlan, batch_size: int, loss: StepLoss, steps: int = 5, device: str = "cpu"
+) -> float:
+    """Median wall seconds of one training step of `plan` on `device` (a CPU: this process's torch
+    threads), after a warm-up step (kernel selection and caches are a process's once, not a step's)."""
+    client = copy.deepcopy(net).to(device)
     optimizer = torch.optim.SGD(client.prepare(plan), lr=0.01, momentum=0.9)
-    x = torch.randn(batch_size, *net.model.input_shape)
-    y = torch.randint(0, net.model.num_classes, (batch_size,))
+    x = torch.randn(batch_size, *net.model.input_shape, device=device)
+    y = torch.randint(0, net.model.num_classes, (batch_size,), device=device)
+    cuda = device.startswith("cuda")
     times = []
     for _ in range(steps + 1):
         start = time.perf_counter()
         loss(client, plan, x, y).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()  # the step's kernels have run, not just been queued
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
