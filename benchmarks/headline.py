@@ -34,7 +34,6 @@ METHODS = (
     "neulite",
     "neulite-adaptive",
     "neulite-elastic",
-    "neulite-elastic-backward",
 )
 SPLITS = {
     "dirichlet-0.1": ["data.partition=dirichlet", "data.alpha=0.1"],
