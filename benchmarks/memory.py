@@ -10,6 +10,7 @@ Writes benchmarks/results/memory.json after each row; rows already there measure
 kept (delete the file to redo all). Run on an idle machine (the step times):
 OMP_NUM_THREADS=1 python benchmarks/memory.py [--only user_cnns] [--batch 64]  (only: rows whose model name holds it)
 On a GPU, `--device cuda` measures allocated bytes and times steps there, into memory-cuda.json.
+After a change to the estimator, `--estimates-only` re-estimates the rows, keeping their measurements.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from examples.user_cnns import heavy_cnn, plain_cnn  # noqa: E402
 from neulite.algorithms.local import cross_entropy_loss  # noqa: E402
 from neulite.compare import machine  # noqa: E402
 from neulite.memory import MIB  # noqa: E402
-from neulite.memory_report import measured_with, memory_report  # noqa: E402
+from neulite.memory_report import measured_with, memory_report, reestimated  # noqa: E402
 from neulite.models.stage_net import StageNet  # noqa: E402
 
 MODELS = (("resnet18", 0), ("resnet34", 0), ("vgg16", 0), ("mobilenetv2", 0), ("resnet34", 4), ("vit_tiny", 0))
@@ -63,6 +64,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=0, help="measure only the rows at this batch size")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda: GPU allocated bytes and step times")
     parser.add_argument("--out", help="report file (default: results/memory.json, or memory-cuda.json)")
+    parser.add_argument(
+        "--estimates-only",
+        action="store_true",
+        help="re-estimate every row in the report, keeping its measurements (after a change to the estimator)",
+    )
     args = parser.parse_args()
     only, device = args.only, args.device
     out = Path(args.out) if args.out else RESULTS / ("memory.json" if device == "cpu" else "memory-cuda.json")
@@ -73,6 +79,13 @@ def main() -> None:
     old = json.loads(out.read_text()) if out.is_file() else {"reports": [], "seconds": 0.0}
     rows = {(r["model"], r["blocks"], r["batch_size"], r.get("recompute", False)): r for r in old["reports"]}
     start = time.perf_counter() - old["seconds"]
+    if args.estimates_only:
+        for i, r in enumerate(old["reports"]):
+            if only in r["model"] and args.batch in (0, r["batch_size"]):
+                old["reports"][i] = reestimated(r)
+                out.write_text(json.dumps(old, indent=2) + "\n")
+                show(old["reports"][i])
+        return
     jobs: list[tuple[tuple[str, str, int, bool], Callable[[], dict[str, Any]]]] = []
     for batch in sorted(BATCHES, key=lambda b: b != 64):  # batch 64 first: the targets' batch
         for model, blocks in MODELS:

@@ -95,16 +95,18 @@ def test_estimate_of_each_methods_step_holds_against_the_measured_peak(method: s
     assert abs(est - real) / real < 0.15, (est, real)
 
 
-def test_a_convolution_counts_the_copies_onednn_computes_on():
+@pytest.mark.parametrize("channels, side", [((4, 8), 6), ((64, 64), 2)])  # activation-heavy, weight-heavy
+def test_a_convolution_counts_the_copies_onednn_computes_on(channels: tuple[int, int], side: int):
     """Forward: blocked copies of the input and weights, or the blocked output before it is copied
-    out, whichever is larger; backward: copies of the output gradient, input and weights. Both on
-    top of the op's outputs, which no tensor the step holds shows."""
+    out, whichever is larger; backward, one phase after another: copies of the output gradient and
+    the input, or the blocked weight gradient being copied out, whichever is larger. Both on top of
+    the op's outputs, which no tensor the step holds shows."""
 
     def size(t: torch.Tensor) -> int:
         return t.numel() * F32
 
-    conv = nn.Conv2d(4, 8, 3, padding=1, bias=False)
-    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    conv = nn.Conv2d(*channels, 3, padding=1, bias=False)
+    x = torch.randn(2, channels[0], side, side, requires_grad=True)
     with torch.no_grad(), LiveTensorBytes() as forward:
         y = conv(x)
     assert forward.peak == size(y) + max(size(x) + size(conv.weight), size(y))
@@ -112,7 +114,8 @@ def test_a_convolution_counts_the_copies_onednn_computes_on():
     grad = torch.ones_like(y)
     with LiveTensorBytes() as backward:
         y.backward(grad)
-    assert backward.peak == size(x.grad) + size(conv.weight.grad) + size(grad) + size(x) + size(conv.weight)
+    workspace = max(size(grad) + size(x), size(conv.weight))
+    assert backward.peak == footprint(size(x.grad)) + footprint(size(conv.weight.grad)) + workspace
 
 
 def test_freed_heap_blocks_stay_in_the_peak():
@@ -135,15 +138,13 @@ def heavy_neulite() -> Method:
     return build_method(load_config(overrides=["method.name=neulite"]), StageNet(heavy_cnn((3, 8, 8), 10)))
 
 
-@pytest.mark.parametrize("stage", [0, 4])
+@pytest.mark.parametrize("stage", [0, 3, 4])
 def test_estimate_holds_against_the_measurement_on_a_weight_heavy_cnn(stage: int):
     """Weights, gradients and momentum are most of the peak, oneDNN's weight-sized copies most of
     the rest. The estimate used to miss those copies and the measurement (the allocated peak) to
-    count a scratchpad oneDNN books and never writes: 42-46% apart. The full model and the
-    costliest stage are checked here, every stage by benchmarks/memory.py: with compact output
-    modules stages 1-3 hold only 3-6 MiB, where the C heap's fragmentation under the Mentor's many
-    32-48 KiB blocks (up to 1.2 MiB at batch 64, beyond the freed blocks the estimate keeps) exceeds
-    10%, hence the 1 MiB floor."""
+    count a scratchpad oneDNN books and never writes: 42-46% apart; then counting the backward's
+    copies all at once put stage 3 12-14% above. The full model, that stage and the costliest are
+    checked here, every stage by benchmarks/memory.py."""
     m = heavy_neulite()
     if stage == 0:
         plan, loss = m.net.full_plan(), cross_entropy_loss
@@ -152,7 +153,7 @@ def test_estimate_holds_against_the_measurement_on_a_weight_heavy_cnn(stage: int
         plan = m.plans()[stage - 1]
         loss, est = m.loss(m.task_config(plan)), m.memory(plan).total
     real = measure(m.net, plan, 32, loss)
-    assert abs(est - real) < max(0.10 * real, MIB), (est, real)
+    assert abs(est - real) < 0.10 * real, (est, real)
 
 
 def test_measure_agrees_with_an_independent_resident_memory_check():

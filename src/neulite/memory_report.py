@@ -81,31 +81,59 @@ def memory_report(
             }
         )
     full = {"stage": 0, "estimated_bytes": full_est.total, "measured_bytes": full_real, "breakdown": full_est.as_dict()}
-    for r in [full, *rows]:
-        r["estimate_error"] = None if r["measured_bytes"] is None else r["estimated_bytes"] / r["measured_bytes"] - 1.0
     if with_timing:
         full["step_seconds"] = step_seconds(net, full_plan, batch_size, cross_entropy_loss, device=device)
         for plan, r in zip(method.plans(), rows, strict=True):
             r["step_seconds"] = step_seconds(
                 net, plan, batch_size, method.loss(method.task_config(plan)), device=device
             )
+    report = {
+        "model": model,
+        "blocks": "one per resolution stage" if not blocks else f"{blocks} memory-balanced",
+        "batch_size": batch_size,
+        "input_shape": list(input_shape),
+        "num_classes": num_classes,
+        "width": width,
+        "full": full,
+        "stages": rows,
+        "device": device,
+        "measured_with": measured_with(device) if with_measurement else None,
+    }
+    return _compared(report)
+
+
+def _compared(report: dict[str, Any]) -> dict[str, Any]:
+    """`report` with each row's estimate error and share of full-model training, and the worst stage's."""
+    full, rows = report["full"], report["stages"]
+    for r in [full, *rows]:
+        r["estimate_error"] = None if r["measured_bytes"] is None else r["estimated_bytes"] / r["measured_bytes"] - 1.0
     for r in rows:
         r["fraction_of_full"] = r["estimated_bytes"] / full["estimated_bytes"]
         if r["measured_bytes"] is not None:
             r["measured_fraction_of_full"] = r["measured_bytes"] / full["measured_bytes"]
     worst = max(r["fraction_of_full"] for r in rows)
-    return {
-        "model": model,
-        "blocks": "one per resolution stage" if not blocks else f"{blocks} memory-balanced",
-        "batch_size": batch_size,
-        "input_shape": list(input_shape),
-        "full": full,
-        "stages": rows,
-        "worst_stage_fraction": worst,
-        "reduction_percent": 100.0 * (1.0 - worst),
-        "device": device,
-        "measured_with": measured_with(device) if with_measurement else None,
-    }
+    return {**report, "worst_stage_fraction": worst, "reduction_percent": 100.0 * (1.0 - worst)}
+
+
+def reestimated(report: dict[str, Any]) -> dict[str, Any]:
+    """`report` (one of `memory_report`'s) with today's estimates next to its measurements and step
+    times: what a change to the estimator does to a table whose measurements it cannot change."""
+    blocks = 0 if report["blocks"] == "one per resolution stage" else int(report["blocks"].split()[0])
+    fresh = memory_report(
+        report["model"],
+        report["batch_size"],
+        tuple(report["input_shape"]),
+        report.get("num_classes", 10),  # rows written before these were recorded used the defaults
+        report.get("width", 1.0),
+        blocks,
+        with_measurement=False,
+        recompute=report.get("recompute", False),
+    )
+    rows = []
+    for new, old in zip([fresh["full"], *fresh["stages"]], [report["full"], *report["stages"]], strict=True):
+        kept = {k: v for k, v in old.items() if k in ("measured_bytes", "step_seconds", "rss_check_bytes")}
+        rows.append({**new, **kept})
+    return _compared({**report, "full": rows[0], "stages": rows[1:]})
 
 
 def step_seconds(
