@@ -122,12 +122,13 @@ def main() -> None:
 
 def show(r: dict[str, Any]) -> None:
     stages = ", ".join(
-        f"{s['estimated_bytes'] / MIB:.0f}/{s['measured_bytes'] / MIB:.0f} ({s['step_seconds'] / r['full']['step_seconds']:.2f}x time)"
+        f"{s['estimated_bytes'] / MIB:.0f}/{s['measured_bytes'] / MIB:.0f}"
+        + (f" ({s['step_seconds'] / r['full']['step_seconds']:.2f}x time)" if "step_seconds" in s else "")
         for s in r["stages"]
     )
     check = f", rss_check {r['full']['rss_check_bytes'] / MIB:.1f}" if "rss_check_bytes" in r["full"] else ""
     print(
-        f"{r['model']:12s} {r['blocks']:24s} batch {r['batch_size']:3d}{' recompute' if r['recompute'] else ''}: full {r['full']['estimated_bytes'] / MIB:.0f}/{r['full']['measured_bytes'] / MIB:.0f} MiB (est/meas{check}); "
+        f"{r['model']:12s} {r['blocks']:24s} batch {r['batch_size']:3d}{' recompute' if r.get('recompute') else ''}: full {r['full']['estimated_bytes'] / MIB:.0f}/{r['full']['measured_bytes'] / MIB:.0f} MiB (est/meas{check}); "
         f"stages {stages}; worst stage {r['worst_stage_fraction']:.0%} of full",
         flush=True,
     )

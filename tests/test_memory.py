@@ -16,7 +16,8 @@ from neulite.algorithms.base import Method
 from neulite.algorithms.local import cross_entropy_loss
 from neulite.algorithms.registry import build_method, build_network
 from neulite.config import load_config
-from neulite.memory import HEAP_BLOCK, MIB, LiveTensorBytes, estimate, footprint, measure
+from neulite.memory import HEAP_BLOCK, LiveTensorBytes, estimate, footprint, measure
+from neulite.memory_report import memory_report, reestimated
 from neulite.models.blocks import BlockModel, ClassifierHead
 from neulite.models.stage_net import StageNet
 from neulite.models.zoo import build_model
@@ -217,3 +218,20 @@ def test_the_same_layers_on_larger_inputs_are_estimated_anew():
         estimate(large, large.full_plan(), 8, cross_entropy_loss).total
         > estimate(small, small.full_plan(), 8, cross_entropy_loss).total
     )
+
+
+def test_reestimated_keeps_the_measurements_and_compares_them_with_todays_estimate():
+    """What `benchmarks/memory.py --estimates-only` writes after a change to the estimator."""
+    report = memory_report("small_cnn", 16, (1, 28, 28), with_measurement=False)
+    today = [r["estimated_bytes"] for r in [report["full"], *report["stages"]]]
+    report["full"]["measured_bytes"] = 2 * today[0]
+    for r, est in zip(report["stages"], today[1:], strict=True):
+        r["measured_bytes"], r["step_seconds"] = est, 0.5
+    for r in [report["full"], *report["stages"]]:
+        r["estimated_bytes"] = 1  # an estimator that has since changed
+    new = reestimated(report)
+    assert [r["estimated_bytes"] for r in [new["full"], *new["stages"]]] == today
+    assert new["full"]["estimate_error"] == -0.5 and all(r["estimate_error"] == 0 for r in new["stages"])
+    assert all(r["step_seconds"] == 0.5 for r in new["stages"])
+    assert new["stages"][0]["measured_fraction_of_full"] == today[1] / (2 * today[0])
+    assert new["worst_stage_fraction"] == max(today[1:]) / today[0]
