@@ -161,16 +161,18 @@ def _kernel_workspace(func: object, args: tuple, out: object) -> int:
     then that gradient reordered into the dense result. Beyond the two results, the phases hold
     the output gradient, the output gradient and the input, and the weights' size: an
     activation-heavy layer needs a second copy of its activations, a weight-heavy one of its
-    weights. (Counting all three copies at once put a weight-heavy CNN's stage 12-14% above its
-    measurement. Single layers measure within 0.2 MiB of this model, but for a few, strided ones
-    that widen and a three-channel first layer, up to 2.7 MiB above it; whole networks measure as
-    benchmarks/README.md shows.)
+    weights. A strided (not grouped) convolution's input gradient is computed in a buffer of its
+    own and copied out, so its backward holds up to twice its input besides. (Counting all three
+    copies at once put a weight-heavy CNN's stage 12-14% above its measurement, and leaving out the
+    strided buffer a VGG-like CNN's 7-8% below. Single layers measure within 0.2 MiB of this model
+    or, strided, up to 2.4 MiB below it; whole networks measure as benchmarks/README.md shows.)
     """
     if func is torch.ops.aten.convolution.default:
         return max(_bytes(args[0]) + _bytes(args[1]), _bytes(out))
     if func is torch.ops.aten.convolution_backward.default:
-        grad_output, x, weight = args[:3]
-        return max(_bytes(grad_output) + _bytes(x), _bytes(weight))
+        grad_output, x, weight, stride, groups = args[0], args[1], args[2], args[4], args[9]
+        strided = 2 * _bytes(x) if max(stride) > 1 and groups == 1 else 0
+        return max(_bytes(grad_output) + _bytes(x), _bytes(weight), strided)
     return 0
 
 
