@@ -34,6 +34,7 @@ from rss_check import resident_peak  # noqa: E402
 from examples.user_cnns import heavy_cnn, plain_cnn  # noqa: E402
 from neulite.algorithms.local import cross_entropy_loss  # noqa: E402
 from neulite.compare import machine  # noqa: E402
+from neulite.errors import NeuliteError  # noqa: E402
 from neulite.memory import MIB  # noqa: E402
 from neulite.memory_report import measured_with, memory_report, reestimated  # noqa: E402
 from neulite.models.stage_net import StageNet  # noqa: E402
@@ -82,9 +83,14 @@ def main() -> None:
     if args.estimates_only:
         for i, r in enumerate(old["reports"]):
             if only in r["model"] and args.batch in (0, r["batch_size"]):
-                old["reports"][i] = reestimated(r)
-                out.write_text(json.dumps(old, indent=2) + "\n")
-                show(old["reports"][i])
+                try:
+                    old["reports"][i] = reestimated(r)
+                    show(old["reports"][i])
+                except NeuliteError as exc:  # the next run without --estimates-only measures it anew
+                    old["reports"][i] = None
+                    print(f"dropped: {exc}", flush=True)
+                kept = {**old, "reports": [r for r in old["reports"] if r is not None]}
+                out.write_text(json.dumps(kept, indent=2) + "\n")
         return
     jobs: list[tuple[tuple[str, str, int, bool], Callable[[], dict[str, Any]]]] = []
     for batch in sorted(BATCHES, key=lambda b: b != 64):  # batch 64 first: the targets' batch

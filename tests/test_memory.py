@@ -16,6 +16,7 @@ from neulite.algorithms.base import Method
 from neulite.algorithms.local import cross_entropy_loss
 from neulite.algorithms.registry import build_method, build_network
 from neulite.config import load_config
+from neulite.errors import NeuliteError
 from neulite.memory import HEAP_BLOCK, LiveTensorBytes, estimate, footprint, measure
 from neulite.memory_report import memory_report, reestimated
 from neulite.models.blocks import BlockModel, ClassifierHead
@@ -246,3 +247,6 @@ def test_reestimated_keeps_the_measurements_and_compares_them_with_todays_estima
     assert all(r["step_seconds"] == 0.5 for r in new["stages"])
     assert new["stages"][0]["measured_fraction_of_full"] == today[1] / (2 * today[0])
     assert new["worst_stage_fraction"] == max(today[1:]) / today[0]
+    report["stages"][0]["segment"] = report["stages"][0]["segment"] + 1  # measured on another plan
+    with pytest.raises(NeuliteError, match="stage 1 now recomputes in segments of 0, measured with 1"):
+        reestimated(report)

@@ -16,6 +16,7 @@ import torch
 from neulite.algorithms.local import cross_entropy_loss
 from neulite.algorithms.registry import build_method
 from neulite.config import Config, ModelConfig, TrainConfig
+from neulite.errors import NeuliteError
 from neulite.memory import StepLoss, check_device, estimate, measure
 from neulite.models.stage_net import StageNet, StagePlan
 from neulite.models.zoo import build_model
@@ -117,7 +118,9 @@ def _compared(report: dict[str, Any]) -> dict[str, Any]:
 
 def reestimated(report: dict[str, Any]) -> dict[str, Any]:
     """`report` (one of `memory_report`'s) with today's estimates next to its measurements and step
-    times: what a change to the estimator does to a table whose measurements it cannot change."""
+    times: what a change to the estimator does to a table whose measurements it cannot change.
+    Refused where the estimator now plans a stage another way (another recomputation segment): its
+    measurement is of the old plan."""
     blocks = 0 if report["blocks"] == "one per resolution stage" else int(report["blocks"].split()[0])
     fresh = memory_report(
         report["model"],
@@ -131,6 +134,11 @@ def reestimated(report: dict[str, Any]) -> dict[str, Any]:
     )
     rows = []
     for new, old in zip([fresh["full"], *fresh["stages"]], [report["full"], *report["stages"]], strict=True):
+        if old.get("segment") is not None and new["segment"] != old["segment"]:
+            raise NeuliteError(
+                f"{report['model']} at batch {report['batch_size']}: stage {new['stage']} now recomputes in "
+                f"segments of {new['segment']}, measured with {old['segment']}: measure the row again"
+            )
         kept = {k: v for k, v in old.items() if k in ("measured_bytes", "step_seconds", "rss_check_bytes")}
         rows.append({**new, **kept})
     return _compared({**report, "full": rows[0], "stages": rows[1:]})
