@@ -922,7 +922,7 @@ def render_summary() -> str:
             out.append(
                 f"- **Headline** (`python benchmarks/headline.py`, full Fashion-MNIST, 100 clients, seeds {head['seeds']}): "
                 + "; ".join(parts)
-                + " (NeuLite, ExclusiveFL, the best other memory-feasible baseline, the FedAvg oracle)."
+                + " (NeuLite, ExclusiveFL, the best other memory-feasible baseline of those run, the FedAvg oracle)."
             )
     if mem := load("memory"):
         rows = {(r["model"], r["batch"], r["balanced"]): r for r in _memory_rows(mem)}
