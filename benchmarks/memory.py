@@ -89,7 +89,7 @@ def main() -> None:
                 except NeuliteError as exc:  # the next run without --estimates-only measures it anew
                     old["reports"][i] = None
                     print(f"dropped: {exc}", flush=True)
-                kept = {**old, "reports": [r for r in old["reports"] if r is not None]}
+                kept = {**old, "reports": [row for row in old["reports"] if row is not None]}
                 out.write_text(json.dumps(kept, indent=2) + "\n")
         return
     jobs: list[tuple[tuple[str, str, int, bool], Callable[[], dict[str, Any]]]] = []

@@ -344,16 +344,16 @@ def _measure_here(net: StageNet, plan: StagePlan, batch_size: int, loss: StepLos
             optimizer.zero_grad(set_to_none=True)
             del value
 
-    if device.startswith("cuda"):
-        run(copy.deepcopy(skeleton), 1)
+    cuda = device.startswith("cuda")
+    libc = None if cuda else map_blocks_alone("measuring CPU memory")
+    run(copy.deepcopy(skeleton), 1)  # the twin's warm-up step
+    if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         run(skeleton, steps)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    libc = map_blocks_alone("measuring CPU memory")
-    run(copy.deepcopy(skeleton), 1)
     peaks = []
     for _ in range(MEASURE_REPEATS):
         client = copy.deepcopy(skeleton)

@@ -66,10 +66,10 @@ def memory_report(
     full_est = estimate(net, full_plan, batch_size, cross_entropy_loss)
     full_real = measure(net, full_plan, batch_size, cross_entropy_loss, device=device) if with_measurement else None
     method = build_method(cfg, net)
+    stages = [(plan, method.loss(method.task_config(plan))) for plan in method.plans()]
     rows = []
-    for plan in method.plans():
+    for plan, step_loss in stages:
         est = method.memory(plan)
-        step_loss = method.loss(method.task_config(plan))
         real = measure(net, plan, batch_size, step_loss, device=device) if with_measurement else None
         rows.append(
             {
@@ -84,10 +84,8 @@ def memory_report(
     full = {"stage": 0, "estimated_bytes": full_est.total, "measured_bytes": full_real, "breakdown": full_est.as_dict()}
     if with_timing:
         full["step_seconds"] = step_seconds(net, full_plan, batch_size, cross_entropy_loss, device=device)
-        for plan, r in zip(method.plans(), rows, strict=True):
-            r["step_seconds"] = step_seconds(
-                net, plan, batch_size, method.loss(method.task_config(plan)), device=device
-            )
+        for (plan, step_loss), r in zip(stages, rows, strict=True):
+            r["step_seconds"] = step_seconds(net, plan, batch_size, step_loss, device=device)
     report = {
         "model": model,
         "blocks": "one per resolution stage" if not blocks else f"{blocks} memory-balanced",
