@@ -8,6 +8,7 @@ import dataclasses
 
 import pytest
 import torch
+from torch import nn
 
 from neulite.algorithms.neulite import RECOMPUTE, SEGMENTS, NeuLite, neulite_loss
 from neulite.algorithms.registry import build_method
@@ -73,12 +74,14 @@ def test_auto_recomputes_only_for_the_clients_that_need_it():
     assert off.assign(off.plan(1), reduced) is None
 
 
-def test_recomputation_segments_open_nested_sequentials_and_the_leanest_size_is_chosen():
+def test_recomputation_segments_are_the_blocks_units_and_the_leanest_size_is_chosen():
     net = StageNet(build_model("resnet18", (3, 32, 32), 10, 0.25))
     first = net.model.blocks[0]  # Sequential(stem=Sequential(conv, bn, act), layer1=Sequential(unit, unit))
     kinds = [[type(layer).__name__ for layer in run] for run in _segments(first, 1)]
-    assert kinds == [["Conv2d"], ["BatchNorm2d"], ["ReLU"], ["BasicBlock"], ["BasicBlock"]]
-    assert [len(run) for run in _segments(first)] == [2, 2, 1]  # about √5 runs
+    assert kinds == [["Sequential"], ["BasicBlock"], ["BasicBlock"]]  # the stem's conv, norm and act: one unit
+    assert [type(layer).__name__ for layer in _segments(first, 1)[0][0]] == ["Conv2d", "BatchNorm2d", "ReLU"]
+    assert [len(run) for run in _segments(first)] == [2, 1]  # about √3 runs
+    assert _segments(nn.Sequential()) == []
     method = NeuLite(net, load_config(overrides=["train.batch_size=16"]))
     for plan in method.plans():
         chosen = method.recomputing(plan)

@@ -23,15 +23,19 @@ _JOINED = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.ReLU, 
 
 def units(model: BlockModel) -> list[nn.Module]:
     """The finest sequential pieces: nested nn.Sequential flattened, each conv/linear kept with the norms and activations after it."""
-    return _units(model.blocks)
+    return sequential_units(model.blocks)
 
 
 def own_cuts(model: BlockModel) -> list[int]:
     """Where the model's own blocks 1..N-1 end, as indices into `units(model)`."""
-    return [len(_units(model.blocks[: i + 1])) for i in range(len(model.blocks) - 1)]
+    return [len(sequential_units(model.blocks[: i + 1])) for i in range(len(model.blocks) - 1)]
 
 
-def _units(blocks: Sequence[nn.Module]) -> list[nn.Module]:
+def sequential_units(blocks: Sequence[nn.Module]) -> list[nn.Module]:
+    """`blocks` run one after another as their finest pieces: nested nn.Sequential opened up (a
+    ResNet block's stem and residual units), each conv or linear joined with the norms and
+    activations after it (cutting between them would only keep more tensors at the cut)."""
+
     def flatten(m: nn.Module) -> list[nn.Module]:
         return [u for c in m.children() for u in flatten(c)] if isinstance(m, nn.Sequential) else [m]
 

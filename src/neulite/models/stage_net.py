@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from neulite.errors import NeuliteError
+from neulite.models.balance import sequential_units
 from neulite.models.blocks import BlockModel, channels, tail_modules
 from neulite.models.output_modules import OutputModule, ProjectionHead, projection_width
 
@@ -233,24 +234,18 @@ def _frozen_statistics(modules: list[nn.Module]) -> Iterator[None]:
                 m.num_batches_tracked.copy_(count)
 
 
-def _layers(module: nn.Module) -> list[nn.Module]:
-    """The layers a module runs one after another: a Sequential's, nested Sequentials opened up
-    (a ResNet block's stem and residual units); any other module is one layer."""
-    if isinstance(module, nn.Sequential) and len(module):
-        return [layer for child in module.children() for layer in _layers(child)]
-    return [module]
-
-
 def _segments(module: nn.Module, size: int = 0) -> list[list[nn.Module]]:
-    """A module's layers in runs of `size` consecutive layers (0: about √n runs of n layers)."""
-    parts = _layers(module)
+    """A module's `sequential_units` in runs of `size` (0: about √n runs of n units)."""
+    parts = sequential_units([module])
+    if not parts:  # an empty Sequential: nothing runs, nothing to recompute
+        return []
     size = size or math.ceil(len(parts) / math.ceil(math.sqrt(len(parts))))
     return [parts[i : i + size] for i in range(0, len(parts), size)]
 
 
 def recomputed(module: nn.Module, x: torch.Tensor, size: int = 0) -> Any:
     """`module(x)` whose activations are recomputed in backward instead of kept: only the input of
-    each segment of `size` layers (`_segments`) is saved, and a segment re-runs its forward when its gradient is
+    each segment of `size` units (`_segments`) is saved, and a segment re-runs its forward when its gradient is
     needed (non-reentrant `torch.utils.checkpoint`), so the peak holds one segment's activations
     at a time. Same values and gradients; BatchNorm's running statistics move once."""
     out: Any = x
