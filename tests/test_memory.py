@@ -252,3 +252,7 @@ def test_reestimated_keeps_the_measurements_and_compares_them_with_todays_estima
     report["stages"][0]["segment"] = report["stages"][0]["segment"] + 1  # measured on another plan
     with pytest.raises(NeuliteError, match="stage 1 now recomputes in segments of 0, measured with 1"):
         reestimated(report)
+    report["stages"][0]["segment"] -= 1
+    report["stages"][0]["recompute_prefix"] = True
+    with pytest.raises(NeuliteError, match="stage 1 now keeps its frozen prefix's output, measured the other way"):
+        reestimated(report)

@@ -16,7 +16,7 @@ from neulite.config import load_config
 from neulite.errors import NeuliteError
 from neulite.memory import measure
 from neulite.memory_report import memory_report
-from neulite.models.stage_net import StageNet, _segments
+from neulite.models.stage_net import StageNet, _segments, frozen_forward
 from neulite.models.zoo import build_model
 
 
@@ -25,16 +25,26 @@ def _net() -> StageNet:
 
 
 @pytest.mark.parametrize(
-    ("model", "stage", "segment"),
-    [*(("small_cnn", s, 0) for s in (1, 2, 3)), ("resnet18", 1, 1), ("resnet18", 2, 2), ("resnet18", 1, 3)],
+    ("model", "stage", "segment", "prefix", "drift"),
+    [
+        *(("small_cnn", s, 0, False, False) for s in (1, 2, 3)),
+        ("resnet18", 1, 1, False, False),
+        ("resnet18", 2, 2, False, False),
+        ("resnet18", 1, 3, False, False),
+        ("resnet18", 3, 1, False, False),  # the frozen prefix in micro-batches
+        ("resnet18", 3, 0, True, False),  # the frozen prefix re-run in backward
+        ("resnet18", 4, 1, True, True),  # ... with its statistics drifting: once, not twice
+        ("small_cnn", 3, 0, True, False),
+    ],
 )
-def test_a_recomputed_step_is_the_step_bit_for_bit(model: str, stage: int, segment: int):
+def test_a_recomputed_step_is_the_step_bit_for_bit(model: str, stage: int, segment: int, prefix: bool, drift: bool):
     net = StageNet(build_model(model, (1, 16, 16), 10, 0.25))
-    x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,))
-    plan = net.plan(stage, harmonize=True, mentor=True)
+    x, y = torch.randn(40, 1, 16, 16), torch.randint(0, 10, (40,))  # 40: micro-batches of 16, 16 and 8
+    plan = net.plan(stage, harmonize=True, mentor=True, bn_drift=drift)
     steps = []
     for recompute in (False, True):
-        work, p = copy.deepcopy(net), dataclasses.replace(plan, recompute=recompute, segment=segment)
+        work = copy.deepcopy(net)
+        p = dataclasses.replace(plan, recompute=recompute, segment=segment, recompute_prefix=recompute and prefix)
         params = work.prepare(p)
         loss = neulite_loss(work, p, x, y, lambda1=0.3, lambda2=0.3, sigma=5.0)
         loss.backward()
@@ -109,3 +119,29 @@ def test_the_memory_report_times_each_step_with_and_without_recomputation():
         assert report["full"]["step_seconds"] > 0
         assert all(s["recompute"] is recompute and s["step_seconds"] > 0 for s in report["stages"])
     assert "step_seconds" not in memory_report("small_cnn", 8, (1, 12, 12), 10, 0.5, with_measurement=False)["full"]
+
+
+def test_the_frozen_prefix_in_micro_batches_is_the_whole_batchs_output():
+    blocks = StageNet(build_model("resnet18", (3, 16, 16), 10, 0.25)).model.blocks[:2].eval()
+    x = torch.randn(37, 3, 16, 16)
+    whole = frozen_forward(blocks, x)
+    assert torch.equal(frozen_forward(blocks, x, 16), whole)
+    assert torch.equal(frozen_forward(blocks, x, 64), whole)
+    assert frozen_forward([], x, 16) is x
+
+
+def test_a_stage_that_recomputes_its_frozen_prefix_keeps_no_prefix_output_and_the_estimate_holds():
+    """ResNet-34's third of 8 blocks at 32x32: the frozen prefix's output, at full resolution, is
+    as large as what a segment keeps; re-running it from the batch lowers the peak."""
+    cfg = load_config(overrides=["train.batch_size=16", "train.recompute=on", "model.name=resnet34", "model.blocks=8"])
+    net = StageNet(build_model("resnet34", (3, 32, 32), 10, 0.5, 8))
+    method = NeuLite(net, cfg)
+    plan = method.recomputing(net.plan(3, harmonize=True, mentor=True))
+    assert plan.recompute_prefix
+    kept = method.memory(dataclasses.replace(plan, recompute_prefix=False)).total
+    estimated = method.memory(plan).total
+    measured = measure(net, plan, 16, method.loss(method.task_config(plan)))
+    assert estimated < kept
+    assert abs(estimated - measured) < 0.1 * measured, (estimated, measured)
+    with pytest.raises(NeuliteError, match="the frozen prefix is recomputed only by a stage that recomputes"):
+        dataclasses.replace(plan, recompute=False)

@@ -225,11 +225,8 @@ def _account(net: StageNet, plan: StagePlan, batch_size: int, loss: StepLoss) ->
     generator = torch.Generator().manual_seed(0)  # the global RNG is the experiment's: never drawn from here
     x = torch.randn(batch_size, *work.model.input_shape, generator=generator)
     y = torch.randint(0, work.model.num_classes, (batch_size,), generator=generator)
-    with torch.no_grad(), LiveTensorBytes() as prefix:
-        h = x
-        for block in work.model.blocks[: work.frozen_depth(plan)]:
-            h = block(h)
-        del h
+    with LiveTensorBytes() as prefix:
+        work.frozen_output(x, plan)
     counter = SavedTensorCounter([*work.parameters(), x, y])
     with LiveTensorBytes() as step, counter.hooks():
         value = loss(work, plan, x, y)

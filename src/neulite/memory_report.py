@@ -76,6 +76,7 @@ def memory_report(
                 "stage": plan.stage,
                 "recompute": plan.recompute,
                 "segment": plan.segment,
+                "recompute_prefix": plan.recompute_prefix,
                 "estimated_bytes": est.total,
                 "measured_bytes": real,
                 "breakdown": est.as_dict(),
@@ -117,8 +118,8 @@ def _compared(report: dict[str, Any]) -> dict[str, Any]:
 def reestimated(report: dict[str, Any]) -> dict[str, Any]:
     """`report` (one of `memory_report`'s) with today's estimates next to its measurements and step
     times: what a change to the estimator does to a table whose measurements it cannot change.
-    Refused where the estimator now plans a stage another way (another recomputation segment): its
-    measurement is of the old plan."""
+    Refused where the estimator now plans a stage another way (another recomputation segment, or
+    the frozen prefix recomputed or not): its measurement is of the old plan."""
     blocks = 0 if report["blocks"] == "one per resolution stage" else int(report["blocks"].split()[0])
     fresh = memory_report(
         report["model"],
@@ -136,6 +137,12 @@ def reestimated(report: dict[str, Any]) -> dict[str, Any]:
             raise NeuliteError(
                 f"{report['model']} at batch {report['batch_size']}: stage {new['stage']} now recomputes in "
                 f"segments of {new['segment']}, measured with {old['segment']}: measure the row again"
+            )
+        if new.get("recompute_prefix", False) != old.get("recompute_prefix", False):
+            raise NeuliteError(
+                f"{report['model']} at batch {report['batch_size']}: stage {new['stage']} now "
+                f"{'recomputes' if new['recompute_prefix'] else 'keeps'} its frozen prefix's output, measured "
+                "the other way: measure the row again"
             )
         kept = {k: v for k, v in old.items() if k in ("measured_bytes", "step_seconds", "rss_check_bytes")}
         rows.append({**new, **kept})

@@ -19,7 +19,7 @@ from torch import nn
 
 from neulite.data.datasets import TensorDataset
 from neulite.memory import MIB
-from neulite.models.stage_net import StageNet, StagePlan
+from neulite.models.stage_net import StageNet, StagePlan, frozen_forward
 
 CHUNK = 256
 """Samples per forward while the cache is filled (a training step's batch bounds the peak)."""
@@ -71,14 +71,8 @@ class PrefixCache:
         start = len(self.digests) if same_data and digests[: len(self.digests)] == self.digests else 0
         x = self.features if start else data.x
         self.data, self.digests, self.features = b"", (), None  # a failure below leaves no stale entry
-        chunks = []
-        with torch.no_grad():  # not inference_mode: its tensors could not be saved for a later backward
-            for begin in range(0, len(x), CHUNK):
-                h = x[begin : begin + CHUNK]
-                for block in blocks[start:depth]:
-                    h = block(h)
-                chunks.append(h)
-        self.data, self.digests, self.features = data_key, digests, torch.cat(chunks)
+        features = frozen_forward(blocks[start:depth], x, CHUNK)
+        self.data, self.digests, self.features = data_key, digests, features
         return self.features
 
 

@@ -182,9 +182,14 @@ class NeuLite(Method):
         return self.recomputing(plan) if self.cfg.train.recompute == "on" else plan
 
     def recomputing(self, plan: StagePlan) -> StagePlan:
-        """`plan` recomputing what it trains, in the segment size (`SEGMENTS`) of the lowest estimated peak."""
+        """`plan` recomputing what it trains, in the segment size (`SEGMENTS`) of the lowest estimated
+        peak, and its frozen prefix too where that lowers the peak further."""
         candidates = [dataclasses.replace(plan, recompute=True, segment=size) for size in SEGMENTS]
-        return min(candidates, key=lambda p: self.memory(p).total)
+        leanest = min(candidates, key=lambda p: self.memory(p).total)
+        if not self.net.frozen_depth(plan):
+            return leanest
+        whole = dataclasses.replace(leanest, recompute_prefix=True)
+        return whole if self.memory(whole).total < self.memory(leanest).total else leanest
 
     def windows(self, plan: StagePlan) -> list[StagePlan]:
         """The stage's wider windows a client may train (up to `max_window` blocks, in

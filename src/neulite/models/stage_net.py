@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -23,6 +23,8 @@ from neulite.models.blocks import BlockModel, channels, tail_modules
 from neulite.models.output_modules import OutputModule, ProjectionHead, projection_width
 
 FULL_MODEL = 0  # the `stage` of a plan that trains the whole model (plain FedAvg)
+FROZEN_MICRO_BATCH = 16
+"""Samples a recomputing stage runs its frozen prefix on at a time (`StageNet.frozen_micro_batch`)."""
 
 
 @dataclass(frozen=True)
@@ -39,8 +41,11 @@ class StagePlan:
     bn_drift: the frozen blocks' BatchNorm statistics move and are returned (the reference code's
     behaviour) instead of staying fixed; recompute: what trains keeps only its
     segments' inputs and re-runs their forward in backward (`recomputed`), for less memory at the
-    cost of time; the result is the same. segment: the layers per recomputed segment (0: about √n
+    cost of time; the result is the same. segment: the units per recomputed segment (0: about √n
     of a module's n); which is leanest depends on the network, so the estimate chooses it.
+    recompute_prefix: the frozen blocks' output is not kept either: the first segment re-runs them
+    from the batch (their output at full resolution is as large as what a segment keeps; a client
+    that recomputes it keeps no `PrefixCache`).
     Subclasses (a method's own kinds of plan) register themselves by class name, so that the wire
     format can rebuild any plan without knowing the methods.
     """
@@ -54,6 +59,7 @@ class StagePlan:
     window: int = 1
     reach: int = 0
     segment: int = 0
+    recompute_prefix: bool = False
 
     types: ClassVar[dict[str, type[StagePlan]]] = {}
 
@@ -70,7 +76,9 @@ class StagePlan:
                 f"{self.reach} blocks back in a model of {self.num_stages} blocks"
             )
         if self.segment < 0:
-            raise NeuliteError(f"bad stage plan: {self.segment} layers per recomputed segment")
+            raise NeuliteError(f"bad stage plan: {self.segment} units per recomputed segment")
+        if self.recompute_prefix and not self.recompute:
+            raise NeuliteError("bad stage plan: the frozen prefix is recomputed only by a stage that recomputes")
 
     @property
     def full(self) -> bool:
@@ -186,6 +194,19 @@ class StageNet(nn.Module):
             return 0
         return plan.first - 2 if plan.harmonized_tail(self) else plan.first - 1
 
+    @staticmethod
+    def frozen_micro_batch(plan: StagePlan) -> int:
+        """Samples the plan's frozen prefix runs on at a time (0: the whole batch): a recomputing
+        stage trades time for memory, and without autograd and with fixed statistics each sample's
+        output is its own, so the prefix's transient peak (a late stage's largest, at full
+        resolution) becomes a micro-batch's. Same values: the built-ins measure bit for bit equal
+        from 8 samples up (the `PrefixCache` fills in chunks on the same ground)."""
+        return FROZEN_MICRO_BATCH if plan.recompute and not plan.bn_drift else 0
+
+    def frozen_output(self, x: torch.Tensor, plan: StagePlan) -> torch.Tensor:
+        """The output of the plan's fully frozen blocks (`frozen_depth`) for `x`, without autograd."""
+        return frozen_forward(self.model.blocks[: self.frozen_depth(plan)], x, self.frozen_micro_batch(plan))
+
     def stage_forward(
         self, x: torch.Tensor, plan: StagePlan, prefix: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,14 +224,15 @@ class StageNet(nn.Module):
                 x = block(x)
             return x, self.model.head(x)
         last, depth = plan.last, self.frozen_depth(plan)
+        frozen = list(blocks[:depth])
         if prefix is not None:
-            x = prefix
-        else:
-            with torch.no_grad():
-                for block in blocks[:depth]:
-                    x = block(x)
-        for block in blocks[depth:last]:
-            x = recomputed(block, x, plan.segment) if plan.recompute else block(x)
+            x, frozen = prefix, []
+        elif not plan.recompute_prefix:
+            x, frozen = self.frozen_output(x, plan), []
+        micro = self.frozen_micro_batch(plan)
+        for i, block in enumerate(blocks[depth:last]):
+            lead = frozen if i == 0 else []
+            x = recomputed(block, x, plan.segment, lead, micro) if plan.recompute else block(x)
         if last == plan.num_stages:
             return x, self.model.head(x)
         output = self.outputs[last - 1]
@@ -243,15 +265,41 @@ def _segments(module: nn.Module, size: int = 0) -> list[list[nn.Module]]:
     return [parts[i : i + size] for i in range(0, len(parts), size)]
 
 
-def recomputed(module: nn.Module, x: torch.Tensor, size: int = 0) -> Any:
+def frozen_forward(blocks: Sequence[nn.Module], x: torch.Tensor, micro: int = 0) -> torch.Tensor:
+    """`blocks` run on `x` without autograd, `micro` samples at a time (0: all at once), into one
+    output: the transient peak is a micro-batch's, the output the batch's."""
+
+    def run(h: torch.Tensor) -> torch.Tensor:
+        for block in blocks:
+            h = block(h)
+        return h
+
+    with torch.no_grad():  # not inference_mode: its tensors could not be saved for a later backward
+        if not blocks or not micro or micro >= len(x):
+            return run(x)
+        first = run(x[:micro])
+        out = first.new_empty((len(x), *first.shape[1:]))
+        out[:micro] = first
+        for begin in range(micro, len(x), micro):
+            out[begin : begin + micro] = run(x[begin : begin + micro])
+        return out
+
+
+def recomputed(
+    module: nn.Module, x: torch.Tensor, size: int = 0, frozen: list[nn.Module] | None = None, micro: int = 0
+) -> Any:
     """`module(x)` whose activations are recomputed in backward instead of kept: only the input of
     each segment of `size` units (`_segments`) is saved, and a segment re-runs its forward when its gradient is
     needed (non-reentrant `torch.utils.checkpoint`), so the peak holds one segment's activations
-    at a time. Same values and gradients; BatchNorm's running statistics move once."""
+    at a time. Same values and gradients; BatchNorm's running statistics move once. `frozen`:
+    blocks that run without autograd before `module`, inside its first segment, so that their
+    output is not kept but re-run from `x` in backward (`micro` samples at a time: `frozen_forward`)."""
     out: Any = x
-    for segment in _segments(module, size):
+    lead = frozen or []
+    for segment in _segments(module, size) or [[]]:
 
-        def run(h: Any, layers: list[nn.Module] = segment) -> Any:
+        def run(h: Any, layers: list[nn.Module] = segment, lead: list[nn.Module] = lead) -> Any:
+            h = frozen_forward(lead, h, micro)
             for layer in layers:
                 h = layer(h)
             return h
@@ -260,6 +308,7 @@ def recomputed(module: nn.Module, x: torch.Tensor, size: int = 0) -> Any:
             run,
             out,
             use_reentrant=False,
-            context_fn=lambda layers=segment: (contextlib.nullcontext(), _frozen_statistics(layers)),
+            context_fn=lambda layers=[*lead, *segment]: (contextlib.nullcontext(), _frozen_statistics(layers)),
         )
+        lead = []
     return out
