@@ -2,7 +2,8 @@
 measured, without and with recomputation (`train.recompute`), and each step's time on one thread.
 
 ResNet-18/34, VGG-16, MobileNetV2 and vit_tiny on 32x32 inputs at batch 32, 64 and 128, with one block per
-resolution stage, and ResNet-34 cut into 4 memory-balanced blocks (`model.blocks = 4`); the two
+resolution stage, ResNet-34 cut into 4 memory-balanced blocks (`model.blocks = 4`), and ResNet-18,
+ResNet-34 and VGG-16 into 8 (finer cuts: the weight-bound last stages shrink); the two
 user CNNs of examples/user_cnns.py (one block per conv) at batch 32 and 64: weight-heavy
 `heavy_cnn` on 8x8 inputs, VGG-like `plain_cnn` on 32x32. For those the full model's peak is also
 read by benchmarks/rss_check.py, an independent check of the measurement.
@@ -39,7 +40,17 @@ from neulite.memory import MIB  # noqa: E402
 from neulite.memory_report import measured_with, memory_report, reestimated  # noqa: E402
 from neulite.models.stage_net import StageNet  # noqa: E402
 
-MODELS = (("resnet18", 0), ("resnet34", 0), ("vgg16", 0), ("mobilenetv2", 0), ("resnet34", 4), ("vit_tiny", 0))
+MODELS = (
+    ("resnet18", 0),
+    ("resnet34", 0),
+    ("vgg16", 0),
+    ("mobilenetv2", 0),
+    ("resnet34", 4),
+    ("vit_tiny", 0),
+    ("resnet18", 8),
+    ("resnet34", 8),
+    ("vgg16", 8),
+)
 BATCHES = (32, 64, 128)
 USER_MODELS = ((heavy_cnn, (3, 8, 8)), (plain_cnn, (3, 32, 32)))
 USER_BATCHES = (32, 64)
