@@ -71,6 +71,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = args.methods.split(",")
     report_dir = Path(args.report)
+    report_dir.mkdir(parents=True, exist_ok=True)
     path = report_dir / f"{args.name}.json"
     config = load_config(HERE / "headline.toml", args.set).to_dict()
     info = machine()
