@@ -4,6 +4,8 @@ frozen block's tensors or of the data is noticed."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -96,6 +98,14 @@ def test_a_changed_frozen_block_or_other_data_recomputes():
     assert [b.calls for b in blocks] == [60, 60, 0, 0]
     with torch.no_grad():
         assert torch.equal(features, blocks[1](blocks[0](other.x)))
+
+
+def test_a_plan_that_reruns_its_frozen_prefix_in_backward_is_not_cached():
+    net, blocks = _net()
+    data = TensorDataset(torch.randn(20, 1, 8, 8), torch.randint(0, 10, (20,)), 10)
+    plan = dataclasses.replace(net.plan(4, harmonize=True), recompute=True, recompute_prefix=True)
+    assert PrefixCache().prefix(net, plan, data) is None
+    assert [b.calls for b in blocks] == [0, 0, 0, 0]
 
 
 def test_the_store_keeps_to_its_budget_least_recently_used_first():

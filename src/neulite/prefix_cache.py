@@ -57,10 +57,11 @@ class PrefixCache:
 
     def prefix(self, net: StageNet, plan: StagePlan, data: TensorDataset) -> torch.Tensor | None:
         """The frozen prefix's output on `data` for `plan` (row i for sample i), or None when the
-        plan has no frozen prefix or its statistics drift. `net` holds the task's tensors, its
+        plan has no frozen prefix, its statistics drift, or it re-runs the prefix in backward
+        (`StagePlan.recompute_prefix`: a cached slice would be held through the step). `net` holds the task's tensors, its
         frozen blocks in eval mode (`StageNet.prepare`)."""
         depth = net.frozen_depth(plan)
-        if depth == 0 or plan.bn_drift:
+        if depth == 0 or plan.bn_drift or plan.recompute_prefix:
             return None
         blocks = net.model.blocks
         digests = tuple(block_digest(blocks[i]) for i in range(depth))

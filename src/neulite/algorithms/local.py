@@ -41,13 +41,12 @@ def local_update(
     cache: PrefixCache | None = None,
 ) -> ClientResult:
     """Load the task's tensors, train the stage for `local_epochs` on `loss`, return only what was
-    trained. With a `cache` (and no augmentation, and a plan that keeps the frozen prefix's output)
-    the frozen prefix runs once per stage, not every step."""
+    trained. With a `cache` (and no augmentation) the frozen prefix runs once per stage, not every step."""
     started = time.perf_counter()
     plan = task.plan
     assign_arrays(net, task.arrays)
     optimizer = make_optimizer(net.prepare(plan), cfg)
-    prefix = cache.prefix(net, plan, data) if cache is not None and not augment and not plan.recompute_prefix else None
+    prefix = cache.prefix(net, plan, data) if cache is not None and not augment else None
     generator = torch.Generator().manual_seed(task.seed)
     n = len(data)
     total_loss, steps = 0.0, 0

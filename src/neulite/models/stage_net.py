@@ -24,7 +24,7 @@ from neulite.models.output_modules import OutputModule, ProjectionHead, projecti
 
 FULL_MODEL = 0  # the `stage` of a plan that trains the whole model (plain FedAvg)
 FROZEN_MICRO_BATCH = 16
-"""Samples a recomputing stage runs its frozen prefix on at a time (`StageNet.frozen_micro_batch`)."""
+"""Samples a recomputing stage runs its frozen prefix on at a time (`StagePlan.frozen_micro_batch`)."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,15 @@ class StagePlan:
             raise NeuliteError(f"bad stage plan: {self.segment} units per recomputed segment")
         if self.recompute_prefix and not self.recompute:
             raise NeuliteError("bad stage plan: the frozen prefix is recomputed only by a stage that recomputes")
+
+    @property
+    def frozen_micro_batch(self) -> int:
+        """Samples the frozen prefix runs on at a time (0: the whole batch): a recomputing stage
+        trades time for memory, and without autograd and with fixed statistics each sample's
+        output is its own, so the prefix's transient peak (a late stage's largest, at full
+        resolution) becomes a micro-batch's. Same values: the built-ins measure bit for bit equal
+        from 8 samples up (the `PrefixCache` fills in chunks on the same ground)."""
+        return FROZEN_MICRO_BATCH if self.recompute and not self.bn_drift else 0
 
     @property
     def full(self) -> bool:
@@ -194,18 +203,9 @@ class StageNet(nn.Module):
             return 0
         return plan.first - 2 if plan.harmonized_tail(self) else plan.first - 1
 
-    @staticmethod
-    def frozen_micro_batch(plan: StagePlan) -> int:
-        """Samples the plan's frozen prefix runs on at a time (0: the whole batch): a recomputing
-        stage trades time for memory, and without autograd and with fixed statistics each sample's
-        output is its own, so the prefix's transient peak (a late stage's largest, at full
-        resolution) becomes a micro-batch's. Same values: the built-ins measure bit for bit equal
-        from 8 samples up (the `PrefixCache` fills in chunks on the same ground)."""
-        return FROZEN_MICRO_BATCH if plan.recompute and not plan.bn_drift else 0
-
     def frozen_output(self, x: torch.Tensor, plan: StagePlan) -> torch.Tensor:
         """The output of the plan's fully frozen blocks (`frozen_depth`) for `x`, without autograd."""
-        return frozen_forward(self.model.blocks[: self.frozen_depth(plan)], x, self.frozen_micro_batch(plan))
+        return frozen_forward(self.model.blocks[: self.frozen_depth(plan)], x, plan.frozen_micro_batch)
 
     def stage_forward(
         self, x: torch.Tensor, plan: StagePlan, prefix: torch.Tensor | None = None
@@ -224,15 +224,16 @@ class StageNet(nn.Module):
                 x = block(x)
             return x, self.model.head(x)
         last, depth = plan.last, self.frozen_depth(plan)
-        frozen = list(blocks[:depth])
+        rerun: list[nn.Module] = []  # frozen blocks the first recomputed segment re-runs from the batch
         if prefix is not None:
-            x, frozen = prefix, []
-        elif not plan.recompute_prefix:
-            x, frozen = self.frozen_output(x, plan), []
-        micro = self.frozen_micro_batch(plan)
+            x = prefix
+        elif plan.recompute_prefix:
+            rerun = list(blocks[:depth])
+        else:
+            x = self.frozen_output(x, plan)
         for i, block in enumerate(blocks[depth:last]):
-            lead = frozen if i == 0 else []
-            x = recomputed(block, x, plan.segment, lead, micro) if plan.recompute else block(x)
+            lead = rerun if i == 0 else []
+            x = recomputed(block, x, plan.segment, lead, plan.frozen_micro_batch) if plan.recompute else block(x)
         if last == plan.num_stages:
             return x, self.model.head(x)
         output = self.outputs[last - 1]
