@@ -620,7 +620,7 @@ def headline_section(
         f"The full Fashion-MNIST, {cfg['data']['num_clients']} clients, {cfg['clients']['per_round']} a round, "
         f"{cfg['method']['rounds']} rounds of {cfg['train']['local_epochs']} local epoch(s){per_stage} at learning rate "
         f"{cfg['train']['lr']}, `{cfg['model']['name']}` at width {cfg['model']['width']}; budgets uniform in "
-        f"{cfg['clients']['fractions']} x full-model training. Seeds run so far: {data['seeds']}. The target is "
+        f"{cfg['clients']['fractions']} x full-model training. The target is "
         "ExclusiveFL's final accuracy (median over seeds); time to it is the median over seeds (a seed that never "
         "reached it counts as infinitely slow). Machine: " + machine(data["machine"]) + ".",
         "",
@@ -631,7 +631,7 @@ def headline_section(
             "",
             headline_table(result["methods"]),
             "",
-            f"Target: {pct(result['target_accuracy'])}.",
+            f"Target: {pct(result['target_accuracy'])}. Seeds: {result.get('seeds', data.get('seeds'))}.",
             "",
         ]
         if {"neulite", "exclusivefl", "fedavg"} < result["methods"].keys():
@@ -937,12 +937,12 @@ def render_summary() -> str:
                     f" (elastic {pct(m['neulite-elastic']['final_accuracy_mean'])})" if "neulite-elastic" in m else ""
                 )
                 parts.append(
-                    f"{split}: NeuLite {pct(h['neulite'])}{elastic}, ExclusiveFL {pct(h['exclusivefl'])}, "
-                    f"{h['best']} {pct(h['best_acc'])}, FedAvg {pct(h['fedavg'])}"
+                    f"{split} (seeds {result['seeds']}): NeuLite {pct(h['neulite'])}{elastic}, ExclusiveFL "
+                    f"{pct(h['exclusivefl'])}, {h['best']} {pct(h['best_acc'])}, FedAvg {pct(h['fedavg'])}"
                 )
         if parts:
             out.append(
-                f"- **Headline** (`python benchmarks/headline.py`, full Fashion-MNIST, 100 clients, seeds {head['seeds']}): "
+                f"- **Headline** (`python benchmarks/headline.py`, full Fashion-MNIST, 100 clients): "
                 + "; ".join(parts)
                 + " (NeuLite, ExclusiveFL, the best other memory-feasible baseline of those run, the FedAvg oracle)."
             )

@@ -18,6 +18,8 @@ Sweeps:
             benchmark (the first candidate is today's: one epoch at train.lr throughout);
   headline-epochs  the local epochs of every other method on the headline benchmark, chosen on the
             FedAvg oracle as headline-lr is (NeuLite's per-stage epochs were tuned: so are theirs).
+  headline-stage-0.1, headline-epochs-0.1  the same two choices on the Dirichlet(0.1) split, where
+            each client holds one or two classes and many local steps may drift further.
 Run: python benchmarks/tune.py NAME [--workers N]
 """
 
@@ -37,6 +39,7 @@ from neulite.config import load_config
 HERE = Path(__file__).parent
 ROOT = HERE.parent
 DIRICHLET = ("data.partition=dirichlet", "data.alpha=0.5")
+SKEWED = ("data.partition=dirichlet", "data.alpha=0.1")
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,25 @@ SWEEPS = {
         ("train.local_epochs=1", "train.local_epochs=2"),
         (0, 1),
         (*DIRICHLET, "eval.every=60"),
+    ),
+    "headline-stage-0.1": Sweep(
+        HERE / "headline.toml",
+        "neulite-elastic",
+        (
+            "method.neulite.stage_epochs=[4,3,2]",  # chosen on Dirichlet(0.5)
+            "method.neulite.stage_epochs=[1,1,1]",
+            "method.neulite.stage_epochs=[2,2,1]",
+            ("method.neulite.stage_epochs=[4,3,2]", "method.neulite.stage_lr=[0.01,0.01,0.01]"),
+        ),
+        (0,),
+        (*SKEWED, "eval.every=60"),
+    ),
+    "headline-epochs-0.1": Sweep(
+        HERE / "headline.toml",
+        "fedavg",
+        ("train.local_epochs=2", "train.local_epochs=1"),
+        (0,),
+        (*SKEWED, "eval.every=60"),
     ),
     "inherit": Sweep(
         HERE / "accuracy.toml",

@@ -250,9 +250,14 @@ def test_reestimated_keeps_the_measurements_and_compares_them_with_todays_estima
     assert new["stages"][0]["measured_fraction_of_full"] == today[1] / (2 * today[0])
     assert new["worst_stage_fraction"] == max(today[1:]) / today[0]
     report["stages"][0]["segment"] = report["stages"][0]["segment"] + 1  # measured on another plan
-    with pytest.raises(NeuliteError, match="stage 1 now recomputes in segments of 0, measured with 1"):
+    with pytest.raises(NeuliteError, match="stage 1 now plans segment = 0, measured with 1"):
         reestimated(report)
     report["stages"][0]["segment"] -= 1
     report["stages"][0]["recompute_prefix"] = True
-    with pytest.raises(NeuliteError, match="stage 1 now keeps its frozen prefix's output, measured the other way"):
+    with pytest.raises(NeuliteError, match="stage 1 now plans recompute_prefix = False, measured with True"):
+        reestimated(report)
+    del report["stages"][0]["recompute_prefix"]
+    report["stages"][0]["recompute"] = True  # a row written before recompute_final: it recomputed its last segment
+    del report["stages"][0]["recompute_final"]
+    with pytest.raises(NeuliteError, match="stage 1 now plans recompute = False, measured with True"):
         reestimated(report)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from neulite.algorithms.neulite import RECOMPUTE, SEGMENTS, NeuLite, neulite_loss
+from neulite.algorithms.neulite import RECOMPUTE, SEGMENTS, WORTH_A_FORWARD, NeuLite, neulite_loss
 from neulite.algorithms.registry import build_method
 from neulite.config import load_config
 from neulite.errors import NeuliteError
@@ -42,17 +42,20 @@ def test_a_recomputed_step_is_the_step_bit_for_bit(model: str, stage: int, segme
     x, y = torch.randn(40, 1, 16, 16), torch.randint(0, 10, (40,))  # 40: micro-batches of 16, 16 and 8
     plan = net.plan(stage, harmonize=True, mentor=True, bn_drift=drift)
     steps = []
-    for recompute in (False, True):
+    for recompute, final in ((False, False), (True, False), (True, True)):
         work = copy.deepcopy(net)
-        p = dataclasses.replace(plan, recompute=recompute, segment=segment, recompute_prefix=recompute and prefix)
+        p = dataclasses.replace(
+            plan, recompute=recompute, segment=segment, recompute_prefix=recompute and prefix, recompute_final=final
+        )
         params = work.prepare(p)
         loss = neulite_loss(work, p, x, y, lambda1=0.3, lambda2=0.3, sigma=5.0)
         loss.backward()
         steps.append((loss.detach(), [q.grad for q in params], work.state_dict()))
-    (loss, grads, state), (loss_rc, grads_rc, state_rc) = steps
-    assert torch.equal(loss, loss_rc)
-    assert all(torch.equal(a, b) for a, b in zip(grads, grads_rc, strict=True))
-    assert all(torch.equal(state[k], state_rc[k]) for k in state)  # BatchNorm statistics moved once, not twice
+    (loss, grads, state), *recomputing = steps
+    for loss_rc, grads_rc, state_rc in recomputing:
+        assert torch.equal(loss, loss_rc)
+        assert all(torch.equal(a, b) for a, b in zip(grads, grads_rc, strict=True))
+        assert all(torch.equal(state[k], state_rc[k]) for k in state)  # BatchNorm statistics moved once, not twice
 
 
 def test_a_recomputed_stage_needs_less_memory_and_the_estimate_holds():
@@ -61,7 +64,7 @@ def test_a_recomputed_stage_needs_less_memory_and_the_estimate_holds():
     method = NeuLite(net, cfg)
     plan = method.plans()[0]
     assert plan.recompute
-    plain = method.memory(dataclasses.replace(plan, recompute=False)).total
+    plain = method.memory(net.plan(1, harmonize=True, mentor=True)).total
     estimated = method.memory(plan).total
     measured = measure(net, plan, 32, method.loss(method.task_config(plan)))
     assert estimated < 0.95 * plain
@@ -98,8 +101,38 @@ def test_recomputation_segments_are_the_blocks_units_and_the_leanest_size_is_cho
         peaks = {
             size: method.memory(dataclasses.replace(plan, recompute=True, segment=size)).total for size in SEGMENTS
         }
-        assert chosen.recompute and method.memory(chosen).total == min(peaks.values())
+        assert chosen.recompute and method.memory(chosen).total <= min(peaks.values())
         assert method.memory(chosen).total < method.memory(plan).total
+
+
+def test_the_last_segment_runs_once_unless_recomputing_it_is_leaner():
+    """Backward begins at the stage's last segment (an output module's, or the last block's before
+    the head), so re-running it costs a forward; the estimate says whether it saves memory."""
+    net = StageNet(build_model("resnet18", (1, 16, 16), 10, 0.25))
+    x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,))
+    for stage in (2, net.num_stages):
+        plan = dataclasses.replace(net.plan(stage, harmonize=True, mentor=True), recompute=True)
+        forwards = []
+        for final in (False, True):
+            work = copy.deepcopy(net)
+            module = work.model.blocks[-1] if stage == net.num_stages else work.outputs[stage - 1]
+            calls: list[int] = []
+            _segments(module)[-1][-1].register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
+            p = dataclasses.replace(plan, recompute_final=final)
+            work.prepare(p)
+            neulite_loss(work, p, x, y, lambda1=0.3, lambda2=0.3, sigma=5.0).backward()
+            forwards.append(len(calls))
+        assert forwards == [1, 2], stage
+    method = NeuLite(net, load_config(overrides=["train.batch_size=16"]))
+    for plan in method.plans():
+        chosen = method.recomputing(plan)
+        other = method.memory(dataclasses.replace(chosen, recompute_final=not chosen.recompute_final)).total
+        if chosen.recompute_final:
+            assert method.memory(chosen).total < (1 - WORTH_A_FORWARD) * other
+        else:
+            assert method.memory(chosen).total > (1 - WORTH_A_FORWARD) * other
+    with pytest.raises(NeuliteError, match="the last segment is recomputed only by a stage that recomputes"):
+        dataclasses.replace(plan, recompute_final=True)
 
 
 def test_recompute_is_checked_and_refused_where_it_does_not_apply():
@@ -143,5 +176,5 @@ def test_a_stage_that_recomputes_its_frozen_prefix_keeps_no_prefix_output_and_th
     measured = measure(net, plan, 16, method.loss(method.task_config(plan)))
     assert estimated < kept
     assert abs(estimated - measured) < 0.1 * measured, (estimated, measured)
-    with pytest.raises(NeuliteError, match="the frozen prefix is recomputed only by a stage that recomputes"):
+    with pytest.raises(NeuliteError, match="the frozen prefix or the last segment is recomputed only by a stage"):
         dataclasses.replace(plan, recompute=False)

@@ -21,6 +21,9 @@ from neulite.memory import StepLoss, check_device, estimate, measure
 from neulite.models.stage_net import StageNet, StagePlan
 from neulite.models.zoo import build_model
 
+PLAN_FIELDS = ("recompute", "segment", "recompute_prefix", "recompute_final")
+"""What a stage row records of its plan: a measurement is of that plan, and no other."""
+
 MEASURED_WITH = (
     "peak resident memory growth, fresh process, 1 thread, glibc mapping every block from a page up, "
     "2 training steps after a twin's warm-up step, lesser of 2"
@@ -75,8 +78,7 @@ def memory_report(
             {
                 "stage": plan.stage,
                 "recompute": plan.recompute,
-                "segment": plan.segment,
-                "recompute_prefix": plan.recompute_prefix,
+                **{field: getattr(plan, field) for field in PLAN_FIELDS},
                 "estimated_bytes": est.total,
                 "measured_bytes": real,
                 "breakdown": est.as_dict(),
@@ -132,21 +134,24 @@ def reestimated(report: dict[str, Any]) -> dict[str, Any]:
         recompute=report.get("recompute", False),
     )
     rows = []
+    for new, old in zip(fresh["stages"], report["stages"], strict=True):
+        for field in PLAN_FIELDS:
+            if new[field] != old.get(field, _unrecorded(field, old)):
+                raise NeuliteError(
+                    f"{report['model']} at batch {report['batch_size']}: stage {new['stage']} now plans "
+                    f"{field} = {new[field]}, measured with {old.get(field, _unrecorded(field, old))}: "
+                    "measure the row again"
+                )
     for new, old in zip([fresh["full"], *fresh["stages"]], [report["full"], *report["stages"]], strict=True):
-        if old.get("segment") is not None and new["segment"] != old["segment"]:
-            raise NeuliteError(
-                f"{report['model']} at batch {report['batch_size']}: stage {new['stage']} now recomputes in "
-                f"segments of {new['segment']}, measured with {old['segment']}: measure the row again"
-            )
-        if new.get("recompute_prefix", False) != old.get("recompute_prefix", False):
-            raise NeuliteError(
-                f"{report['model']} at batch {report['batch_size']}: stage {new['stage']} now "
-                f"{'recomputes' if new['recompute_prefix'] else 'keeps'} its frozen prefix's output, measured "
-                "the other way: measure the row again"
-            )
         kept = {k: v for k, v in old.items() if k in ("measured_bytes", "step_seconds", "rss_check_bytes")}
         rows.append({**new, **kept})
     return _compared({**report, "full": rows[0], "stages": rows[1:]})
+
+
+def _unrecorded(field: str, row: dict[str, Any]) -> Any:
+    """What a row written before `field` was recorded was measured with: the plan's default, but
+    for `recompute_final`, which every recomputing stage did then."""
+    return row["recompute"] if field == "recompute_final" else StagePlan.__dataclass_fields__[field].default
 
 
 def step_seconds(

@@ -30,6 +30,10 @@ SEGMENTS = (0, 1, 2, 3)
 """The layers per recomputed segment the estimate chooses from (0: about √n): ResNet-18's first stage is
 leanest with pairs, MobileNetV2's and ResNet-34's with single layers, VGG's with √n runs (issue 13)."""
 
+WORTH_A_FORWARD = 0.01
+"""The share of a stage's peak that re-running its frozen prefix or its last segment must save: each
+costs a forward, and a smaller saving is within the estimate's own error."""
+
 DEFAULT_LAMBDA1 = (0.5, 0.3, 0.1, 0.0)
 DEFAULT_LAMBDA2 = (0.1, 0.3, 0.5, 0.5)
 
@@ -183,13 +187,18 @@ class NeuLite(Method):
 
     def recomputing(self, plan: StagePlan) -> StagePlan:
         """`plan` recomputing what it trains, in the segment size (`SEGMENTS`) of the lowest estimated
-        peak, and its frozen prefix too where that lowers the peak further."""
+        peak, and its frozen prefix and its last segment too where either lowers the peak further
+        by `WORTH_A_FORWARD`."""
         candidates = [dataclasses.replace(plan, recompute=True, segment=size) for size in SEGMENTS]
         leanest = min(candidates, key=lambda p: self.memory(p).total)
-        if not self.net.frozen_depth(plan):
-            return leanest
-        whole = dataclasses.replace(leanest, recompute_prefix=True)
-        return whole if self.memory(whole).total < self.memory(leanest).total else leanest
+        further = [{"recompute_final": True}]
+        if self.net.frozen_depth(plan):
+            further.insert(0, {"recompute_prefix": True})
+        for change in further:
+            leaner = dataclasses.replace(leanest, **change)
+            if self.memory(leaner).total < (1 - WORTH_A_FORWARD) * self.memory(leanest).total:
+                leanest = leaner
+        return leanest
 
     def windows(self, plan: StagePlan) -> list[StagePlan]:
         """The stage's wider windows a client may train (up to `max_window` blocks, in

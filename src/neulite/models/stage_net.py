@@ -45,7 +45,11 @@ class StagePlan:
     of a module's n); which is leanest depends on the network, so the estimate chooses it.
     recompute_prefix: the frozen blocks' output is not kept either: the first segment re-runs them
     from the batch (their output at full resolution is as large as what a segment keeps; a client
-    that recomputes it keeps no `PrefixCache`).
+    that recomputes it keeps no `PrefixCache`). recompute_final: the stage's last segment, which
+    only the loss follows, is recomputed too. Without it that segment keeps its activations:
+    backward begins there, so re-running it would hold the same at the same point, a forward for
+    nothing, unless the loss's own transients (the Mentor on a large feature map) would otherwise
+    overlap them; the estimate decides.
     Subclasses (a method's own kinds of plan) register themselves by class name, so that the wire
     format can rebuild any plan without knowing the methods.
     """
@@ -60,6 +64,7 @@ class StagePlan:
     reach: int = 0
     segment: int = 0
     recompute_prefix: bool = False
+    recompute_final: bool = False
 
     types: ClassVar[dict[str, type[StagePlan]]] = {}
 
@@ -77,8 +82,10 @@ class StagePlan:
             )
         if self.segment < 0:
             raise NeuliteError(f"bad stage plan: {self.segment} units per recomputed segment")
-        if self.recompute_prefix and not self.recompute:
-            raise NeuliteError("bad stage plan: the frozen prefix is recomputed only by a stage that recomputes")
+        if (self.recompute_prefix or self.recompute_final) and not self.recompute:
+            raise NeuliteError(
+                "bad stage plan: the frozen prefix or the last segment is recomputed only by a stage that recomputes"
+            )
 
     @property
     def frozen_micro_batch(self) -> int:
@@ -231,13 +238,15 @@ class StageNet(nn.Module):
             rerun = list(blocks[:depth])
         else:
             x = self.frozen_output(x, plan)
+        headed = last == plan.num_stages
         for i, block in enumerate(blocks[depth:last]):
             lead = rerun if i == 0 else []
-            x = recomputed(block, x, plan.segment, lead, plan.frozen_micro_batch) if plan.recompute else block(x)
-        if last == plan.num_stages:
+            keep = headed and depth + i + 1 == last and not plan.recompute_final
+            x = recomputed(block, x, plan.segment, lead, plan.frozen_micro_batch, keep) if plan.recompute else block(x)
+        if headed:
             return x, self.model.head(x)
         output = self.outputs[last - 1]
-        return recomputed(output, x, plan.segment) if plan.recompute else output(x)
+        return recomputed(output, x, plan.segment, keep_last=not plan.recompute_final) if plan.recompute else output(x)
 
 
 @contextlib.contextmanager
@@ -287,17 +296,24 @@ def frozen_forward(blocks: Sequence[nn.Module], x: torch.Tensor, micro: int = 0)
 
 
 def recomputed(
-    module: nn.Module, x: torch.Tensor, size: int = 0, frozen: list[nn.Module] | None = None, micro: int = 0
+    module: nn.Module,
+    x: torch.Tensor,
+    size: int = 0,
+    frozen: list[nn.Module] | None = None,
+    micro: int = 0,
+    keep_last: bool = False,
 ) -> Any:
     """`module(x)` whose activations are recomputed in backward instead of kept: only the input of
     each segment of `size` units (`_segments`) is saved, and a segment re-runs its forward when its gradient is
     needed (non-reentrant `torch.utils.checkpoint`), so the peak holds one segment's activations
     at a time. Same values and gradients; BatchNorm's running statistics move once. `frozen`:
     blocks that run without autograd before `module`, inside its first segment, so that their
-    output is not kept but re-run from `x` in backward (`micro` samples at a time: `frozen_forward`)."""
+    output is not kept but re-run from `x` in backward (`micro` samples at a time: `frozen_forward`).
+    keep_last: the last segment keeps its activations (`StagePlan.recompute_final`)."""
     out: Any = x
     lead = frozen or []
-    for segment in _segments(module, size) or [[]]:
+    segments = _segments(module, size) or [[]]
+    for n, segment in enumerate(segments, 1):
 
         def run(h: Any, layers: list[nn.Module] = segment, lead: list[nn.Module] = lead) -> Any:
             h = frozen_forward(lead, h, micro)
@@ -305,11 +321,14 @@ def recomputed(
                 h = layer(h)
             return h
 
-        out = checkpoint(
-            run,
-            out,
-            use_reentrant=False,
-            context_fn=lambda layers=[*lead, *segment]: (contextlib.nullcontext(), _frozen_statistics(layers)),
-        )
+        if keep_last and n == len(segments):
+            out = run(out)
+        else:
+            out = checkpoint(
+                run,
+                out,
+                use_reentrant=False,
+                context_fn=lambda layers=[*lead, *segment]: (contextlib.nullcontext(), _frozen_statistics(layers)),
+            )
         lead = []
     return out
