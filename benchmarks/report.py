@@ -631,7 +631,8 @@ def headline_section(
             "",
             headline_table(result["methods"]),
             "",
-            f"Target: {pct(result['target_accuracy'])}. Seeds: {result.get('seeds', data.get('seeds'))}.",
+            f"Target: {pct(result['target_accuracy'])}. Seeds: {result.get('seeds', data.get('seeds'))}."
+            + (f" Setting: {', '.join(f'`{o}`' for o in result['overrides'])}." if 'overrides' in result else ""),
             "",
         ]
         if {"neulite", "exclusivefl", "fedavg"} < result["methods"].keys():

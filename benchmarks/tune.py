@@ -18,8 +18,8 @@ Sweeps:
             benchmark (the first candidate is today's: one epoch at train.lr throughout);
   headline-epochs  the local epochs of every other method on the headline benchmark, chosen on the
             FedAvg oracle as headline-lr is (NeuLite's per-stage epochs were tuned: so are theirs).
-  headline-stage-0.1, headline-epochs-0.1  the same two choices on the Dirichlet(0.1) split, where
-            each client holds one or two classes and many local steps may drift further.
+  headline-stage-0.1, headline-epochs-0.1, headline-lr-0.1  the same choices on the Dirichlet(0.1)
+            split, where each client holds one or two classes and many local steps may drift further.
 Run: python benchmarks/tune.py NAME [--workers N]
 """
 
@@ -127,6 +127,13 @@ SWEEPS = {
             "method.neulite.stage_epochs=[2,2,1]",
             ("method.neulite.stage_epochs=[4,3,2]", "method.neulite.stage_lr=[0.01,0.01,0.01]"),
         ),
+        (0,),
+        (*SKEWED, "eval.every=60"),
+    ),
+    "headline-lr-0.1": Sweep(
+        HERE / "headline.toml",
+        "fedavg",
+        ("train.lr=0.02", "train.lr=0.01"),  # 0.01: added when it was elastic NeuLite's best on this split
         (0,),
         (*SKEWED, "eval.every=60"),
     ),
