@@ -74,6 +74,8 @@ def main() -> None:
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = args.methods.split(",")
+    if unknown := set(args.splits.split(",")) - SPLITS.keys():
+        parser.error(f"unknown split(s) {', '.join(sorted(unknown))}: choose from {', '.join(SPLITS)}")
     report_dir = Path(args.report)
     report_dir.mkdir(parents=True, exist_ok=True)
     path = report_dir / f"{args.name}.json"
