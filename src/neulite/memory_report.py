@@ -77,7 +77,6 @@ def memory_report(
         rows.append(
             {
                 "stage": plan.stage,
-                "recompute": plan.recompute,
                 **{field: getattr(plan, field) for field in PLAN_FIELDS},
                 "estimated_bytes": est.total,
                 "measured_bytes": real,
