@@ -632,7 +632,7 @@ def headline_section(
             headline_table(result["methods"]),
             "",
             f"Target: {pct(result['target_accuracy'])}. Seeds: {result.get('seeds', data.get('seeds'))}."
-            + (f" Setting: {', '.join(f'`{o}`' for o in result['overrides'])}." if 'overrides' in result else ""),
+            + (f" Setting: {', '.join(f'`{o}`' for o in result['overrides'])}." if "overrides" in result else ""),
             "",
         ]
         if {"neulite", "exclusivefl", "fedavg"} < result["methods"].keys():
@@ -943,7 +943,7 @@ def render_summary() -> str:
                 )
         if parts:
             out.append(
-                f"- **Headline** (`python benchmarks/headline.py`, full Fashion-MNIST, 100 clients): "
+                "- **Headline** (`python benchmarks/headline.py`, full Fashion-MNIST, 100 clients): "
                 + "; ".join(parts)
                 + " (NeuLite, ExclusiveFL, the best other memory-feasible baseline of those run, the FedAvg oracle)."
             )
