@@ -362,14 +362,14 @@ def memory_cuda_section(data: dict[str, Any]) -> list[str]:
 
 def _headline(methods: dict[str, Any]) -> dict[str, Any]:
     baselines = {m: r for m, r in methods.items() if m not in ("fedavg", "exclusivefl") and not m.startswith("neulite")}
-    best = max(sorted(baselines), key=lambda m: baselines[m]["final_accuracy_mean"])
+    best = max(sorted(baselines), key=lambda m: baselines[m]["final_accuracy_mean"], default=None)
     acc = {m: r["final_accuracy_mean"] for m, r in methods.items()}
     return {
         "neulite": acc["neulite"],
         "exclusivefl": acc["exclusivefl"],
         "fedavg": acc["fedavg"],
         "best": best,
-        "best_acc": acc[best],
+        "best_acc": acc.get(best),
     }
 
 
@@ -385,8 +385,12 @@ def _headline_sentence(methods: dict[str, Any]) -> str:
     )
     return (
         f"Mean final accuracy: NeuLite {pct(h['neulite'])}, {_versus(h['neulite'], h['exclusivefl'])} ExclusiveFL ({pct(h['exclusivefl'])}), "
-        f"{_versus(h['neulite'], h['best_acc'])} the best other memory-feasible baseline ({h['best']}, {pct(h['best_acc'])}) and "
-        f"{_versus(h['neulite'], h['fedavg'])} the FedAvg oracle, which ignores memory ({pct(h['fedavg'])})."
+        + (
+            f"{_versus(h['neulite'], h['best_acc'])} the best other memory-feasible baseline ({h['best']}, {pct(h['best_acc'])}) "
+            if h["best"]
+            else "(no other memory-feasible baseline run yet) "
+        )
+        + f"and {_versus(h['neulite'], h['fedavg'])} the FedAvg oracle, which ignores memory ({pct(h['fedavg'])})."
         + (f" NeuLite variants: {ablations}." if ablations else "")
     )
 
@@ -939,7 +943,9 @@ def render_summary() -> str:
                 )
                 parts.append(
                     f"{split} (seeds {result['seeds']}): NeuLite {pct(h['neulite'])}{elastic}, ExclusiveFL "
-                    f"{pct(h['exclusivefl'])}, {h['best']} {pct(h['best_acc'])}, FedAvg {pct(h['fedavg'])}"
+                    f"{pct(h['exclusivefl'])}, "
+                    + (f"{h['best']} {pct(h['best_acc'])}, " if h["best"] else "")
+                    + f"FedAvg {pct(h['fedavg'])}"
                 )
         if parts:
             out.append(
