@@ -74,7 +74,8 @@ def main() -> None:
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = args.methods.split(",")
-    if unknown := set(args.splits.split(",")) - SPLITS.keys():
+    splits = args.splits.split(",")
+    if unknown := set(splits) - SPLITS.keys():
         parser.error(f"unknown split(s) {', '.join(sorted(unknown))}: choose from {', '.join(SPLITS)}")
     report_dir = Path(args.report)
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -90,7 +91,7 @@ def main() -> None:
         earlier = json.loads(path.read_text())
         if not config_differences(earlier.get("config", {}), report["config"]):
             report["splits"] = earlier["splits"]
-    for split in args.splits.split(","):
+    for split in splits:
         cfg = load_config(HERE / "headline.toml", [*SPLITS[split], *args.set])
         runs = Path(args.out) / split
         result = compare(cfg, methods, seeds, runs, console=Console(), workers=args.workers)

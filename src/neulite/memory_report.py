@@ -135,11 +135,10 @@ def reestimated(report: dict[str, Any]) -> dict[str, Any]:
     rows = []
     for new, old in zip(fresh["stages"], report["stages"], strict=True):
         for field in PLAN_FIELDS:
-            if new[field] != old.get(field, _unrecorded(field, old)):
+            if new[field] != (was := old.get(field, _unrecorded(field, old))):
                 raise NeuliteError(
                     f"{report['model']} at batch {report['batch_size']}: stage {new['stage']} now plans "
-                    f"{field} = {new[field]}, measured with {old.get(field, _unrecorded(field, old))}: "
-                    "measure the row again"
+                    f"{field} = {new[field]}, measured with {was}: measure the row again"
                 )
     for new, old in zip([fresh["full"], *fresh["stages"]], [report["full"], *report["stages"]], strict=True):
         kept = {k: v for k, v in old.items() if k in ("measured_bytes", "step_seconds", "rss_check_bytes")}

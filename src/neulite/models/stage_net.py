@@ -239,9 +239,9 @@ class StageNet(nn.Module):
         else:
             x = self.frozen_output(x, plan)
         headed = last == plan.num_stages
-        for i, block in enumerate(blocks[depth:last]):
-            lead = rerun if i == 0 else []
-            keep = headed and depth + i + 1 == last and not plan.recompute_final
+        for number, block in enumerate(blocks[depth:last], depth + 1):
+            lead = rerun if number == depth + 1 else []
+            keep = headed and number == last and not plan.recompute_final
             x = recomputed(block, x, plan.segment, lead, plan.frozen_micro_batch, keep) if plan.recompute else block(x)
         if headed:
             return x, self.model.head(x)
