@@ -141,6 +141,7 @@ def show(r: dict[str, Any]) -> None:
     stages = ", ".join(
         f"{s['estimated_bytes'] / MIB:.0f}/{s['measured_bytes'] / MIB:.0f}"
         + (f" ({s['step_seconds'] / r['full']['step_seconds']:.2f}x time)" if "step_seconds" in s else "")
+        + (f" recomputing {s['step_seconds'] / s['plain_step_seconds'] - 1:+.0%}" if "plain_step_seconds" in s else "")
         for s in r["stages"]
     )
     check = f", rss_check {r['full']['rss_check_bytes'] / MIB:.1f}" if "rss_check_bytes" in r["full"] else ""

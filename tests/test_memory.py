@@ -256,8 +256,7 @@ def test_reestimated_keeps_the_measurements_and_compares_them_with_todays_estima
     report["stages"][0]["recompute_prefix"] = True
     with pytest.raises(NeuliteError, match="stage 1 now plans recompute_prefix = False, measured with True"):
         reestimated(report)
-    del report["stages"][0]["recompute_prefix"]
-    report["stages"][0]["recompute"] = True  # a row written before recompute_final: it recomputed its last segment
-    del report["stages"][0]["recompute_final"]
-    with pytest.raises(NeuliteError, match="stage 1 now plans recompute = False, measured with True"):
+    del report["stages"][0]["recompute_prefix"]  # a row written before the field: measured with its default
+    report["stages"][0]["kept_segments"] = 0
+    with pytest.raises(NeuliteError, match="stage 1 now plans kept_segments = 1, measured with 0"):
         reestimated(report)

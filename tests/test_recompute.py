@@ -42,10 +42,10 @@ def test_a_recomputed_step_is_the_step_bit_for_bit(model: str, stage: int, segme
     x, y = torch.randn(40, 1, 16, 16), torch.randint(0, 10, (40,))  # 40: micro-batches of 16, 16 and 8
     plan = net.plan(stage, harmonize=True, mentor=True, bn_drift=drift)
     steps = []
-    for recompute, final in ((False, False), (True, False), (True, True)):
+    for recompute, kept in ((False, 1), (True, 0), (True, 1), (True, 2), (True, 99)):
         work = copy.deepcopy(net)
         p = dataclasses.replace(
-            plan, recompute=recompute, segment=segment, recompute_prefix=recompute and prefix, recompute_final=final
+            plan, recompute=recompute, segment=segment, recompute_prefix=recompute and prefix, kept_segments=kept
         )
         params = work.prepare(p)
         loss = neulite_loss(work, p, x, y, lambda1=0.3, lambda2=0.3, sigma=5.0)
@@ -96,43 +96,71 @@ def test_recomputation_segments_are_the_blocks_units_and_the_leanest_size_is_cho
     assert [len(run) for run in _segments(first)] == [2, 1]  # about √3 runs
     assert _segments(nn.Sequential()) == []
     method = NeuLite(net, load_config(overrides=["train.batch_size=16"]))
+    leaner = []
     for plan in method.plans():
         chosen = method.recomputing(plan)
         peaks = {
-            size: method.memory(dataclasses.replace(plan, recompute=True, segment=size)).total for size in SEGMENTS
+            size: method.memory(dataclasses.replace(plan, recompute=True, segment=size, kept_segments=0)).total
+            for size in SEGMENTS
         }
-        assert chosen.recompute and method.memory(chosen).total <= min(peaks.values())
-        assert method.memory(chosen).total < method.memory(plan).total
+        assert chosen.recompute and peaks[chosen.segment] == min(peaks.values())
+        assert method.memory(chosen).total <= method.memory(plan).total  # a weight-bound stage keeps every segment
+        leaner.append(method.memory(chosen).total < method.memory(plan).total)
+    assert leaner[0] and not leaner[-1]
 
 
-def test_the_last_segment_runs_once_unless_recomputing_it_is_leaner():
-    """Backward begins at the stage's last segment (an output module's, or the last block's before
-    the head), so re-running it costs a forward; the estimate says whether it saves memory."""
+def test_the_kept_segments_run_once_and_the_others_twice():
+    """The last `kept_segments` of a stage's segments, counted back across its modules (the output
+    module's, then the blocks'), keep their activations: their layers run once, the others' again
+    in backward. A forward-pre-hook on each segment's first layer counts runs (torch may stop a
+    recomputation early, after the last tensor it needs, so a forward hook would miss the partial
+    run)."""
     net = StageNet(build_model("resnet18", (1, 16, 16), 10, 0.25))
     x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,))
     for stage in (2, net.num_stages):
         plan = dataclasses.replace(net.plan(stage, harmonize=True, mentor=True), recompute=True)
-        forwards = []
-        for final in (False, True):
+        total = net.segment_count(plan)
+        assert total == sum(len(_segments(m)) for m in net.autograd_modules(plan))
+        for kept in (0, 1, 2, total):
             work = copy.deepcopy(net)
-            module = work.model.blocks[-1] if stage == net.num_stages else work.outputs[stage - 1]
-            calls: list[int] = []
-            _segments(module)[-1][-1].register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
-            p = dataclasses.replace(plan, recompute_final=final)
+            runs = [[] for _ in range(total)]
+            firsts = [_first_weighted(run[0]) for module in work.autograd_modules(plan) for run in _segments(module)]
+            for calls, layer in zip(runs, firsts, strict=True):
+                layer.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
+            p = dataclasses.replace(plan, kept_segments=kept)
             work.prepare(p)
+            # the Harmonizer's block runs from the frozen input: its segments before its trained tail
+            # need no gradient, so autograd keeps nothing of them to recompute
+            trains = [
+                any(q.requires_grad for r in run for q in r.parameters())
+                for m in work.autograd_modules(p)
+                for run in _segments(m)
+            ]
+            grads = [any(trains[: i + 1]) for i in range(total)]
             neulite_loss(work, p, x, y, lambda1=0.3, lambda2=0.3, sigma=5.0).backward()
-            forwards.append(len(calls))
-        assert forwards == [1, 2], stage
+            expected = [2 if g and i < total - kept else 1 for i, g in enumerate(grads)]
+            assert [len(c) for c in runs] == expected, (stage, kept)
+    with pytest.raises(NeuliteError, match="the last segment is recomputed only by a stage that recomputes"):
+        dataclasses.replace(plan, recompute=False, kept_segments=0)
+
+
+def _first_weighted(unit: nn.Module) -> nn.Module:
+    """A unit's first layer with weights of its own (a unit may be a wrapper made for the segment)."""
+    return next(m for m in unit.modules() if next(m.parameters(recurse=False), None) is not None)
+
+
+def test_a_stage_keeps_the_last_segments_that_cost_its_peak_nothing():
+    """Every segment recomputed sets the peak; each further kept one must stay within
+    `WORTH_A_FORWARD` of it, and the next would not."""
+    net = StageNet(build_model("resnet18", (1, 16, 16), 10, 0.25))
     method = NeuLite(net, load_config(overrides=["train.batch_size=16"]))
     for plan in method.plans():
         chosen = method.recomputing(plan)
-        other = method.memory(dataclasses.replace(chosen, recompute_final=not chosen.recompute_final)).total
-        if chosen.recompute_final:
-            assert method.memory(chosen).total < (1 - WORTH_A_FORWARD) * other
-        else:
-            assert method.memory(chosen).total > (1 - WORTH_A_FORWARD) * other
-    with pytest.raises(NeuliteError, match="the last segment is recomputed only by a stage that recomputes"):
-        dataclasses.replace(plan, recompute_final=True)
+        leanest = method.memory(dataclasses.replace(chosen, kept_segments=0)).total
+        assert method.memory(chosen).total <= leanest / (1 - WORTH_A_FORWARD)
+        if chosen.kept_segments < net.segment_count(chosen):
+            more = dataclasses.replace(chosen, kept_segments=chosen.kept_segments + 1)
+            assert method.memory(more).total > leanest / (1 - WORTH_A_FORWARD)
 
 
 def test_recompute_is_checked_and_refused_where_it_does_not_apply():
@@ -151,6 +179,8 @@ def test_the_memory_report_times_each_step_with_and_without_recomputation():
     for report, recompute in ((plain, False), (recomputed, True)):
         assert report["full"]["step_seconds"] > 0
         assert all(s["recompute"] is recompute and s["step_seconds"] > 0 for s in report["stages"])
+        assert all(("plain_step_seconds" in s) is recompute for s in report["stages"])  # its twin, timed in turn
+    assert all(s["plain_step_seconds"] > 0 for s in recomputed["stages"])
     assert "step_seconds" not in memory_report("small_cnn", 8, (1, 12, 12), 10, 0.5, with_measurement=False)["full"]
 
 

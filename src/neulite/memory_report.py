@@ -7,6 +7,7 @@ through the same method object a run builds, so the report and a run's eligibili
 from __future__ import annotations
 
 import copy
+import dataclasses
 import statistics
 import time
 from typing import Any
@@ -21,7 +22,7 @@ from neulite.memory import StepLoss, check_device, estimate, measure
 from neulite.models.stage_net import StageNet, StagePlan
 from neulite.models.zoo import build_model
 
-PLAN_FIELDS = ("recompute", "segment", "recompute_prefix", "recompute_final")
+PLAN_FIELDS = ("recompute", "segment", "recompute_prefix", "kept_segments")
 """What a stage row records of its plan: a measurement is of that plan, and no other."""
 
 MEASURED_WITH = (
@@ -55,7 +56,9 @@ def memory_report(
 ) -> dict[str, Any]:
     """Per-stage NeuLite peaks (Mentor and Harmonizer on) next to full-model training, estimated and
     measured; with `recompute`, of stages that recompute what they train in backward; with
-    `with_timing`, each row's `step_seconds` (`step_seconds`). Measured and timed on `device` ("cuda":
+    `with_timing`, each row's `step_seconds` (`step_seconds`), and a recomputing stage's
+    `plain_step_seconds`: the same stage without recomputation, its steps taken in turn with the
+    recomputing one's, so that the machine's drift between them cancels. Measured and timed on `device` ("cuda":
     the GPU's allocated bytes); the estimate is the same for every device.
 
     `model` is any name a config takes: a built-in, a registered model or an import path "module:function"."""
@@ -85,9 +88,16 @@ def memory_report(
         )
     full = {"stage": 0, "estimated_bytes": full_est.total, "measured_bytes": full_real, "breakdown": full_est.as_dict()}
     if with_timing:
-        full["step_seconds"] = step_seconds(net, full_plan, batch_size, cross_entropy_loss, device=device)
-        for (plan, step_loss), r in zip(stages, rows, strict=True):
-            r["step_seconds"] = step_seconds(net, plan, batch_size, step_loss, device=device)
+        (full["step_seconds"],) = step_seconds(net, [(full_plan, cross_entropy_loss)], batch_size, device=device)
+        plain = build_method(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, recompute="off")), net)
+        for (plan, step_loss), r, unrecomputed in zip(stages, rows, plain.plans(), strict=True):
+            if recompute:
+                twin = (unrecomputed, plain.loss(plain.task_config(unrecomputed)))
+                r["step_seconds"], r["plain_step_seconds"] = step_seconds(
+                    net, [(plan, step_loss), twin], batch_size, device=device
+                )
+            else:
+                (r["step_seconds"],) = step_seconds(net, [(plan, step_loss)], batch_size, device=device)
     report = {
         "model": model,
         "blocks": "one per resolution stage" if not blocks else f"{blocks} memory-balanced",
@@ -135,40 +145,42 @@ def reestimated(report: dict[str, Any]) -> dict[str, Any]:
     rows = []
     for new, old in zip(fresh["stages"], report["stages"], strict=True):
         for field in PLAN_FIELDS:
-            if new[field] != (was := old.get(field, _unrecorded(field, old))):
+            if new[field] != (was := old.get(field, StagePlan.__dataclass_fields__[field].default)):
                 raise NeuliteError(
                     f"{report['model']} at batch {report['batch_size']}: stage {new['stage']} now plans "
                     f"{field} = {new[field]}, measured with {was}: measure the row again"
                 )
     for new, old in zip([fresh["full"], *fresh["stages"]], [report["full"], *report["stages"]], strict=True):
-        kept = {k: v for k, v in old.items() if k in ("measured_bytes", "step_seconds", "rss_check_bytes")}
+        kept = {
+            k: v
+            for k, v in old.items()
+            if k in ("measured_bytes", "step_seconds", "plain_step_seconds", "rss_check_bytes")
+        }
         rows.append({**new, **kept})
     return _compared({**report, "full": rows[0], "stages": rows[1:]})
 
 
-def _unrecorded(field: str, row: dict[str, Any]) -> Any:
-    """What a row written before `field` was recorded was measured with: the plan's default, but
-    for `recompute_final`, which every recomputing stage did then."""
-    return row["recompute"] if field == "recompute_final" else StagePlan.__dataclass_fields__[field].default
-
-
 def step_seconds(
-    net: StageNet, plan: StagePlan, batch_size: int, loss: StepLoss, steps: int = 5, device: str = "cpu"
-) -> float:
-    """Median wall seconds of one training step of `plan` on `device` (a CPU: this process's torch
-    threads), after a warm-up step (kernel selection and caches are a process's once, not a step's)."""
-    client = copy.deepcopy(net).to(device)
-    optimizer = torch.optim.SGD(client.prepare(plan), lr=0.01, momentum=0.9)
+    net: StageNet, runs: list[tuple[StagePlan, StepLoss]], batch_size: int, steps: int = 5, device: str = "cpu"
+) -> list[float]:
+    """Median wall seconds of one training step of each (plan, loss) on `device` (a CPU: this
+    process's torch threads), the runs' steps taken in turn, after a warm-up step each (kernel
+    selection and caches are a process's once, not a step's)."""
     x = torch.randn(batch_size, *net.model.input_shape, device=device)
     y = torch.randint(0, net.model.num_classes, (batch_size,), device=device)
-    cuda = device.startswith("cuda")
-    times = []
+    clients = [copy.deepcopy(net).to(device) for _ in runs]
+    optimizers = [
+        torch.optim.SGD(client.prepare(plan), lr=0.01, momentum=0.9)
+        for client, (plan, _) in zip(clients, runs, strict=True)
+    ]
+    times: list[list[float]] = [[] for _ in runs]
     for _ in range(steps + 1):
-        start = time.perf_counter()
-        loss(client, plan, x, y).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()  # the step's kernels have run, not just been queued
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+        for client, optimizer, (plan, loss), taken in zip(clients, optimizers, runs, times, strict=True):
+            start = time.perf_counter()
+            loss(client, plan, x, y).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()  # the step's kernels have run, not just been queued
+            taken.append(time.perf_counter() - start)
+    return [statistics.median(taken[1:]) for taken in times]

@@ -187,18 +187,23 @@ class NeuLite(Method):
 
     def recomputing(self, plan: StagePlan) -> StagePlan:
         """`plan` recomputing what it trains, in the segment size (`SEGMENTS`) of the lowest estimated
-        peak, and its frozen prefix and its last segment too where either lowers the peak further
-        by `WORTH_A_FORWARD`."""
-        candidates = [dataclasses.replace(plan, recompute=True, segment=size) for size in SEGMENTS]
+        peak with every segment recomputed, its frozen prefix too where that lowers the peak by
+        `WORTH_A_FORWARD`; then keeping as many of its last segments' activations as leave the peak
+        within `WORTH_A_FORWARD` of that (each kept segment is a forward saved)."""
+        candidates = [dataclasses.replace(plan, recompute=True, segment=size, kept_segments=0) for size in SEGMENTS]
         leanest = min(candidates, key=lambda p: self.memory(p).total)
-        further = [{"recompute_final": True}]
         if self.net.frozen_depth(plan):
-            further.insert(0, {"recompute_prefix": True})
-        for change in further:
-            leaner = dataclasses.replace(leanest, **change)
+            leaner = dataclasses.replace(leanest, recompute_prefix=True)
             if self.memory(leaner).total < (1 - WORTH_A_FORWARD) * self.memory(leanest).total:
                 leanest = leaner
-        return leanest
+        allowed = self.memory(leanest).total / (1 - WORTH_A_FORWARD)
+        chosen = leanest
+        for kept in range(1, self.net.segment_count(leanest) + 1):
+            keeping = dataclasses.replace(leanest, kept_segments=kept)
+            if self.memory(keeping).total > allowed:
+                break
+            chosen = keeping
+        return chosen
 
     def windows(self, plan: StagePlan) -> list[StagePlan]:
         """The stage's wider windows a client may train (up to `max_window` blocks, in

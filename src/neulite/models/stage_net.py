@@ -45,11 +45,11 @@ class StagePlan:
     of a module's n); which is leanest depends on the network, so the estimate chooses it.
     recompute_prefix: the frozen blocks' output is not kept either: the first segment re-runs them
     from the batch (their output at full resolution is as large as what a segment keeps; a client
-    that recomputes it keeps no `PrefixCache`). recompute_final: the stage's last segment, which
-    only the loss follows, is recomputed too. Without it that segment keeps its activations:
-    backward begins there, so re-running it would hold the same at the same point, a forward for
-    nothing, unless the loss's own transients (the Mentor on a large feature map) would otherwise
-    overlap them; the estimate decides.
+    that recomputes it keeps no `PrefixCache`). kept_segments: how many of the stage's last segments
+    (counted back from its output module's last, across the modules it trains) keep their
+    activations instead. Backward begins at the last and frees each segment's activations before
+    it reaches the earlier, larger ones, so keeping the last few often costs the peak nothing and
+    saves their second forward; the estimate decides how many (`NeuLite.recomputing`).
     Subclasses (a method's own kinds of plan) register themselves by class name, so that the wire
     format can rebuild any plan without knowing the methods.
     """
@@ -64,7 +64,7 @@ class StagePlan:
     reach: int = 0
     segment: int = 0
     recompute_prefix: bool = False
-    recompute_final: bool = False
+    kept_segments: int = 1
 
     types: ClassVar[dict[str, type[StagePlan]]] = {}
 
@@ -80,9 +80,11 @@ class StagePlan:
                 f"bad stage plan: stage {self.stage} with a window of {self.window} blocks and a reach of "
                 f"{self.reach} blocks back in a model of {self.num_stages} blocks"
             )
-        if self.segment < 0:
-            raise NeuliteError(f"bad stage plan: {self.segment} units per recomputed segment")
-        if (self.recompute_prefix or self.recompute_final) and not self.recompute:
+        if self.segment < 0 or self.kept_segments < 0:
+            raise NeuliteError(
+                f"bad stage plan: {self.segment} units per recomputed segment, {self.kept_segments} segments kept"
+            )
+        if (self.recompute_prefix or not self.kept_segments) and not self.recompute:
             raise NeuliteError(
                 "bad stage plan: the frozen prefix or the last segment is recomputed only by a stage that recomputes"
             )
@@ -230,7 +232,7 @@ class StageNet(nn.Module):
             for block in blocks:
                 x = block(x)
             return x, self.model.head(x)
-        last, depth = plan.last, self.frozen_depth(plan)
+        depth = self.frozen_depth(plan)
         rerun: list[nn.Module] = []  # frozen blocks the first recomputed segment re-runs from the batch
         if prefix is not None:
             x = prefix
@@ -238,15 +240,26 @@ class StageNet(nn.Module):
             rerun = list(blocks[:depth])
         else:
             x = self.frozen_output(x, plan)
-        headed = last == plan.num_stages
-        for number, block in enumerate(blocks[depth:last], depth + 1):
-            lead = rerun if number == depth + 1 else []
-            keep = headed and number == last and not plan.recompute_final
-            x = recomputed(block, x, plan.segment, lead, plan.frozen_micro_batch, keep) if plan.recompute else block(x)
-        if headed:
-            return x, self.model.head(x)
-        output = self.outputs[last - 1]
-        return recomputed(output, x, plan.segment, keep_last=not plan.recompute_final) if plan.recompute else output(x)
+        trained = self.autograd_modules(plan)
+        if not plan.recompute:
+            for module in trained:
+                x = module(x)
+        else:
+            kept = _kept_per_module(trained, plan.segment, plan.kept_segments)
+            for i, module in enumerate(trained):
+                x = recomputed(module, x, plan.segment, rerun if i == 0 else [], plan.frozen_micro_batch, kept[i])
+        return (x, self.model.head(x)) if plan.last == plan.num_stages else x
+
+    def autograd_modules(self, plan: StagePlan) -> list[nn.Module]:
+        """The modules a (not full) stage runs with autograd, in order: its blocks after the frozen
+        prefix and, unless the last block is the model's, the output module (which returns Z and logits)."""
+        last = plan.last
+        blocks = list(self.model.blocks[self.frozen_depth(plan) : last])
+        return blocks if last == plan.num_stages else [*blocks, self.outputs[last - 1]]
+
+    def segment_count(self, plan: StagePlan) -> int:
+        """How many segments a recomputing stage runs: the most it can keep (`StagePlan.kept_segments`)."""
+        return sum(_segment_count(m, plan.segment) for m in self.autograd_modules(plan))
 
 
 @contextlib.contextmanager
@@ -275,6 +288,21 @@ def _segments(module: nn.Module, size: int = 0) -> list[list[nn.Module]]:
     return [parts[i : i + size] for i in range(0, len(parts), size)]
 
 
+def _segment_count(module: nn.Module, size: int) -> int:
+    return (
+        len(_segments(module, size)) or 1
+    )  # an empty module still runs (a recomputing stage's first re-runs the prefix)
+
+
+def _kept_per_module(modules: list[nn.Module], size: int, kept: int) -> list[int]:
+    """How many of each module's last segments keep their activations, for the `kept` last of all."""
+    per_module = []
+    for module in reversed(modules):
+        per_module.append(min(kept, _segment_count(module, size)))
+        kept -= per_module[-1]
+    return per_module[::-1]
+
+
 def frozen_forward(blocks: Sequence[nn.Module], x: torch.Tensor, micro: int = 0) -> torch.Tensor:
     """`blocks` run on `x` without autograd, `micro` samples at a time (0: all at once), into one
     output: the transient peak is a micro-batch's, the output the batch's."""
@@ -301,7 +329,7 @@ def recomputed(
     size: int = 0,
     frozen: list[nn.Module] | None = None,
     micro: int = 0,
-    keep_last: bool = False,
+    kept: int = 0,
 ) -> Any:
     """`module(x)` whose activations are recomputed in backward instead of kept: only the input of
     each segment of `size` units (`_segments`) is saved, and a segment re-runs its forward when its gradient is
@@ -309,7 +337,7 @@ def recomputed(
     at a time. Same values and gradients; BatchNorm's running statistics move once. `frozen`:
     blocks that run without autograd before `module`, inside its first segment, so that their
     output is not kept but re-run from `x` in backward (`micro` samples at a time: `frozen_forward`).
-    keep_last: the last segment keeps its activations (`StagePlan.recompute_final`)."""
+    kept: how many of the last segments keep their activations (`StagePlan.kept_segments`)."""
     out: Any = x
     lead = frozen or []
     segments = _segments(module, size) or [[]]
@@ -321,7 +349,7 @@ def recomputed(
                 h = layer(h)
             return h
 
-        if keep_last and n == len(segments):
+        if n > len(segments) - kept:
             out = run(out)
         else:
             out = checkpoint(
