@@ -128,3 +128,19 @@ def test_run_config_maps_to_the_experiment_config_and_rejects_unknown_keys():
         parse_run_config({"rounds": 4})
     with pytest.raises(NeuliteError, match="method.nme"):
         parse_run_config({"method.nme": "fedavg"})
+
+
+def test_a_task_whose_plan_fields_have_the_wrong_type_is_refused_naming_the_field():
+    """A node takes nothing on trust from the server either: a plan field of the wrong type (bool
+    is not an int here) is refused by name, not passed on to fail deep inside training."""
+    sim = Simulation(load_config(overrides=SMALL))
+    task = next(iter(sim.server.configure(1).tasks.values()))
+    for field, value, kind in (("kept_segments", "x", "int"), ("stage", True, "int"), ("recompute", 1, "bool")):
+        record = encode_task(task, 0)
+        record.config_records["config"][f"plan-{field}"] = value
+        with pytest.raises(NeuliteError, match=f"malformed task: plan-{field} must be {kind}"):
+            decode_task(record)
+    record = encode_task(task, 0)
+    record.config_records["config"]["plan-kept_segments"] = -1
+    with pytest.raises(NeuliteError, match="-1 segments kept"):
+        decode_task(record)

@@ -40,7 +40,11 @@ def decode_plan(config: ConfigRecord) -> StagePlan:
     cls = StagePlan.types.get(str(config.get("plan-type")))
     if cls is None:
         raise NeuliteError(f"malformed task: unknown plan type {config.get('plan-type')!r}")
-    return cls(**{f.name: config[f"plan-{f.name}"] for f in dataclasses.fields(cls)})
+    values = {f.name: config[f"plan-{f.name}"] for f in dataclasses.fields(cls)}
+    for f in dataclasses.fields(cls):  # a plan's fields are ints and bools (bool is no int here)
+        if type(values[f.name]).__name__ != f.type:
+            raise NeuliteError(f"malformed task: plan-{f.name} must be {f.type}, got {values[f.name]!r}")
+    return cls(**values)
 
 
 def _arrays(record: RecordDict) -> Arrays:
