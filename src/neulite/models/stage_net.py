@@ -289,9 +289,8 @@ def _segments(module: nn.Module, size: int = 0) -> list[list[nn.Module]]:
 
 
 def _segment_count(module: nn.Module, size: int) -> int:
-    return (
-        len(_segments(module, size)) or 1
-    )  # an empty module still runs (a recomputing stage's first re-runs the prefix)
+    """A module's segments; an empty module runs as one (a recomputing stage's first re-runs the prefix)."""
+    return len(_segments(module, size)) or 1
 
 
 def _kept_per_module(modules: list[nn.Module], size: int, kept: int) -> list[int]:
