@@ -89,15 +89,16 @@ def memory_report(
     full = {"stage": 0, "estimated_bytes": full_est.total, "measured_bytes": full_real, "breakdown": full_est.as_dict()}
     if with_timing:
         (full["step_seconds"],) = step_seconds(net, [(full_plan, cross_entropy_loss)], batch_size, device=device)
-        plain = build_method(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, recompute="off")), net)
+        plain = (
+            build_method(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, recompute="off")), net)
+            if recompute
+            else method
+        )
         for (plan, step_loss), r, unrecomputed in zip(stages, rows, plain.plans(), strict=True):
-            if recompute:
-                twin = (unrecomputed, plain.loss(plain.task_config(unrecomputed)))
-                r["step_seconds"], r["plain_step_seconds"] = step_seconds(
-                    net, [(plan, step_loss), twin], batch_size, device=device
-                )
-            else:
-                (r["step_seconds"],) = step_seconds(net, [(plan, step_loss)], batch_size, device=device)
+            twin = [(unrecomputed, plain.loss(plain.task_config(unrecomputed)))] if recompute else []
+            r["step_seconds"], *paired = step_seconds(net, [(plan, step_loss), *twin], batch_size, device=device)
+            if paired:
+                r["plain_step_seconds"] = paired[0]
     report = {
         "model": model,
         "blocks": "one per resolution stage" if not blocks else f"{blocks} memory-balanced",

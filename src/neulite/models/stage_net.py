@@ -245,9 +245,10 @@ class StageNet(nn.Module):
             for module in trained:
                 x = module(x)
         else:
-            kept = _kept_per_module(trained, plan.segment, plan.kept_segments)
-            for i, module in enumerate(trained):
-                x = recomputed(module, x, plan.segment, rerun if i == 0 else [], plan.frozen_micro_batch, kept[i])
+            runs = [_runs(module, plan.segment) for module in trained]
+            kept = _kept_per_module([len(r) for r in runs], plan.kept_segments)
+            for i, segments in enumerate(runs):
+                x = recomputed(segments, x, rerun if i == 0 else [], plan.frozen_micro_batch, kept[i])
         return (x, self.model.head(x)) if plan.last == plan.num_stages else x
 
     def autograd_modules(self, plan: StagePlan) -> list[nn.Module]:
@@ -259,7 +260,7 @@ class StageNet(nn.Module):
 
     def segment_count(self, plan: StagePlan) -> int:
         """How many segments a recomputing stage runs: the most it can keep (`StagePlan.kept_segments`)."""
-        return sum(_segment_count(m, plan.segment) for m in self.autograd_modules(plan))
+        return sum(len(_runs(m, plan.segment)) for m in self.autograd_modules(plan))
 
 
 @contextlib.contextmanager
@@ -288,16 +289,17 @@ def _segments(module: nn.Module, size: int = 0) -> list[list[nn.Module]]:
     return [parts[i : i + size] for i in range(0, len(parts), size)]
 
 
-def _segment_count(module: nn.Module, size: int) -> int:
-    """A module's segments; an empty module runs as one (a recomputing stage's first re-runs the prefix)."""
-    return len(_segments(module, size)) or 1
+def _runs(module: nn.Module, size: int) -> list[list[nn.Module]]:
+    """The segments a recomputing stage runs `module` in; an empty module runs as one (a stage's
+    first segment may re-run the frozen prefix in it)."""
+    return _segments(module, size) or [[]]
 
 
-def _kept_per_module(modules: list[nn.Module], size: int, kept: int) -> list[int]:
-    """How many of each module's last segments keep their activations, for the `kept` last of all."""
+def _kept_per_module(counts: list[int], kept: int) -> list[int]:
+    """How many of each module's last segments (of `counts`) keep their activations, for the `kept` last of all."""
     per_module = []
-    for module in reversed(modules):
-        per_module.append(min(kept, _segment_count(module, size)))
+    for count in reversed(counts):
+        per_module.append(min(kept, count))
         kept -= per_module[-1]
     return per_module[::-1]
 
@@ -323,23 +325,21 @@ def frozen_forward(blocks: Sequence[nn.Module], x: torch.Tensor, micro: int = 0)
 
 
 def recomputed(
-    module: nn.Module,
+    segments: list[list[nn.Module]],
     x: torch.Tensor,
-    size: int = 0,
     frozen: list[nn.Module] | None = None,
     micro: int = 0,
     kept: int = 0,
 ) -> Any:
-    """`module(x)` whose activations are recomputed in backward instead of kept: only the input of
-    each segment of `size` units (`_segments`) is saved, and a segment re-runs its forward when its gradient is
+    """A module run as its `segments` (`_runs`) on `x`, its activations recomputed in backward
+    instead of kept: only the input of each segment is saved, and a segment re-runs its forward when its gradient is
     needed (non-reentrant `torch.utils.checkpoint`), so the peak holds one segment's activations
     at a time. Same values and gradients; BatchNorm's running statistics move once. `frozen`:
-    blocks that run without autograd before `module`, inside its first segment, so that their
+    blocks that run without autograd before the module, inside its first segment, so that their
     output is not kept but re-run from `x` in backward (`micro` samples at a time: `frozen_forward`).
     kept: how many of the last segments keep their activations (`StagePlan.kept_segments`)."""
     out: Any = x
     lead = frozen or []
-    segments = _segments(module, size) or [[]]
     for n, segment in enumerate(segments, 1):
 
         def run(h: Any, layers: list[nn.Module] = segment, lead: list[nn.Module] = lead) -> Any:
