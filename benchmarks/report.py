@@ -303,6 +303,11 @@ def memory_section(data: dict[str, Any]) -> list[str]:
             + ".",
             "",
         ]
+    return out + recompute_cost(rows, "one thread")
+
+
+def recompute_cost(rows: list[dict[str, Any]], clock: str) -> list[str]:
+    """A sentence on recomputation's time per step over every recomputing stage of `rows`, if any."""
     costs = [
         (r["label"], s["stage"], s["step_seconds"] / s["plain_step_seconds"] - 1)
         for r in rows
@@ -310,17 +315,26 @@ def memory_section(data: dict[str, Any]) -> list[str]:
         for s in r["report"]["stages"]
         if "plain_step_seconds" in s
     ]
-    if costs:
-        label, stage, worst = max(costs, key=lambda c: c[2])
-        median = sorted(c[2] for c in costs)[len(costs) // 2]
-        out += [
-            "Recomputation's time per step, against the same stage without it (one thread, median of 5 steps, "
-            "the two stages' steps taken in turn so that the machine's drift cancels): "
-            f"median {median:+.0%} over {len(costs)} stages, at most {worst:+.0%} ({label}, stage {stage}); "
-            f"{sum(c[2] > RECOMPUTE_TIME_TARGET for c in costs)} above {RECOMPUTE_TIME_TARGET:+.0%} (issue 13's target).",
-            "",
-        ]
-    return out
+    if not costs:
+        return []
+    label, stage, worst = max(costs, key=lambda c: c[2])
+    median = sorted(c[2] for c in costs)[len(costs) // 2]
+    return [
+        f"Recomputation's time per step, against the same stage without it ({clock}, median of 5 steps, "
+        "the two stages' steps taken in turn so that the machine's drift cancels): "
+        f"median {median:+.0%} over {len(costs)} stages, at most {worst:+.0%} ({label}, stage {stage}); "
+        f"{sum(c[2] > RECOMPUTE_TIME_TARGET for c in costs)} above {RECOMPUTE_TIME_TARGET:+.0%} (issue 13's target).",
+        "",
+    ]
+
+
+def _unrecomputed(rows: list[dict[str, Any]]) -> list[str]:
+    """A sentence naming the configurations measured without recomputation but not yet with it."""
+    done = {(r["label"].removesuffix(", recomputing"), r["batch"]) for r in rows if r["recompute"]}
+    missing = [r["label"] for r in rows if not r["recompute"] and (r["label"], r["batch"]) not in done]
+    if not missing:
+        return []
+    return [f"Not yet measured with recomputation: {', '.join(missing)} (the command above adds the missing rows)."]
 
 
 def memory_cuda_section(data: dict[str, Any]) -> list[str]:
@@ -337,11 +351,8 @@ def memory_cuda_section(data: dict[str, Any]) -> list[str]:
         "are a process's, as on the CPU). The estimate is the same accounting as above, made for the CPU's",
         "kernels. Step times are on the GPU; at these sizes its steps are bound by kernel launches, so",
         "they say little of the compute a stage saves.",
-        *(
-            []
-            if any(r["report"].get("recompute") for r in rows)
-            else ["No row here recomputes: measure those on a GPU with the command above (it adds the missing rows)."]
-        ),
+        *data.get("notes", []),
+        *_unrecomputed(rows),
         "",
         f"Machine: {machine(data['machine'])}.",
         "",
@@ -352,6 +363,7 @@ def memory_cuda_section(data: dict[str, Any]) -> list[str]:
         f"the furthest above {over:+.0%}. The estimate does not model cuDNN's convolution workspaces, which a GPU client must "
         "budget on top of it.",
         "",
+        *recompute_cost(rows, "on the GPU"),
     ]
 
 
