@@ -60,6 +60,25 @@ def test_old_config_keys_are_shown_in_their_method_section():
         assert spell(unchanged) == unchanged
 
 
+def test_memory_pages_name_what_is_still_to_measure_and_what_recomputation_cost():
+    report = load_report()
+
+    def row(recompute: bool, plain: float | None = None) -> dict:
+        stage = {"stage": 1, "step_seconds": 1.3, **({"plain_step_seconds": plain} if plain else {})}
+        return {
+            "label": "resnet18" + (", recomputing" if recompute else ""),
+            "batch": 64,
+            "recompute": recompute,
+            "report": {"stages": [stage]},
+        }
+
+    assert report._unrecomputed([row(False), row(True, 1.0)]) == []
+    assert "resnet18" in report._unrecomputed([row(False)])[0]
+    assert report.recompute_cost([row(False)], "on the GPU") == []
+    (sentence, _) = report.recompute_cost([row(False), row(True, 1.0)], "on the GPU")
+    assert "on the GPU" in sentence and "median +30% over 1 stages" in sentence and "0 above +35%" in sentence
+
+
 def test_readme_is_short():
     assert len((ROOT / "README.md").read_text()) <= 12_000
 
