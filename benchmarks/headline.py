@@ -51,6 +51,7 @@ def headline_row(row: dict) -> dict:
     return {
         "final_accuracy_mean": row["final_accuracy_mean"],
         "final_accuracy_std": row["final_accuracy_std"],
+        "late_accuracy_mean": row["late_accuracy_mean"],
         "participation": row["participation"],
         "rounds_to_target": row["rounds_to_target"],
         "critical_path_seconds_to_target": row["client_seconds_to_target"],

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from neulite.cli import main
-from neulite.compare import _to_target
+from neulite.compare import LATE_EVALUATIONS, _to_target, late_accuracy
 
 TINY = [
     "--set",
@@ -32,7 +32,7 @@ def test_compare_writes_the_table_and_resumes_without_rerunning(tmp_path: Path, 
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["methods"]) == {"exclusivefl", "neulite"}
     for row in summary["methods"].values():
-        assert {"final_accuracy_mean", "final_accuracy_std", "participation", "peak_memory_bytes"} <= row.keys()
+        assert {"final_accuracy_mean", "late_accuracy_mean", "participation", "peak_memory_bytes"} <= row.keys()
         assert len(row["final_accuracies"]) == 2
     assert all(0 < row["participation"] <= 1 for row in summary["methods"].values())
     assert summary["methods"]["exclusivefl"]["peak_memory_bytes"] > summary["methods"]["neulite"]["peak_memory_bytes"]
@@ -63,6 +63,14 @@ def test_compare_writes_the_table_and_resumes_without_rerunning(tmp_path: Path, 
     kept = {p: p.stat().st_mtime_ns for p in out.glob("runs/exclusivefl/*/model.pt")}
     assert kept == {p: t for p, t in stamps.items() if "exclusivefl" in str(p)}
     assert json.loads((out / "runs" / "neulite" / "seed0" / "summary.json").read_text())["stage_epochs"] == [2, 1, 1]
+
+
+def test_late_accuracy_averages_the_last_evaluations_only():
+    nan = float("nan")
+    early = [{"accuracy": 0.0}, {"accuracy": nan}] * 3
+    late = [{"accuracy": a} for a in [0.5, nan, 0.7] * (LATE_EVALUATIONS // 2)]
+    assert late_accuracy(early + late) == pytest.approx(0.6)
+    assert late_accuracy([{"accuracy": 0.3}, {"accuracy": nan}]) == 0.3
 
 
 def test_time_to_target_counts_wall_time_until_the_first_hit():

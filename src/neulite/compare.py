@@ -101,6 +101,17 @@ def _to_target(rows: list[dict[str, Any]], target: float) -> tuple[int | None, f
     return None, None, None
 
 
+LATE_EVALUATIONS = 10
+"""How many of a run's last evaluations `late_accuracy` averages: under a skewed split one round's
+accuracy swings by tens of points, so a method's rank by its final round alone is partly luck."""
+
+
+def late_accuracy(rows: list[dict[str, Any]]) -> float:
+    """Mean test accuracy over a run's last `LATE_EVALUATIONS` evaluated rounds."""
+    evaluated = [r["accuracy"] for r in rows if not math.isnan(r["accuracy"])]
+    return statistics.mean(evaluated[-LATE_EVALUATIONS:])
+
+
 def _median_or_none(values: list[float | None]) -> float | None:
     """Median over seeds, a seed that never reached the target counting as infinitely slow (None if that is the median)."""
     median = statistics.median(math.inf if v is None else v for v in values)
@@ -155,6 +166,7 @@ def compare(
             "final_accuracy_mean": statistics.mean(finals),
             "final_accuracy_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
             "final_accuracy_median": statistics.median(finals),
+            "late_accuracy_mean": statistics.mean(late_accuracy(rows) for _, rows in seed_runs),
             "best_accuracy": statistics.mean(s["best_accuracy"] for s, _ in seed_runs),
             "validation_accuracy": statistics.mean(s["validation_accuracy"] for s, _ in seed_runs),
             "participation": statistics.mean(s["participation"] for s, _ in seed_runs),
