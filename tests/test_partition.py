@@ -11,7 +11,7 @@ from neulite.config import load_config
 from neulite.errors import NeuliteError
 from neulite.memory import estimate
 from neulite.models import zoo
-from neulite.models.balance import balanced_cuts, rebalance, unit_costs, units
+from neulite.models.balance import balanced_cuts, split_at, unit_costs, units
 from neulite.models.blocks import BlockModel, ClassifierHead
 from neulite.models.stage_net import StageNet
 from neulite.models.zoo import build_model
@@ -97,7 +97,8 @@ def test_a_client_skeleton_on_the_meta_device_is_cut_where_the_server_cuts():
     assert [len(b) for b in skeleton.blocks] == [len(b) for b in server.blocks]
     assert skeleton.state_dict().keys() == server.state_dict().keys()
     with torch.device("meta"):  # a user's own skeleton, regrouped
-        user = rebalance(build_model("small_cnn", (1, 28, 28), 10), 2)
+        user = build_model("small_cnn", (1, 28, 28), 10)
+        user = split_at(user, balanced_cuts(unit_costs(user, 64), 2))
     assert [len(b) for b in user.blocks] == [len(b) for b in server.blocks]
 
 
@@ -122,5 +123,5 @@ def test_rebalance_a_user_model():
         )
     ]
     model = BlockModel(blocks, ClassifierHead(8, 3), (3, 8, 8), 3)
-    split = rebalance(model, 2, batch_size=4)
+    split = split_at(model, balanced_cuts(unit_costs(model, 4), 2))
     assert split.num_blocks == 2 and split(torch.randn(2, 3, 8, 8)).shape == (2, 3)

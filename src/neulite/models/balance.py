@@ -106,8 +106,3 @@ def split_at(model: BlockModel, cuts: Sequence[int]) -> BlockModel:
     bounds = [0, *cuts, len(pieces)]
     blocks = [nn.Sequential(*pieces[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
     return BlockModel(blocks, model.head, model.input_shape, model.num_classes)
-
-
-def rebalance(model: BlockModel, num_blocks: int, batch_size: int = 64) -> BlockModel:
-    """`model` regrouped into `num_blocks` memory-balanced blocks for training at `batch_size`."""
-    return split_at(model, balanced_cuts(unit_costs(model, batch_size), num_blocks))

@@ -71,8 +71,6 @@ class BasicBlock(nn.Module):
     The shortcut is registered first so that conv2/bn2 are the block's last parametrised layers.
     """
 
-    expansion = 1
-
     def __init__(self, in_planes: int, planes: int, stride: int = 1, projection: bool | None = None) -> None:
         super().__init__()
         if projection is None:
