@@ -40,10 +40,11 @@ def decode_plan(config: ConfigRecord) -> StagePlan:
     cls = StagePlan.types.get(str(config.get("plan-type")))
     if cls is None:
         raise NeuliteError(f"malformed task: unknown plan type {config.get('plan-type')!r}")
-    values = {f.name: config[f"plan-{f.name}"] for f in dataclasses.fields(cls)}
+    values = {}
     for f in dataclasses.fields(cls):  # a plan's fields are ints and bools (bool is no int here)
-        if type(values[f.name]).__name__ != f.type:
-            raise NeuliteError(f"malformed task: plan-{f.name} must be {f.type}, got {values[f.name]!r}")
+        value = values[f.name] = config[f"plan-{f.name}"]
+        if type(value).__name__ != f.type:
+            raise NeuliteError(f"malformed task: plan-{f.name} must be {f.type}, got {value!r}")
     return cls(**values)
 
 
