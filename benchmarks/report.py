@@ -957,7 +957,7 @@ def render_summary() -> str:
                     f" (elastic {pct(m['neulite-elastic']['final_accuracy_mean'])})" if "neulite-elastic" in m else ""
                 )
                 parts.append(
-                    f"{split} (seeds {result['seeds']}): NeuLite {pct(h['neulite'])}{elastic}, ExclusiveFL "
+                    f"{split} ({len(result['seeds'])} seed{'s' * (len(result['seeds']) > 1)}): NeuLite {pct(h['neulite'])}{elastic}, ExclusiveFL "
                     f"{pct(h['exclusivefl'])}, "
                     + (f"{h['best']} {pct(h['best_acc'])}, " if h["best"] else "")
                     + f"FedAvg {pct(h['fedavg'])}"
@@ -966,7 +966,7 @@ def render_summary() -> str:
             out.append(
                 "- **Headline** (`python benchmarks/headline.py`, full Fashion-MNIST, 100 clients): "
                 + "; ".join(parts)
-                + " (NeuLite, ExclusiveFL, the best other memory-feasible baseline of those run, the FedAvg oracle)."
+                + " (NeuLite, ExclusiveFL, the best other memory-feasible baseline, the FedAvg oracle)."
             )
     if mem := load("memory"):
         resnet34 = [r for r in _memory_rows(mem) if r["model"] == "resnet34" and r["batch"] == 64]
