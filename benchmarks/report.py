@@ -578,8 +578,13 @@ def stage_compute_section(data: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _has_late(methods: dict[str, Any]) -> bool:
+    """Whether every method has `late_accuracy_mean` (runs summarised before it was recorded have none)."""
+    return all("late_accuracy_mean" in r for r in methods.values())
+
+
 def headline_table(methods: dict[str, Any]) -> str:
-    late = all("late_accuracy_mean" in r for r in methods.values())  # runs summarised before it was recorded have none
+    late = _has_late(methods)
     lines = [
         "| method | final accuracy (mean ± std) | per seed "
         + (f"| last {LATE_EVALUATIONS} evaluations " if late else "")
@@ -653,7 +658,7 @@ def headline_section(
         ]
         if {"neulite", "exclusivefl", "fedavg"} < result["methods"].keys():
             out += [_headline_sentence(result["methods"]), ""]
-            if all("late_accuracy_mean" in r for r in result["methods"].values()):
+            if _has_late(result["methods"]):
                 what = f"Mean accuracy over each run's last {LATE_EVALUATIONS} evaluations (one round's is noisy)"
                 out += [_headline_sentence(result["methods"], "late_accuracy_mean", what), ""]
         if (RESULTS / f"{name}-{split}.png").is_file():
