@@ -8,6 +8,8 @@ import torch
 
 from neulite.cli import main
 from neulite.config import config_to_toml, load_config
+from neulite.errors import NeuliteError
+from neulite.results import ResultsDir
 from neulite.simulation import Simulation
 
 TINY = ["data.name=digits", "data.num_clients=6", "clients.per_round=3", "train.local_epochs=1", "method.rounds=4"]
@@ -56,6 +58,19 @@ def test_corrupted_checkpoint_is_a_clear_error(tmp_path: Path, capsys: pytest.Ca
     (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
     assert main(["run", "--quiet", "--resume", "--out", str(out)]) == 2
     assert "corrupted or unsafe checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.xdist_group("tiny-run")
+def test_corrupted_metrics_or_summary_is_a_clear_error_naming_the_file(tmp_path: Path, tiny_run: Path):
+    run = ResultsDir(shutil.copytree(tiny_run, tmp_path / "c"))
+    assert len(run.read_metrics()) == 4 and "final_accuracy" in run.read_summary()
+    with run.metrics_path.open("a") as f:
+        f.write('{"round": 5, "accura')  # a torn last line
+    with pytest.raises(NeuliteError, match=r"corrupted results file .*metrics.jsonl, line 5: Unterminated string"):
+        run.read_metrics()
+    run.summary_path.write_text("{")
+    with pytest.raises(NeuliteError, match=r"corrupted results file .*summary.json: "):
+        run.read_summary()
 
 
 class _Payload:

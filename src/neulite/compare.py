@@ -54,8 +54,7 @@ def run_one(
     """One finished (method, seed) run: read back if done, resumed if interrupted, else started."""
     folder = out / "runs" / method / f"seed{seed}"
     results = ResultsDir(folder)
-    summary_path = folder / "summary.json"
-    if not summary_path.is_file():
+    if not results.summary_path.is_file():
         run_cfg = _run_config(cfg, method, seed)
         resume = results.checkpoint_path.is_file()
         console.print(f"{'resuming' if resume else 'running'} {method}, seed {seed}")
@@ -64,7 +63,7 @@ def run_one(
         )
     else:
         console.print(f"done already: {method}, seed {seed}")
-    return json.loads(summary_path.read_text()), results.read_metrics()
+    return results.read_summary(), results.read_metrics()
 
 
 def _run_config(cfg: Config, method: str, seed: int) -> Config:

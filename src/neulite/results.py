@@ -32,6 +32,16 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _json(path: Path, text: str, where: str = "") -> Any:
+    """`text` (from `path`) parsed as JSON, or an error that names the file (and `where` in it)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise NeuliteError(
+            f"corrupted results file {path}{where}: {exc.msg} (remove the run folder to run it again)"
+        ) from None
+
+
 class ResultsDir:
     """One experiment's folder."""
 
@@ -49,6 +59,10 @@ class ResultsDir:
     @property
     def metrics_path(self) -> Path:
         return self.path / "metrics.jsonl"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / "summary.json"
 
     RUN_FILES = ("config.toml", "metrics.jsonl", "checkpoint.pt", "summary.json", "model.pt")
 
@@ -87,8 +101,12 @@ class ResultsDir:
     def read_metrics(self, up_to_round: int | None = None) -> list[dict[str, Any]]:
         if not self.metrics_path.is_file():
             return []
-        rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        lines = enumerate(self.metrics_path.read_text().splitlines(), 1)
+        rows = [_json(self.metrics_path, line, f", line {n}") for n, line in lines if line.strip()]
         return [r for r in rows if up_to_round is None or r["round"] <= up_to_round]
+
+    def read_summary(self) -> dict[str, Any]:
+        return _json(self.summary_path, self.summary_path.read_text())
 
     def rewrite_metrics(self, rows: list[dict[str, Any]]) -> None:
         self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -125,7 +143,7 @@ class ResultsDir:
                 writer = csv.DictWriter(f, fieldnames=list(rows[0]))
                 writer.writeheader()
                 writer.writerows(rows)
-        (self.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        self.summary_path.write_text(json.dumps(summary, indent=2) + "\n")
         plot_accuracy(rows, self.path / "accuracy.png")
         plot_memory(memory_rows, self.path / "memory.png")
 
