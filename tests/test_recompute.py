@@ -25,19 +25,23 @@ def _net() -> StageNet:
 
 
 @pytest.mark.parametrize(
-    ("model", "stage", "segment", "prefix", "drift"),
+    ("model", "stage", "segment", "prefix", "drift", "inner"),
     [
-        *(("small_cnn", s, 0, False, False) for s in (1, 2, 3)),
-        ("resnet18", 1, 1, False, False),
-        ("resnet18", 2, 2, False, False),
-        ("resnet18", 1, 3, False, False),
-        ("resnet18", 3, 1, False, False),  # the frozen prefix in micro-batches
-        ("resnet18", 3, 0, True, False),  # the frozen prefix re-run in backward
-        ("resnet18", 4, 1, True, True),  # ... with its statistics drifting: once, not twice
-        ("small_cnn", 3, 0, True, False),
+        *(("small_cnn", s, 0, False, False, False) for s in (1, 2, 3)),
+        ("resnet18", 1, 1, False, False, False),
+        ("resnet18", 2, 2, False, False, False),
+        ("resnet18", 1, 3, False, False, False),
+        ("resnet18", 3, 1, False, False, False),  # the frozen prefix in micro-batches
+        ("resnet18", 3, 0, True, False, False),  # the frozen prefix re-run in backward
+        ("resnet18", 4, 1, True, True, False),  # ... with its statistics drifting: once, not twice
+        ("small_cnn", 3, 0, True, False, False),
+        ("resnet18", 1, 1, False, False, True),  # the units' first convolutions recomputed once more
+        ("resnet18", 3, 0, True, True, True),
     ],
 )
-def test_a_recomputed_step_is_the_step_bit_for_bit(model: str, stage: int, segment: int, prefix: bool, drift: bool):
+def test_a_recomputed_step_is_the_step_bit_for_bit(
+    model: str, stage: int, segment: int, prefix: bool, drift: bool, inner: bool
+):
     net = StageNet(build_model(model, (1, 16, 16), 10, 0.25))
     x, y = torch.randn(40, 1, 16, 16), torch.randint(0, 10, (40,))  # 40: micro-batches of 16, 16 and 8
     plan = net.plan(stage, harmonize=True, mentor=True, bn_drift=drift)
@@ -45,7 +49,12 @@ def test_a_recomputed_step_is_the_step_bit_for_bit(model: str, stage: int, segme
     for recompute, kept in ((False, 1), (True, 0), (True, 1), (True, 2), (True, 99)):
         work = copy.deepcopy(net)
         p = dataclasses.replace(
-            plan, recompute=recompute, segment=segment, recompute_prefix=recompute and prefix, kept_segments=kept
+            plan,
+            recompute=recompute,
+            segment=segment,
+            recompute_prefix=recompute and prefix,
+            kept_segments=kept,
+            recompute_inner=recompute and inner,
         )
         params = work.prepare(p)
         loss = neulite_loss(work, p, x, y, lambda1=0.3, lambda2=0.3, sigma=5.0)
@@ -140,7 +149,7 @@ def test_the_kept_segments_run_once_and_the_others_twice():
             neulite_loss(work, p, x, y, lambda1=0.3, lambda2=0.3, sigma=5.0).backward()
             expected = [2 if g and i < total - kept else 1 for i, g in enumerate(grads)]
             assert [len(c) for c in runs] == expected, (stage, kept)
-    with pytest.raises(NeuliteError, match="the last segment is recomputed only by a stage that recomputes"):
+    with pytest.raises(NeuliteError, match="the last segment are recomputed only by a stage that recomputes"):
         dataclasses.replace(plan, recompute=False, kept_segments=0)
 
 
@@ -206,5 +215,22 @@ def test_a_stage_that_recomputes_its_frozen_prefix_keeps_no_prefix_output_and_th
     measured = measure(net, plan, 16, method.loss(method.task_config(plan)))
     assert estimated < kept
     assert abs(estimated - measured) < 0.1 * measured, (estimated, measured)
-    with pytest.raises(NeuliteError, match="the frozen prefix or the last segment is recomputed only by a stage"):
+    with pytest.raises(NeuliteError, match="the units. inner parts or the last segment are recomputed only by a stage"):
         dataclasses.replace(plan, recompute=False)
+
+
+def test_a_stage_that_recomputes_its_units_inner_parts_keeps_less_and_the_estimate_holds():
+    """ResNet-18's second of 8 blocks is one residual unit at full resolution: its second forward in
+    backward would hold all the unit's activations at once; recomputing the unit's first
+    convolution once more lowers the peak, and the estimate sees it as measured."""
+    cfg = load_config(overrides=["train.batch_size=16", "train.recompute=on", "model.name=resnet18", "model.blocks=8"])
+    net = StageNet(build_model("resnet18", (3, 32, 32), 10, 0.5, 8))
+    method = NeuLite(net, cfg)
+    plan = method.recomputing(net.plan(2, harmonize=True, mentor=True))
+    assert plan.recompute_inner
+    without = method.memory(dataclasses.replace(plan, recompute_inner=False)).total
+    estimated = method.memory(plan).total
+    measured = measure(net, plan, 16, method.loss(method.task_config(plan)))
+    assert estimated < (1 - WORTH_A_FORWARD) * without
+    assert abs(estimated - measured) < 0.1 * measured, (estimated, measured)
+    assert not method.recomputing(net.plan(6, harmonize=True, mentor=True)).recompute_inner  # where it saves nothing

@@ -22,7 +22,7 @@ from neulite.memory import StepLoss, check_device, estimate, measure
 from neulite.models.stage_net import StageNet, StagePlan
 from neulite.models.zoo import build_model
 
-PLAN_FIELDS = ("recompute", "segment", "recompute_prefix", "kept_segments")
+PLAN_FIELDS = ("recompute", "segment", "recompute_prefix", "kept_segments", "recompute_inner")
 """What a stage row records of its plan: a measurement is of that plan, and no other."""
 
 MEASURED_WITH = (

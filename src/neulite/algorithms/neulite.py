@@ -31,8 +31,8 @@ SEGMENTS = (0, 1, 2, 3)
 leanest with pairs, MobileNetV2's and ResNet-34's with single layers, VGG's with √n runs (issue 13)."""
 
 WORTH_A_FORWARD = 0.01
-"""The share of a stage's peak that re-running its frozen prefix or its last segment must save: each
-costs a forward, and a smaller saving is within the estimate's own error."""
+"""The share of a stage's peak that re-running its frozen prefix, its units' inner parts or its last
+segment must save: each costs a forward, and a smaller saving is within the estimate's own error."""
 
 DEFAULT_LAMBDA1 = (0.5, 0.3, 0.1, 0.0)
 DEFAULT_LAMBDA2 = (0.1, 0.3, 0.5, 0.5)
@@ -187,13 +187,15 @@ class NeuLite(Method):
 
     def recomputing(self, plan: StagePlan) -> StagePlan:
         """`plan` recomputing what it trains, in the segment size (`SEGMENTS`) of the lowest estimated
-        peak with every segment recomputed, its frozen prefix too where that lowers the peak by
-        `WORTH_A_FORWARD`; then keeping as many of its last segments' activations as leave the peak
+        peak with every segment recomputed, its frozen prefix and then its units' inner parts too
+        where each lowers the peak by `WORTH_A_FORWARD`; then keeping as many of its last segments' activations as leave the peak
         within `WORTH_A_FORWARD` of that (each kept segment is a forward saved)."""
         candidates = [dataclasses.replace(plan, recompute=True, segment=size, kept_segments=0) for size in SEGMENTS]
         leanest = min(candidates, key=lambda p: self.memory(p).total)
-        if self.net.frozen_depth(plan):
-            leaner = dataclasses.replace(leanest, recompute_prefix=True)
+        for lever in ("recompute_prefix", "recompute_inner"):
+            if lever == "recompute_prefix" and not self.net.frozen_depth(plan):
+                continue
+            leaner = dataclasses.replace(leanest, **{lever: True})
             if self.memory(leaner).total < (1 - WORTH_A_FORWARD) * self.memory(leanest).total:
                 leanest = leaner
         allowed = self.memory(leanest).total / (1 - WORTH_A_FORWARD)

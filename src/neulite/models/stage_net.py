@@ -7,20 +7,19 @@ which of them a stage freezes and which it trains.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from neulite.errors import NeuliteError
 from neulite.models.balance import sequential_units
 from neulite.models.blocks import BlockModel, channels, tail_modules
 from neulite.models.output_modules import OutputModule, ProjectionHead, projection_width
+from neulite.models.recompute import checkpointed, inner_recompute
 
 FULL_MODEL = 0  # the `stage` of a plan that trains the whole model (plain FedAvg)
 FROZEN_MICRO_BATCH = 16
@@ -50,6 +49,10 @@ class StagePlan:
     activations instead. Backward begins at the last and frees each segment's activations before
     it reaches the earlier, larger ones, so keeping the last few often costs the peak nothing and
     saves their second forward; the estimate decides how many (`NeuLite.recomputing`).
+    recompute_inner: inside each recomputed segment, units with a `recomputable` part (a ResNet
+    unit's first convolution) recompute it once more in backward, so the segment's second forward
+    does not keep its activations either: a lower peak where a single unit's activations dominate
+    it, for one more forward of that part.
     Subclasses (a method's own kinds of plan) register themselves by class name, so that the wire
     format can rebuild any plan without knowing the methods.
     """
@@ -65,6 +68,7 @@ class StagePlan:
     segment: int = 0
     recompute_prefix: bool = False
     kept_segments: int = 1
+    recompute_inner: bool = False
 
     types: ClassVar[dict[str, type[StagePlan]]] = {}
 
@@ -84,9 +88,10 @@ class StagePlan:
             raise NeuliteError(
                 f"bad stage plan: {self.segment} units per recomputed segment, {self.kept_segments} segments kept"
             )
-        if (self.recompute_prefix or not self.kept_segments) and not self.recompute:
+        if (self.recompute_prefix or self.recompute_inner or not self.kept_segments) and not self.recompute:
             raise NeuliteError(
-                "bad stage plan: the frozen prefix or the last segment is recomputed only by a stage that recomputes"
+                "bad stage plan: the frozen prefix, the units' inner parts or the last segment are recomputed only "
+                "by a stage that recomputes"
             )
 
     @property
@@ -248,7 +253,9 @@ class StageNet(nn.Module):
             runs = [_runs(module, plan.segment) for module in trained]
             kept = _kept_per_module([len(r) for r in runs], plan.kept_segments)
             for i, segments in enumerate(runs):
-                x = recomputed(segments, x, rerun if i == 0 else [], plan.frozen_micro_batch, kept[i])
+                x = recomputed(
+                    segments, x, rerun if i == 0 else [], plan.frozen_micro_batch, kept[i], plan.recompute_inner
+                )
         return (x, self.model.head(x)) if plan.last == plan.num_stages else x
 
     def autograd_modules(self, plan: StagePlan) -> list[nn.Module]:
@@ -261,23 +268,6 @@ class StageNet(nn.Module):
     def segment_count(self, plan: StagePlan) -> int:
         """How many segments a recomputing stage runs: the most it can keep (`StagePlan.kept_segments`)."""
         return sum(len(_runs(m, plan.segment)) for m in self.autograd_modules(plan))
-
-
-@contextlib.contextmanager
-def _frozen_statistics(modules: list[nn.Module]) -> Iterator[None]:
-    """BatchNorm runs as in training but its running statistics stay put (momentum 0, the batch
-    count restored): a recomputed forward must not count the batch twice."""
-    norms = [m for part in modules for m in part.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    kept = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
-    for m in norms:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, (momentum, count) in zip(norms, kept, strict=True):
-            m.momentum = momentum
-            if count is not None:
-                m.num_batches_tracked.copy_(count)
 
 
 def _segments(module: nn.Module, size: int = 0) -> list[list[nn.Module]]:
@@ -330,6 +320,7 @@ def recomputed(
     frozen: list[nn.Module] | None = None,
     micro: int = 0,
     kept: int = 0,
+    inner: bool = False,
 ) -> Any:
     """A module run as its `segments` (`_runs`) on `x`, its activations recomputed in backward
     instead of kept: only the input of each segment is saved, and a segment re-runs its forward when its gradient is
@@ -337,25 +328,22 @@ def recomputed(
     at a time. Same values and gradients; BatchNorm's running statistics move once. `frozen`:
     blocks that run without autograd before the module, inside its first segment, so that their
     output is not kept but re-run from `x` in backward (`micro` samples at a time: `frozen_forward`).
-    kept: how many of the last segments keep their activations (`StagePlan.kept_segments`)."""
+    kept: how many of the last segments keep their activations (`StagePlan.kept_segments`); inner:
+    the recomputed segments' units recompute their `recomputable` parts as well."""
     out: Any = x
     lead = frozen or []
     for n, segment in enumerate(segments, 1):
+        recomputing = n <= len(segments) - kept
 
-        def run(h: Any, layers: list[nn.Module] = segment, lead: list[nn.Module] = lead) -> Any:
+        def run(
+            h: Any, layers: list[nn.Module] = segment, lead: list[nn.Module] = lead, inner: bool = inner and recomputing
+        ) -> Any:
             h = frozen_forward(lead, h, micro)
-            for layer in layers:
-                h = layer(h)
+            with inner_recompute(inner):
+                for layer in layers:
+                    h = layer(h)
             return h
 
-        if n > len(segments) - kept:
-            out = run(out)
-        else:
-            out = checkpoint(
-                run,
-                out,
-                use_reentrant=False,
-                context_fn=lambda layers=[*lead, *segment]: (contextlib.nullcontext(), _frozen_statistics(layers)),
-            )
+        out = checkpointed(run, out, [*lead, *segment]) if recomputing else run(out)
         lead = []
     return out

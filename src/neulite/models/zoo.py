@@ -22,6 +22,7 @@ from neulite.errors import NeuliteError
 from neulite.importing import Registry
 from neulite.models.balance import balanced_cuts, split_at, unit_costs
 from neulite.models.blocks import BlockModel, ClassifierHead
+from neulite.models.recompute import recomputable
 from neulite.models.vit import vit_tiny
 
 MODEL_NAMES: tuple[str, ...] = ("small_cnn", "resnet18", "resnet34", "vgg11", "vgg16", "mobilenetv2", "vit_tiny")
@@ -89,9 +90,12 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
+        out = recomputable(self._first, x, [self.bn1])
         out = self.bn2(self.conv2(out))
         return self.relu(out + self.shortcut(x))
+
+    def _first(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn1(self.conv1(x)))
 
 
 def _resnet(
