@@ -52,8 +52,8 @@ def run_one(
     cfg: Config, method: str, seed: int, out: Path, console: Console, workers: int = 1
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One finished (method, seed) run: read back if done, resumed if interrupted, else started."""
-    folder = out / "runs" / method / f"seed{seed}"
-    results = ResultsDir(folder)
+    results = _run_folder(out, method, seed)
+    folder = results.path
     if not results.summary_path.is_file():
         run_cfg = _run_config(cfg, method, seed)
         resume = results.checkpoint_path.is_file()
@@ -66,6 +66,10 @@ def run_one(
     return results.read_summary(), results.read_metrics()
 
 
+def _run_folder(out: Path, method: str, seed: int) -> ResultsDir:
+    return ResultsDir(out / "runs" / method / f"seed{seed}")
+
+
 def _run_config(cfg: Config, method: str, seed: int) -> Config:
     return cfg.replace(seed=seed, method=dataclasses.replace(cfg.method, name=method))
 
@@ -76,10 +80,11 @@ def _check_finished_runs(cfg: Config, methods: list[str], seeds: list[int], out:
     for method in (m for m in methods if m in METHODS):
         reads = sections_read(method)
         for seed in seeds:
-            folder = out / "runs" / method / f"seed{seed}"
-            if not (folder / "summary.json").is_file():
+            results = _run_folder(out, method, seed)
+            folder = results.path
+            if not results.summary_path.is_file():
                 continue
-            recorded = setting_for(load_config(folder / "config.toml").to_dict(), reads)
+            recorded = setting_for(load_config(results.config_path).to_dict(), reads)
             if changed := config_differences(recorded, setting_for(_run_config(cfg, method, seed).to_dict(), reads)):
                 raise NeuliteError(
                     f"{folder} finished with another {', '.join(changed)}: remove that folder to run {method}, "
