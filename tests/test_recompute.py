@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import neulite
 from neulite.algorithms.neulite import RECOMPUTE, SEGMENTS, WORTH_A_FORWARD, NeuLite, neulite_loss
 from neulite.algorithms.registry import build_method
 from neulite.config import load_config
@@ -234,3 +235,37 @@ def test_a_stage_that_recomputes_its_units_inner_parts_keeps_less_and_the_estima
     assert estimated < (1 - WORTH_A_FORWARD) * without
     assert abs(estimated - measured) < 0.1 * measured, (estimated, measured)
     assert not method.recomputing(net.plan(6, harmonize=True, mentor=True)).recompute_inner  # where it saves nothing
+
+
+class _UserResidual(nn.Module):
+    """A user's residual unit that marks its first convolution `neulite.recomputable`."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = neulite.recomputable(lambda x: torch.relu(self.bn1(self.conv1(x))), x, [self.bn1])
+        return torch.relu(x + self.bn2(self.conv2(h)))
+
+
+def test_a_users_unit_marks_its_own_inner_part_and_the_step_stays_bit_for_bit():
+    stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+    blocks = [nn.Sequential(stem, _UserResidual(16)), _UserResidual(16), _UserResidual(16)]
+    model = neulite.BlockModel(blocks, neulite.ClassifierHead(16, 10), (1, 16, 16), 10)
+    net = StageNet(model)
+    method = NeuLite(net, load_config(overrides=["train.batch_size=32", "train.recompute=on"]))
+    plan = method.recomputing(net.plan(3, harmonize=True, mentor=True))  # one unit: its activations are the peak
+    assert plan.recompute_inner
+    assert method.memory(plan).total < method.memory(dataclasses.replace(plan, recompute_inner=False)).total
+    x, y = torch.randn(32, 1, 16, 16), torch.randint(0, 10, (32,))
+    steps = []
+    for p in (net.plan(3, harmonize=True, mentor=True), plan):
+        work = copy.deepcopy(net)
+        params = work.prepare(p)
+        neulite_loss(work, p, x, y, lambda1=0.3, lambda2=0.3, sigma=5.0).backward()
+        steps.append(([q.grad for q in params], work.state_dict()))
+    (grads, state), (grads_rc, state_rc) = steps
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_rc, strict=True))
+    assert all(torch.equal(state[k], state_rc[k]) for k in state)
