@@ -90,11 +90,11 @@ def test_each_budget_gets_the_widest_window_it_fits():
     plan = method.plan(1)
     peaks = [method.memory(p).total for p in (plan, *method.windows(plan))]
     assert peaks[0] < peaks[1] < peaks[2]
-    assert [method.assign(plan, b) for b in (peaks[2], peaks[1], peaks[0], peaks[0] - 1)] == [3, 2, 0, None]
-    task = method.configure_train(1, plan, 2, seed=0)
+    assert [method.assign(plan, b) for b in (peaks[2], peaks[1], peaks[0], peaks[0] - 1)] == [2, 1, 0, None]
+    task = method.configure_train(1, plan, 1, seed=0)
     assert task.plan.window == 2 and set(task.arrays) == set(method.net.down_names(task.plan))
     assert method.windows(method.plan(method.stage_rounds[0] + method.stage_rounds[1] + 1)) == []  # the last stage
-    assert _elastic(2).assign(plan, peaks[2]) == 2  # max_window caps it
+    assert _elastic(2).assign(plan, peaks[2]) == 1  # max_window caps it
     assert _elastic(1).assign(plan, peaks[2]) == 0  # the paper's NeuLite
 
 
@@ -106,8 +106,8 @@ def test_a_backward_window_reaches_as_far_back_as_the_budget_fits():
     assert [(p.stage, p.reach) for p in wider] == [(3, 1), (3, 2)]
     peaks = [method.memory(p).total for p in (plan, *wider)]
     assert peaks[0] < peaks[1] < peaks[2]
-    assert [method.assign(plan, b) for b in (peaks[2], peaks[1], peaks[0], peaks[0] - 1)] == [3, 2, 0, None]
-    assert method.configure_train(1, plan, 3, seed=0).plan.reach == 2
+    assert [method.assign(plan, b) for b in (peaks[2], peaks[1], peaks[0], peaks[0] - 1)] == [2, 1, 0, None]
+    assert method.configure_train(1, plan, 2, seed=0).plan.reach == 2
     assert _elastic(2, "backward").windows(plan) == wider[:1]
     load_config(
         overrides=[

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import neulite
-from neulite.algorithms.neulite import RECOMPUTE, SEGMENTS, WORTH_A_FORWARD, NeuLite, neulite_loss
+from neulite.algorithms.neulite import SEGMENTS, WORTH_A_FORWARD, NeuLite, neulite_loss
 from neulite.algorithms.registry import build_method
 from neulite.config import load_config
 from neulite.errors import NeuliteError
@@ -89,9 +89,10 @@ def test_auto_recomputes_only_for_the_clients_that_need_it():
     needed, reduced = method.memory(plan).total, method.memory(method.recomputing(plan)).total
     assert reduced < needed
     assert method.assign(plan, needed) == 0  # fits as planned: trains at full speed
-    assert method.assign(plan, reduced) == RECOMPUTE
+    level = method.assign(plan, reduced)
+    assert method.variants(plan)[level] == method.recomputing(plan)
     assert method.assign(plan, reduced - 1) is None
-    task = method.configure_train(1, plan, RECOMPUTE, seed=0)
+    task = method.configure_train(1, plan, level, seed=0)
     assert task.plan.recompute and task.level == 0  # the same network, told to recompute
     off = build_method(load_config(), _net())
     assert off.assign(off.plan(1), reduced) is None
@@ -269,3 +270,28 @@ def test_a_users_unit_marks_its_own_inner_part_and_the_step_stays_bit_for_bit():
     (grads, state), (grads_rc, state_rc) = steps
     assert all(torch.equal(a, b) for a, b in zip(grads, grads_rc, strict=True))
     assert all(torch.equal(state[k], state_rc[k]) for k in state)
+
+
+def test_a_client_pays_for_as_much_recomputation_as_its_budget_needs():
+    """ResNet-18's second of 8 blocks: between the leanest recomputing plan and the plain one lie
+    rungs that re-run less; a budget gets the cheapest rung it fits."""
+    cfg = load_config(
+        overrides=["train.batch_size=16", "train.recompute=auto", "model.name=resnet18", "model.blocks=8"]
+    )
+    net = StageNet(build_model("resnet18", (3, 32, 32), 10, 0.5, 8))
+    method = NeuLite(net, cfg)
+    plan = net.plan(2, harmonize=True, mentor=True)
+    rungs = method.rungs(plan)
+    peaks = [method.memory(r).total for r in rungs]
+    assert len(rungs) >= 2 and rungs[-1] == method.recomputing(plan)
+    assert all(
+        b < (1 - WORTH_A_FORWARD) * a for a, b in zip(peaks[:-2], peaks[1:-1], strict=True)
+    )  # each leaner, at a cost
+    assert peaks[-1] < peaks[-2]
+    assert peaks[0] < method.memory(plan).total
+    for cheaper, leaner in zip(rungs, rungs[1:], strict=False):  # each rung re-runs no more than the next
+        assert cheaper.kept_segments >= leaner.kept_segments
+        assert cheaper.recompute_inner <= leaner.recompute_inner and cheaper.recompute_prefix <= leaner.recompute_prefix
+    for rung, peak in zip(rungs, peaks, strict=True):
+        assert method.variants(plan)[method.assign(plan, peak)] == rung
+        assert method.variants(plan)[method.assign(plan, peak + 1)] == rung  # not a leaner, slower one

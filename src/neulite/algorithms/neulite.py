@@ -23,9 +23,6 @@ from neulite.memory import StepLoss, estimate
 from neulite.models.stage_net import StageNet, StagePlan
 from neulite.scaffolding import StageCost, scaffolding_warning, stage_cost
 
-RECOMPUTE = 1
-"""The capacity level of a client that fits a stage only by recomputing (train.recompute = "auto")."""
-
 SEGMENTS = (0, 1, 2, 3)
 """The layers per recomputed segment the estimate chooses from (0: about √n): ResNet-18's first stage is
 leanest with pairs, MobileNetV2's and ResNet-34's with single layers, VGG's with √n runs (issue 13)."""
@@ -178,6 +175,7 @@ class NeuLite(Method):
             self.stage_rounds = stage_round_budget(cfg.method.rounds, [1.0] * t if m.stage_split == "equal" else sizes)
         self._ends = np.cumsum(self.stage_rounds)
         self._started = 1  # the latest stage begun (checkpointed: a resumed run must not warm-start twice)
+        self._rungs: dict[StagePlan, list[StagePlan]] = {}
 
     def _plan(self, stage: int) -> StagePlan:
         plan = self.net.plan(
@@ -188,8 +186,9 @@ class NeuLite(Method):
     def recomputing(self, plan: StagePlan) -> StagePlan:
         """`plan` recomputing what it trains, in the segment size (`SEGMENTS`) of the lowest estimated
         peak with every segment recomputed, its frozen prefix and then its units' inner parts too
-        where each lowers the peak by `WORTH_A_FORWARD`; then keeping as many of its last segments' activations as leave the peak
-        within `WORTH_A_FORWARD` of that (each kept segment is a forward saved)."""
+        where each lowers the peak by `WORTH_A_FORWARD`; then keeping as many of its last segments'
+        activations as leave the peak within `WORTH_A_FORWARD` of that (each kept segment is a
+        forward saved)."""
         candidates = [dataclasses.replace(plan, recompute=True, segment=size, kept_segments=0) for size in SEGMENTS]
         leanest = min(candidates, key=lambda p: self.memory(p).total)
         for lever in ("recompute_prefix", "recompute_inner"):
@@ -218,26 +217,52 @@ class NeuLite(Method):
             return [dataclasses.replace(plan, window=w) for w in range(2, widest + 1)]
         return [dataclasses.replace(plan, reach=w - 1) for w in range(2, widest + 1)]
 
+    def rungs(self, plan: StagePlan) -> list[StagePlan]:
+        """What a client that fits `plan` only by recomputing may train (train.recompute = "auto"),
+        cheapest first: from the leanest (`recomputing`) a forward is saved at each rung, its frozen
+        prefix and then its units' inner parts not re-run, then one more segment kept; a rung stays
+        only where it is leaner than `plan` and than every cheaper rung by `WORTH_A_FORWARD` (the
+        leanest by anything). A client pays for as
+        much recomputation as its budget needs, no more."""
+        if plan not in self._rungs:
+            rung = self.recomputing(plan)
+            chain = [rung]
+            for lever in ("recompute_prefix", "recompute_inner"):
+                if getattr(rung, lever):
+                    rung = dataclasses.replace(rung, **{lever: False})
+                    chain.append(rung)
+            for kept in range(rung.kept_segments + 1, self.net.segment_count(rung) + 1):
+                chain.append(dataclasses.replace(rung, kept_segments=kept))
+            leaner, bound = [], self.memory(plan).total
+            for candidate in reversed(chain):  # the leanest last: the least a client may fit with
+                worth = 1 if candidate == chain[0] else 1 - WORTH_A_FORWARD
+                if self.memory(candidate).total < worth * bound:
+                    leaner.append(candidate)
+                    bound = self.memory(candidate).total
+            self._rungs[plan] = leaner
+        return self._rungs[plan]
+
+    def variants(self, plan: StagePlan) -> list[StagePlan]:
+        """What a client may train in the stage; its capacity level is an index into this list: 0 the
+        stage as planned, then the wider windows (`windows`, narrowest first), then the recomputing
+        rungs (`rungs`, cheapest first)."""
+        rungs = self.rungs(plan) if self.cfg.train.recompute == "auto" else []
+        return [plan, *self.windows(plan), *rungs]
+
     def assign(self, plan: StagePlan, budget: int) -> int | None:
-        """The widest window the client fits (level 2 + its index in `windows`); 0: the client
-        trains the stage as planned; `RECOMPUTE` (train.recompute = "auto"): it fits only when it
-        recomputes what it trains; None: it cannot take part."""
-        wider = self.windows(plan)
-        for index in reversed(range(len(wider))):
-            if budget >= self.memory(wider[index]).total:
-                return index + 2
-        if budget >= self.memory(plan).total:
-            return 0
-        if self.cfg.train.recompute == "auto" and budget >= self.memory(self.recomputing(plan)).total:
-            return RECOMPUTE
+        """The widest window the client fits, else the stage as planned, else the cheapest
+        recomputing rung it fits (its level in `variants`); None: it cannot take part."""
+        variants = self.variants(plan)
+        wider = len(self.windows(plan))
+        for level in [*range(wider, 0, -1), 0, *range(wider + 1, len(variants))]:
+            if budget >= self.memory(variants[level]).total:
+                return level
         return None
 
     def configure_train(self, rnd: int, plan: StagePlan, level: int, seed: int) -> ClientTask:
-        if level == RECOMPUTE:  # the same network; the plan tells the client to recompute
-            return super().configure_train(rnd, self.recomputing(plan), 0, seed)
-        if level > RECOMPUTE:
-            return super().configure_train(rnd, self.windows(plan)[level - 2], 0, seed)
-        return super().configure_train(rnd, plan, level, seed)
+        """The task for the level's variant: the same network whatever the variant (client level 0),
+        the plan telling the client what to train and how."""
+        return super().configure_train(rnd, self.variants(plan)[level], 0, seed)
 
     def plan(self, rnd: int) -> StagePlan:
         t = self.net.num_stages
