@@ -204,38 +204,26 @@ def test_the_frozen_prefix_in_micro_batches_is_the_whole_batchs_output():
     assert frozen_forward([], x, 16) is x
 
 
-def test_a_stage_that_recomputes_its_frozen_prefix_keeps_no_prefix_output_and_the_estimate_holds():
-    """ResNet-34's third of 8 blocks at 32x32: the frozen prefix's output, at full resolution, is
-    as large as what a segment keeps; re-running it from the batch lowers the peak."""
-    cfg = load_config(overrides=["train.batch_size=16", "train.recompute=on", "model.name=resnet34", "model.blocks=8"])
-    net = StageNet(build_model("resnet34", (3, 32, 32), 10, 0.5, 8))
+@pytest.mark.parametrize(
+    ("model", "stage", "lever"), [("resnet34", 3, "recompute_prefix"), ("resnet18", 2, "recompute_inner")]
+)
+def test_a_lever_the_estimate_chooses_lowers_the_peak_as_measured(model: str, stage: int, lever: str):
+    """ResNet-34's third of 8 blocks at 32x32: the frozen prefix's output, at full resolution, is as
+    large as what a segment keeps; re-running it from the batch lowers the peak. ResNet-18's second
+    of 8 blocks is one residual unit at full resolution: its second forward in backward would hold
+    all the unit's activations at once; recomputing its first convolution once more lowers the peak."""
+    cfg = load_config(overrides=["train.batch_size=16", "train.recompute=on", f"model.name={model}", "model.blocks=8"])
+    net = StageNet(build_model(model, (3, 32, 32), 10, 0.5, 8))
     method = NeuLite(net, cfg)
-    plan = method.recomputing(net.plan(3, harmonize=True, mentor=True))
-    assert plan.recompute_prefix
-    kept = method.memory(dataclasses.replace(plan, recompute_prefix=False)).total
-    estimated = method.memory(plan).total
-    measured = measure(net, plan, 16, method.loss(method.task_config(plan)))
-    assert estimated < kept
-    assert abs(estimated - measured) < 0.1 * measured, (estimated, measured)
-    with pytest.raises(NeuliteError, match="the units. inner parts or the last segment are recomputed only by a stage"):
-        dataclasses.replace(plan, recompute=False)
-
-
-def test_a_stage_that_recomputes_its_units_inner_parts_keeps_less_and_the_estimate_holds():
-    """ResNet-18's second of 8 blocks is one residual unit at full resolution: its second forward in
-    backward would hold all the unit's activations at once; recomputing the unit's first
-    convolution once more lowers the peak, and the estimate sees it as measured."""
-    cfg = load_config(overrides=["train.batch_size=16", "train.recompute=on", "model.name=resnet18", "model.blocks=8"])
-    net = StageNet(build_model("resnet18", (3, 32, 32), 10, 0.5, 8))
-    method = NeuLite(net, cfg)
-    plan = method.recomputing(net.plan(2, harmonize=True, mentor=True))
-    assert plan.recompute_inner
-    without = method.memory(dataclasses.replace(plan, recompute_inner=False)).total
+    plan = method.recomputing(net.plan(stage, harmonize=True, mentor=True))
+    assert getattr(plan, lever)
+    without = method.memory(dataclasses.replace(plan, **{lever: False})).total
     estimated = method.memory(plan).total
     measured = measure(net, plan, 16, method.loss(method.task_config(plan)))
     assert estimated < (1 - WORTH_A_FORWARD) * without
     assert abs(estimated - measured) < 0.1 * measured, (estimated, measured)
-    assert not method.recomputing(net.plan(6, harmonize=True, mentor=True)).recompute_inner  # where it saves nothing
+    with pytest.raises(NeuliteError, match="the units. inner parts or the last segment are recomputed only by a stage"):
+        dataclasses.replace(plan, recompute=False)
 
 
 class _UserResidual(nn.Module):
@@ -259,6 +247,7 @@ def test_a_users_unit_marks_its_own_inner_part_and_the_step_stays_bit_for_bit():
     method = NeuLite(net, load_config(overrides=["train.batch_size=32", "train.recompute=on"]))
     plan = method.recomputing(net.plan(3, harmonize=True, mentor=True))  # one unit: its activations are the peak
     assert plan.recompute_inner
+    assert not method.recomputing(net.plan(2, harmonize=True, mentor=True)).recompute_inner  # saves under 1% there
     assert method.memory(plan).total < method.memory(dataclasses.replace(plan, recompute_inner=False)).total
     x, y = torch.randn(32, 1, 16, 16), torch.randint(0, 10, (32,))
     steps = []
