@@ -39,6 +39,18 @@ def test_no_stage_fits_is_an_error_before_training():
         _server({0: 0.05, 1: 0.5}).check_feasible()
 
 
+def test_with_recomputation_a_stage_names_the_least_a_client_needs_and_who_fits_only_so():
+    poor = _server({0: 0.05, 1: 0.3}, "train.recompute=auto")
+    plan = poor.method.plan(1)
+    leanest = poor.method.memory(poor.method.recomputing(plan)).total
+    full = poor.full_peak
+    with pytest.raises(NeuliteError, match=f"stage 1, recomputing, needs {leanest / 2**20:.1f} MiB"):
+        poor.check_feasible()
+    between = (leanest + poor.method.memory(plan).total) / 2 / full  # fits stage 1 only by recomputing
+    rows = {r["label"]: r["clients_fit"] for r in _server({0: between, 1: 1.2}, "train.recompute=auto").memory_rows()}
+    assert rows["stage 1"] == 1 and rows["stage 1, recomputing"] == 2
+
+
 def test_too_few_usable_replies_stop_the_round_with_a_clear_message():
     sim = Simulation(
         load_config(

@@ -131,8 +131,11 @@ class Server:
         largest = max(self.budgets.values(), default=0)
         for plan in self.method.plans():
             if not self.eligible(plan):
-                peak = self.method.memory(plan).total
-                what = "full-model training" if plan.full else f"stage {plan.stage}"
+                leanest = min(self.method.variants(plan), key=lambda v: self.method.memory(v).total)
+                peak = self.method.memory(leanest).total
+                what = ("full-model training" if plan.full else f"stage {plan.stage}") + (
+                    ", recomputing," if leanest.recompute and not plan.recompute else ""
+                )
                 lighter = (
                     ""
                     if plan.full or peak < self.full_peak
@@ -261,15 +264,24 @@ class Server:
         return self.method.evaluate(plan, data)
 
     def memory_rows(self) -> list[dict[str, Any]]:
-        """Estimated peak of each stage the method trains (and of its wider windows, and of full-model
-        training), with how many clients fit it."""
+        """Estimated peak of each stage the method trains (and of its wider windows, of its leanest
+        recomputing plan where a client may recompute, and of full-model training), with how many
+        clients fit it."""
         rows = []
-        for plan in self.method.trained_plans():
-            peak = self.method.memory(plan).total
-            label = "full" if plan.full else f"stage {plan.stage}"
-            if plan.first != plan.last:
-                label += f", blocks {plan.first}-{plan.last}"
-            rows.append({"label": label, "stage": plan.stage, "estimated_bytes": peak, "clients_fit": self._fit(peak)})
+        for plan in self.method.plans():
+            shown = [(variant, "") for variant in (plan, *self.method.windows(plan))]
+            leanest = min(self.method.variants(plan), key=lambda v: self.method.memory(v).total)
+            if leanest.recompute and not plan.recompute:
+                shown.append((leanest, ", recomputing"))
+            for variant, suffix in shown:
+                peak = self.method.memory(variant).total
+                label = "full" if variant.full else f"stage {variant.stage}"
+                if variant.first != variant.last:
+                    label += f", blocks {variant.first}-{variant.last}"
+                label += suffix
+                rows.append(
+                    {"label": label, "stage": variant.stage, "estimated_bytes": peak, "clients_fit": self._fit(peak)}
+                )
         if not any(r["label"] == "full" for r in rows):
             rows.append(
                 {

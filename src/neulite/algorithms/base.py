@@ -67,6 +67,11 @@ class Method(ABC):
         """Wider plans that a client who fits more may train at `plan`'s stage (elastic NeuLite), narrowest first."""
         return []
 
+    def variants(self, plan: StagePlan) -> list[StagePlan]:
+        """Every plan a client may train at `plan`'s stage: the plan and its wider windows (NeuLite
+        adds its recomputing ones)."""
+        return [plan, *self.windows(plan)]
+
     def trained_plans(self) -> list[StagePlan]:
         """Every plan a client may be sent: each stage, then its wider windows."""
         return [trained for plan in self.plans() for trained in (plan, *self.windows(plan))]

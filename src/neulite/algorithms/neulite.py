@@ -243,11 +243,9 @@ class NeuLite(Method):
         return self._rungs[plan]
 
     def variants(self, plan: StagePlan) -> list[StagePlan]:
-        """What a client may train in the stage; its capacity level is an index into this list: 0 the
-        stage as planned, then the wider windows (`windows`, narrowest first), then the recomputing
-        rungs (`rungs`, cheapest first)."""
-        rungs = self.rungs(plan) if self.cfg.train.recompute == "auto" else []
-        return [plan, *self.windows(plan), *rungs]
+        """A client's capacity level is an index into this list: 0 the stage as planned, then the
+        wider windows (`windows`, narrowest first), then the recomputing rungs (`rungs`, cheapest first)."""
+        return [*super().variants(plan), *(self.rungs(plan) if self.cfg.train.recompute == "auto" else [])]
 
     def assign(self, plan: StagePlan, budget: int) -> int | None:
         """The widest window the client fits, else the stage as planned, else the cheapest
