@@ -51,6 +51,25 @@ def test_with_recomputation_a_stage_names_the_least_a_client_needs_and_who_fits_
     assert rows["stage 1"] == 1 and rows["stage 1, recomputing"] == 2
 
 
+def test_a_round_counts_the_clients_that_took_part_only_by_recomputing():
+    cfg = load_config(
+        overrides=[
+            "method.name=neulite",
+            "train.recompute=auto",
+            "data.num_clients=4",
+            "clients.per_round=4",
+            "clients.fractions=[0.5, 0.7]",  # stage 1 plainly needs 0.75 of full-model training
+            "data.train_size=400",
+            "train.local_epochs=1",
+        ]
+    )
+    sim = Simulation(cfg)
+    record = sim.run_round(1)
+    assert record.participants == 4 and record.recomputing == 4
+    last = sim.run_round(cfg.method.rounds)  # the last stage fits every budget as planned
+    assert last.participants == 4 and last.recomputing == 0
+
+
 def test_too_few_usable_replies_stop_the_round_with_a_clear_message():
     sim = Simulation(
         load_config(

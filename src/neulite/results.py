@@ -238,8 +238,9 @@ class RunLog:
         if not self.console.is_terminal:  # a log file gets one line per round instead of progress bars
             stage = "full model" if record.stage == FULL_MODEL else f"stage {record.stage}"
             self.console.print(
-                f"round {record.round}/{self.cfg.method.rounds} {stage}: {record.participants}/{record.eligible} eligible clients trained, "
-                f"test accuracy {record.accuracy:.3f}, {record.wall_seconds:.1f} s",
+                f"round {record.round}/{self.cfg.method.rounds} {stage}: {record.participants}/{record.eligible} eligible clients trained"
+                + (f" ({record.recomputing} recomputing)" if record.recomputing else "")
+                + f", test accuracy {record.accuracy:.3f}, {record.wall_seconds:.1f} s",
                 soft_wrap=True,
             )
 

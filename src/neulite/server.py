@@ -40,7 +40,8 @@ class RoundRecord:
 
     `slowest_client_seconds` is the longest local training a client reported: the round's length on
     the clients' side when they train in parallel, as in a real federation (the in-process
-    simulator runs them one after another, which `wall_seconds` includes).
+    simulator runs them one after another, which `wall_seconds` includes). `recomputing`: the
+    participants that took part only by recomputing (train.recompute = "auto").
     """
 
     round: int
@@ -55,6 +56,7 @@ class RoundRecord:
     wall_seconds: float
     stage_peak_bytes: int
     slowest_client_seconds: float
+    recomputing: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -243,6 +245,7 @@ class Server:
                 (r.metrics["train_seconds"] for r in results.values() if "train_seconds" in r.metrics),
                 default=float("nan"),
             ),
+            sum(configured.tasks[cid].plan.recompute and not plan.recompute for cid in results),
         )
 
     def evaluate(self, plan: StagePlan, data: TensorDataset) -> tuple[float, float]:
