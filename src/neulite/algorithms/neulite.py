@@ -222,8 +222,7 @@ class NeuLite(Method):
         cheapest first: from the leanest (`recomputing`) a forward is saved at each rung, its frozen
         prefix and then its units' inner parts not re-run, then one more segment kept; a rung stays
         only where it is leaner than `plan` and than every cheaper rung by `WORTH_A_FORWARD` (the
-        leanest by anything). A client pays for as
-        much recomputation as its budget needs, no more."""
+        leanest by anything). A client pays for as much recomputation as its budget needs, no more."""
         if plan not in self._rungs:
             rung = self.recomputing(plan)
             chain = [rung]
