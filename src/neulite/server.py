@@ -133,10 +133,10 @@ class Server:
         largest = max(self.budgets.values(), default=0)
         for plan in self.method.plans():
             if not self.eligible(plan):
-                leanest = min(self.method.variants(plan), key=lambda v: self.method.memory(v).total)
+                leanest = self._leanest(plan)
                 peak = self.method.memory(leanest).total
                 what = ("full-model training" if plan.full else f"stage {plan.stage}") + (
-                    ", recomputing," if leanest.recompute and not plan.recompute else ""
+                    ", recomputing," if leanest is not plan else ""
                 )
                 lighter = (
                     ""
@@ -273,8 +273,7 @@ class Server:
         rows = []
         for plan in self.method.plans():
             shown = [(variant, "") for variant in (plan, *self.method.windows(plan))]
-            leanest = min(self.method.variants(plan), key=lambda v: self.method.memory(v).total)
-            if leanest.recompute and not plan.recompute:
+            if (leanest := self._leanest(plan)) is not plan:
                 shown.append((leanest, ", recomputing"))
             for variant, suffix in shown:
                 peak = self.method.memory(variant).total
@@ -295,6 +294,11 @@ class Server:
                 }
             )
         return rows
+
+    def _leanest(self, plan: StagePlan) -> StagePlan:
+        """The least a client may fit with at `plan`'s stage: `plan` itself, or a recomputing variant of it."""
+        leanest = min(self.method.variants(plan), key=lambda v: self.method.memory(v).total)
+        return leanest if leanest.recompute and not plan.recompute else plan
 
     def _fit(self, peak: int) -> int:
         return sum(b >= peak for b in self.budgets.values())
