@@ -1,3 +1,4 @@
+import csv
 import json
 import os
 import shutil
@@ -41,9 +42,17 @@ def test_resume_after_a_crash_gives_the_same_model(tmp_path: Path, monkeypatch: 
 
     monkeypatch.setattr(Simulation, "run_round", crash_in_round_3)
     assert _run(tmp_path / "b", TINY) == 130
-    assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 2
+    metrics = tmp_path / "b" / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert len(rows) == 2
+    for row in rows:  # written by a version that did not record this field yet
+        del row["recomputing"]
+    metrics.write_text("".join(json.dumps(row) + "\n" for row in rows))
     monkeypatch.setattr(Simulation, "run_round", original)
     assert main(["run", "--quiet", "--resume", "--out", str(tmp_path / "b")]) == 0
+    with (tmp_path / "b" / "metrics.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert [row["recomputing"] for row in table] == ["", "", "0", "0"]  # not recorded, then recorded
     a, b = (
         torch.load(tiny_run / "model.pt", weights_only=True),
         torch.load(tmp_path / "b" / "model.pt", weights_only=True),

@@ -140,7 +140,8 @@ class ResultsDir:
         torch.save(model.state_dict(), self.path / "model.pt")
         if rows:
             with (self.path / "metrics.csv").open("w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                fields = dict.fromkeys(key for row in rows for key in row)  # a resumed run's older rows may lack some
+                writer = csv.DictWriter(f, fieldnames=list(fields))
                 writer.writeheader()
                 writer.writerows(rows)
         self.summary_path.write_text(json.dumps(summary, indent=2) + "\n")
