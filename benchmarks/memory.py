@@ -10,6 +10,9 @@ read by benchmarks/rss_check.py, an independent check of the measurement.
 Writes benchmarks/results/memory.json after each row; rows already there measured the current way are
 kept (delete the file to redo all). Run on an idle machine (the step times):
 OMP_NUM_THREADS=1 python benchmarks/memory.py [--only user_cnns] [--batch 64]  (only: rows whose model name holds it)
+At batch 64 it also measures what train.recompute = "auto" gives a client whose budget is issue 13's
+target share of full-model training (`AT_BUDGET`: the configurations that meet it), into "at_budget":
+the cheapest recomputation each stage needs at that budget, and its time.
 On a GPU, `--device cuda` measures allocated bytes and times steps there, into memory-cuda.json.
 After a change to the estimator, `--estimates-only` re-estimates the rows, keeping their measurements.
 """
@@ -52,6 +55,15 @@ MODELS = (
     ("vgg16", 8),
 )
 BATCHES = (32, 64, 128)
+AT_BUDGET = (
+    ("resnet18", 8, 0.35),
+    ("resnet34", 8, 0.25),
+    ("vgg16", 0, 0.40),
+    ("vgg16", 8, 0.40),
+    ("mobilenetv2", 0, 0.40),
+)
+"""(model, model.blocks, share of full-model training): issue 13's targets (batch 64), each for the
+configurations that meet it."""
 USER_MODELS = ((heavy_cnn, (3, 8, 8)), (plain_cnn, (3, 32, 32)))
 USER_BATCHES = (32, 64)
 RESULTS = Path(__file__).parent / "results"
@@ -89,21 +101,23 @@ def main() -> None:
         info["gpu"] = torch.cuda.get_device_name(device)
     print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, {info.get('gpu', 'no GPU')}")
     old = json.loads(out.read_text()) if out.is_file() else {"reports": [], "seconds": 0.0}
-    rows = {(r["model"], r["blocks"], r["batch_size"], r.get("recompute", False)): r for r in old["reports"]}
+    rows = {_key(r): r for r in [*old["reports"], *old.get("at_budget", [])]}
     start = time.perf_counter() - old["seconds"]
     if args.estimates_only:
-        for i, r in enumerate(old["reports"]):
-            if only in r["model"] and args.batch in (0, r["batch_size"]):
-                try:
-                    old["reports"][i] = reestimated(r)
-                    show(old["reports"][i])
-                except NeuliteError as exc:  # the next run without --estimates-only measures it anew
-                    old["reports"][i] = None
-                    print(f"dropped: {exc}", flush=True)
-                kept = {**old, "reports": [row for row in old["reports"] if row is not None]}
-                out.write_text(json.dumps(kept, indent=2) + "\n")
+        sections = {section: old.get(section, []) for section in ("reports", "at_budget")}
+        for rows_of in sections.values():
+            for i, r in enumerate(rows_of):
+                if only in r["model"] and args.batch in (0, r["batch_size"]):
+                    try:
+                        rows_of[i] = reestimated(r)
+                        show(rows_of[i])
+                    except NeuliteError as exc:  # the next run without --estimates-only measures it anew
+                        rows_of[i] = None
+                        print(f"dropped: {exc}", flush=True)
+                    kept = {name: [row for row in listed if row is not None] for name, listed in sections.items()}
+                    out.write_text(json.dumps({**old, **kept}, indent=2) + "\n")
         return
-    jobs: list[tuple[tuple[str, str, int, bool], Callable[[], dict[str, Any]]]] = []
+    jobs: list[tuple[Key, Callable[[], dict[str, Any]]]] = []
     for batch in sorted(BATCHES, key=lambda b: b != 64):  # batch 64 first: the targets' batch
         for model, blocks in MODELS:
             label = "one per resolution stage" if not blocks else f"{blocks} memory-balanced"
@@ -119,11 +133,25 @@ def main() -> None:
                     with_timing=True,
                     device=device,
                 )
-                jobs.append(((model, label, batch, recompute), run))
+                jobs.append(((model, label, batch, recompute, None), run))
         for build, shape in USER_MODELS if batch in USER_BATCHES else ():
             for recompute in (False, True):
-                key = (f"{build.__module__}:{build.__name__}", "one per resolution stage", batch, recompute)
+                key = (f"{build.__module__}:{build.__name__}", "one per resolution stage", batch, recompute, None)
                 jobs.append((key, partial(user_report, build, shape, batch, recompute, device)))
+        for model, blocks, share in AT_BUDGET if batch == 64 else ():
+            label = "one per resolution stage" if not blocks else f"{blocks} memory-balanced"
+            run = partial(
+                memory_report,
+                model,
+                batch,
+                (3, 32, 32),
+                10,
+                blocks=blocks,
+                budget=share,
+                with_timing=True,
+                device=device,
+            )
+            jobs.append(((model, label, batch, False, share), run))
     out.parent.mkdir(parents=True, exist_ok=True)
     for key, run in jobs:
         if only not in key[0] or args.batch not in (0, key[2]):
@@ -131,10 +159,23 @@ def main() -> None:
         if rows.get(key, {}).get("measured_with") != measured_with(device):
             rows[key] = {**run(), "recompute": key[3]}
             ordered = [rows[k] for k, _ in jobs if k in rows]
-            report = {"machine": info, "seconds": time.perf_counter() - start, "reports": ordered}
+            report = {
+                "machine": info,
+                "seconds": time.perf_counter() - start,
+                "reports": [r for r in ordered if "budget_fraction" not in r],
+                "at_budget": [r for r in ordered if "budget_fraction" in r],
+            }
             out.write_text(json.dumps(report, indent=2) + "\n")
         show(rows[key])
     print(f"wrote {out}")
+
+
+Key = tuple[str, str, int, bool, float | None]
+"""A row's model, blocks, batch size, recomputation, and budget share (rows at a budget)."""
+
+
+def _key(r: dict[str, Any]) -> Key:
+    return (r["model"], r["blocks"], r["batch_size"], r.get("recompute", False), r.get("budget_fraction"))
 
 
 def show(r: dict[str, Any]) -> None:
@@ -146,7 +187,8 @@ def show(r: dict[str, Any]) -> None:
     )
     check = f", rss_check {r['full']['rss_check_bytes'] / MIB:.1f}" if "rss_check_bytes" in r["full"] else ""
     print(
-        f"{r['model']:12s} {r['blocks']:24s} batch {r['batch_size']:3d}{' recompute' if r.get('recompute') else ''}: full {r['full']['estimated_bytes'] / MIB:.0f}/{r['full']['measured_bytes'] / MIB:.0f} MiB (est/meas{check}); "
+        f"{r['model']:12s} {r['blocks']:24s} batch {r['batch_size']:3d}{' recompute' if r.get('recompute') else ''}"
+        f"{' at ' + format(r['budget_fraction'], '.0%') + ' budget' if 'budget_fraction' in r else ''}: full {r['full']['estimated_bytes'] / MIB:.0f}/{r['full']['measured_bytes'] / MIB:.0f} MiB (est/meas{check}); "
         f"stages {stages}; worst stage {r['worst_stage_fraction']:.0%} of full",
         flush=True,
     )

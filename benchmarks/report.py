@@ -304,7 +304,46 @@ def memory_section(data: dict[str, Any]) -> list[str]:
             + ".",
             "",
         ]
-    return out + recompute_cost(rows, "one thread")
+    return out + recompute_cost(rows, "one thread") + at_budget_section(data)
+
+
+def at_budget_section(data: dict[str, Any]) -> list[str]:
+    """What train.recompute = "auto" gives a client whose budget is issue 13's target, per stage."""
+    reports = data.get("at_budget", [])
+    if not reports:
+        return []
+    lines = [
+        'With `train.recompute = "auto"` a client pays only for the recomputation its budget needs. For a client whose '
+        "budget is issue 13's target share of full-model training (by the estimate), each stage's measured share and, "
+        "where the stage recomputes, the time it adds to the step against the plain stage (batch 64, one thread):",
+        "",
+        "| configuration | budget | stages: measured share (time added) | worst stage measured | most time added |",
+        "|---|---|---|---|---|",
+    ]
+    costs = []
+    for r in reports:
+        cells, added = [], []
+        for s in r["stages"]:
+            cell = f"{s['measured_fraction_of_full']:.0%}"
+            if "plain_step_seconds" in s:
+                added.append(s["step_seconds"] / s["plain_step_seconds"] - 1)
+                cell += f" ({added[-1]:+.0%})"
+            cells.append(cell)
+        costs += added
+        label = r["model"] + ("" if r["blocks"] == "one per resolution stage" else f" ({r['blocks']})")
+        worst = max(s["measured_fraction_of_full"] for s in r["stages"])
+        lines.append(
+            f"| {label} | {r['budget_fraction']:.0%} | {', '.join(cells)} | {worst:.0%} "
+            f"| {max(added, default=0.0):+.0%} |"
+        )
+    over = sum(c > RECOMPUTE_TIME_TARGET for c in costs)
+    return [
+        *lines,
+        "",
+        f"{len(costs)} of {sum(len(r['stages']) for r in reports)} stages recompute at these budgets; "
+        f"{over} add more than {RECOMPUTE_TIME_TARGET:.0%} to the step.",
+        "",
+    ]
 
 
 def recompute_cost(rows: list[dict[str, Any]], clock: str) -> list[str]:

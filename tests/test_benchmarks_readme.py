@@ -79,6 +79,21 @@ def test_memory_pages_name_what_is_still_to_measure_and_what_recomputation_cost(
     assert "on the GPU" in sentence and "median +30% over 1 stages" in sentence and "0 above +35%" in sentence
 
 
+def test_the_memory_page_shows_what_a_client_at_the_target_budget_pays():
+    report = load_report()
+    stages = [
+        {"measured_fraction_of_full": 0.2, "step_seconds": 1.0},
+        {"measured_fraction_of_full": 0.34, "step_seconds": 1.5, "plain_step_seconds": 1.0},
+    ]
+    data = {
+        "at_budget": [{"model": "resnet18", "blocks": "8 memory-balanced", "budget_fraction": 0.35, "stages": stages}]
+    }
+    lines = report.at_budget_section(data)
+    assert "| resnet18 (8 memory-balanced) | 35% | 20%, 34% (+50%) | 34% | +50% |" in lines
+    assert "1 of 2 stages recompute at these budgets; 1 add more than 35% to the step." in lines
+    assert report.at_budget_section({}) == []
+
+
 def test_readme_is_short():
     assert len((ROOT / "README.md").read_text()) <= 12_000
 

@@ -16,7 +16,7 @@ from neulite.algorithms.registry import build_method
 from neulite.config import load_config
 from neulite.errors import NeuliteError
 from neulite.memory import measure
-from neulite.memory_report import memory_report
+from neulite.memory_report import memory_report, reestimated
 from neulite.models.stage_net import StageNet, _segments, frozen_forward
 from neulite.models.zoo import build_model
 
@@ -193,6 +193,22 @@ def test_the_memory_report_times_each_step_with_and_without_recomputation():
         assert all(("plain_step_seconds" in s) is recompute for s in report["stages"])  # its twin, timed in turn
     assert all(s["plain_step_seconds"] > 0 for s in recomputed["stages"])
     assert "step_seconds" not in memory_report("small_cnn", 8, (1, 12, 12), 10, 0.5, with_measurement=False)["full"]
+
+
+def test_the_memory_report_at_a_budget_gives_each_stage_the_cheapest_plan_that_fits_it():
+    """benchmarks/memory.py's "at_budget" rows: small_cnn's first stage (59% of full-model training
+    planned) recomputes at a 58% budget, its others (49%, 57%) train as planned; no stage is timed
+    against a twin unless it recomputes, and a budget the last stage cannot fit even recomputing is
+    refused, naming it."""
+    args = ("small_cnn", 8, (1, 12, 12), 10, 0.5)
+    report = memory_report(*args, with_measurement=False, budget=0.58, with_timing=True)
+    assert report["budget_fraction"] == 0.58
+    assert [s["recompute"] for s in report["stages"]] == [True, False, False]
+    assert all(s["fraction_of_full"] <= 0.58 for s in report["stages"])
+    assert [("plain_step_seconds" in s) for s in report["stages"]] == [True, False, False]
+    assert reestimated(report)["stages"] == [{**s, "estimate_error": None} for s in report["stages"]]
+    with pytest.raises(NeuliteError, match="stage 3 needs .* MiB even recomputing"):
+        memory_report(*args, with_measurement=False, budget=0.5)
 
 
 def test_the_frozen_prefix_in_micro_batches_is_the_whole_batchs_output():

@@ -15,10 +15,11 @@ from typing import Any
 import torch
 
 from neulite.algorithms.local import cross_entropy_loss
+from neulite.algorithms.neulite import NeuLite
 from neulite.algorithms.registry import build_method
 from neulite.config import Config, ModelConfig, TrainConfig
 from neulite.errors import NeuliteError
-from neulite.memory import StepLoss, check_device, estimate, measure
+from neulite.memory import MIB, StepLoss, check_device, estimate, measure
 from neulite.models.stage_net import StageNet, StagePlan
 from neulite.models.zoo import build_model
 
@@ -51,28 +52,34 @@ def memory_report(
     *,
     with_measurement: bool = True,
     recompute: bool = False,
+    budget: float | None = None,
     with_timing: bool = False,
     device: str = "cpu",
 ) -> dict[str, Any]:
     """Per-stage NeuLite peaks (Mentor and Harmonizer on) next to full-model training, estimated and
-    measured; with `recompute`, of stages that recompute what they train in backward; with
-    `with_timing`, each row's `step_seconds` (`step_seconds`), and a recomputing stage's
-    `plain_step_seconds`: the same stage without recomputation, its steps taken in turn with the
-    recomputing one's, so that the machine's drift between them cancels. Measured and timed on `device` ("cuda":
-    the GPU's allocated bytes); the estimate is the same for every device.
+    measured; with `recompute`, of stages that recompute what they train in backward; with `budget`
+    (a share of full-model training's estimated peak), of what train.recompute = "auto" gives a
+    client with that budget (`NeuLite.fitting`: the stage as planned, else its cheapest recomputing
+    rung that fits). With `with_timing`, each row's `step_seconds` (`step_seconds`), and a
+    recomputing stage's `plain_step_seconds`: the same stage without recomputation, its steps taken
+    in turn with the recomputing one's, so that the machine's drift between them cancels. Measured
+    and timed on `device` ("cuda": the GPU's allocated bytes); the estimate is the same for every device.
 
     `model` is any name a config takes: a built-in, a registered model or an import path "module:function"."""
     check_device(device)
     cfg = Config(
         model=ModelConfig(name=model, width=width, blocks=blocks),
-        train=TrainConfig(batch_size=batch_size, recompute="on" if recompute else "off"),
+        train=TrainConfig(batch_size=batch_size, recompute="auto" if budget else "on" if recompute else "off"),
     )
     net = StageNet(build_model(model, input_shape, num_classes, width, blocks))  # type: ignore[arg-type]
     full_plan = net.full_plan()
     full_est = estimate(net, full_plan, batch_size, cross_entropy_loss)
     full_real = measure(net, full_plan, batch_size, cross_entropy_loss, device=device) if with_measurement else None
     method = build_method(cfg, net)
-    stages = [(plan, method.loss(method.task_config(plan))) for plan in method.plans()]
+    plans = method.plans()
+    if budget:
+        plans = [_fitting(method, plan, int(budget * full_est.total)) for plan in plans]
+    stages = [(plan, method.loss(method.task_config(plan))) for plan in plans]
     rows = []
     for plan, step_loss in stages:
         est = method.memory(plan)
@@ -89,13 +96,10 @@ def memory_report(
     full = {"stage": 0, "estimated_bytes": full_est.total, "measured_bytes": full_real, "breakdown": full_est.as_dict()}
     if with_timing:
         (full["step_seconds"],) = step_seconds(net, [(full_plan, cross_entropy_loss)], batch_size, device=device)
-        plain = (
-            build_method(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, recompute="off")), net)
-            if recompute
-            else method
-        )
+        off = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, recompute="off"))
+        plain = build_method(off, net) if recompute and not budget else method
         for (plan, step_loss), r, unrecomputed in zip(stages, rows, plain.plans(), strict=True):
-            twin = [(unrecomputed, plain.loss(plain.task_config(unrecomputed)))] if recompute else []
+            twin = [(unrecomputed, plain.loss(plain.task_config(unrecomputed)))] if plan.recompute else []
             r["step_seconds"], *paired = step_seconds(net, [(plan, step_loss), *twin], batch_size, device=device)
             if paired:
                 r["plain_step_seconds"] = paired[0]
@@ -110,8 +114,20 @@ def memory_report(
         "stages": rows,
         "device": device,
         "measured_with": measured_with(device) if with_measurement else None,
+        **({"budget_fraction": budget} if budget else {}),
     }
     return _compared(report)
+
+
+def _fitting(method: NeuLite, plan: StagePlan, budget: int) -> StagePlan:
+    """What train.recompute = "auto" gives a client with `budget` bytes at `plan`'s stage."""
+    fitting = method.fitting(plan, budget)
+    if fitting is None:
+        peak = method.memory(method.recomputing(plan)).total
+        raise NeuliteError(
+            f"stage {plan.stage} needs {peak / MIB:.1f} MiB even recomputing, over the budget of {budget / MIB:.1f} MiB"
+        )
+    return fitting
 
 
 def _compared(report: dict[str, Any]) -> dict[str, Any]:
@@ -142,6 +158,7 @@ def reestimated(report: dict[str, Any]) -> dict[str, Any]:
         blocks,
         with_measurement=False,
         recompute=report.get("recompute", False),
+        budget=report.get("budget_fraction"),
     )
     rows = []
     for new, old in zip(fresh["stages"], report["stages"], strict=True):

@@ -246,15 +246,21 @@ class NeuLite(Method):
         wider windows (`windows`, narrowest first), then the recomputing rungs (`rungs`, cheapest first)."""
         return [*super().variants(plan), *(self.rungs(plan) if self.cfg.train.recompute == "auto" else [])]
 
+    def fitting(self, plan: StagePlan, budget: int) -> StagePlan | None:
+        """The stage as planned if `budget` fits it, else the cheapest recomputing rung it fits
+        (train.recompute = "auto"); None: neither."""
+        candidates = [plan, *(self.rungs(plan) if self.cfg.train.recompute == "auto" else [])]
+        return next((p for p in candidates if budget >= self.memory(p).total), None)
+
     def assign(self, plan: StagePlan, budget: int) -> int | None:
-        """The widest window the client fits, else the stage as planned, else the cheapest
-        recomputing rung it fits (its level in `variants`); None: it cannot take part."""
+        """The widest window the client fits, else what it fits of the stage (`fitting`), as its
+        level in `variants`; None: it cannot take part."""
         variants = self.variants(plan)
-        wider = len(self.windows(plan))
-        for level in [*range(wider, 0, -1), 0, *range(wider + 1, len(variants))]:
+        for level in range(len(self.windows(plan)), 0, -1):
             if budget >= self.memory(variants[level]).total:
                 return level
-        return None
+        fitting = self.fitting(plan, budget)
+        return None if fitting is None else variants.index(fitting)
 
     def configure_train(self, rnd: int, plan: StagePlan, level: int, seed: int) -> ClientTask:
         """The task for the level's variant: the same network whatever the variant (client level 0),
