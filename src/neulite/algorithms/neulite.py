@@ -188,7 +188,8 @@ class NeuLite(Method):
         peak with every segment recomputed, its frozen prefix and then its units' inner parts too
         where each lowers the peak by `WORTH_A_FORWARD`; then keeping as many of its last segments'
         activations as leave the peak within `WORTH_A_FORWARD` of that (each kept segment is a
-        forward saved)."""
+        forward saved). `plan` itself where that does not lower its peak by `WORTH_A_FORWARD` (a
+        stage whose peak is its weights, or one layer's activations, would pay for nothing)."""
         candidates = [dataclasses.replace(plan, recompute=True, segment=size, kept_segments=0) for size in SEGMENTS]
         leanest = min(candidates, key=lambda p: self.memory(p).total)
         for lever in ("recompute_prefix", "recompute_inner"):
@@ -204,7 +205,7 @@ class NeuLite(Method):
             if self.memory(keeping).total > allowed:
                 break
             chosen = keeping
-        return chosen
+        return chosen if self.memory(chosen).total < (1 - WORTH_A_FORWARD) * self.memory(plan).total else plan
 
     def windows(self, plan: StagePlan) -> list[StagePlan]:
         """The stage's wider windows a client may train (up to `max_window` blocks, in
