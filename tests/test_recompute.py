@@ -28,20 +28,21 @@ def _net() -> StageNet:
 @pytest.mark.parametrize(
     ("model", "stage", "segment", "prefix", "drift", "inner"),
     [
-        *(("small_cnn", s, 0, False, False, False) for s in (1, 2, 3)),
-        ("resnet18", 1, 1, False, False, False),
-        ("resnet18", 2, 2, False, False, False),
-        ("resnet18", 1, 3, False, False, False),
-        ("resnet18", 3, 1, False, False, False),  # the frozen prefix in micro-batches
-        ("resnet18", 3, 0, True, False, False),  # the frozen prefix re-run in backward
-        ("resnet18", 4, 1, True, True, False),  # ... with its statistics drifting: once, not twice
-        ("small_cnn", 3, 0, True, False, False),
-        ("resnet18", 1, 1, False, False, True),  # the units' first convolutions recomputed once more
-        ("resnet18", 3, 0, True, True, True),
+        *(("small_cnn", s, 0, False, False, 0) for s in (1, 2, 3)),
+        ("resnet18", 1, 1, False, False, 0),
+        ("resnet18", 2, 2, False, False, 0),
+        ("resnet18", 1, 3, False, False, 0),
+        ("resnet18", 3, 1, False, False, 0),  # the frozen prefix in micro-batches
+        ("resnet18", 3, 0, True, False, 0),  # the frozen prefix re-run in backward
+        ("resnet18", 4, 1, True, True, 0),  # ... with its statistics drifting: once, not twice
+        ("small_cnn", 3, 0, True, False, 0),
+        ("resnet18", 1, 1, False, False, 0xFFFF),  # the units' first convolutions recomputed once more
+        ("resnet18", 3, 0, True, True, 0xFFFF),
+        ("resnet18", 1, 1, False, False, 0b101),  # ... in the first and third segments only
     ],
 )
 def test_a_recomputed_step_is_the_step_bit_for_bit(
-    model: str, stage: int, segment: int, prefix: bool, drift: bool, inner: bool
+    model: str, stage: int, segment: int, prefix: bool, drift: bool, inner: int
 ):
     net = StageNet(build_model(model, (1, 16, 16), 10, 0.25))
     x, y = torch.randn(40, 1, 16, 16), torch.randint(0, 10, (40,))  # 40: micro-batches of 16, 16 and 8
@@ -55,7 +56,7 @@ def test_a_recomputed_step_is_the_step_bit_for_bit(
             segment=segment,
             recompute_prefix=recompute and prefix,
             kept_segments=kept,
-            recompute_inner=recompute and inner,
+            recompute_inner=inner if recompute else 0,
         )
         params = work.prepare(p)
         loss = neulite_loss(work, p, x, y, lambda1=0.3, lambda2=0.3, sigma=5.0)
@@ -176,6 +177,25 @@ def test_a_stage_keeps_the_last_segments_that_cost_its_peak_nothing():
         if chosen.kept_segments < net.segment_count(chosen):
             more = dataclasses.replace(chosen, kept_segments=chosen.kept_segments + 1)
             assert method.memory(more).total > leanest / (1 - WORTH_A_FORWARD)
+
+
+def test_a_stage_recomputes_inner_parts_only_in_the_segments_that_keep_its_peak_down():
+    """ResNet-18 in 8 blocks: where the inner parts are recomputed, only in some of the recomputed
+    segments, and in none the peak could do without by `WORTH_A_FORWARD`."""
+    net = StageNet(build_model("resnet18", (3, 32, 32), 10, 0.5, 8))
+    method = NeuLite(net, load_config(overrides=["train.batch_size=16", "model.blocks=8"]))
+    inner = [chosen for chosen in map(method.recomputing, method.plans()) if chosen.recompute_inner]
+    assert inner
+    for chosen in inner:
+        recomputed = net.segment_count(chosen) - chosen.kept_segments
+        every = dataclasses.replace(chosen, kept_segments=0, recompute_inner=(1 << net.segment_count(chosen)) - 1)
+        allowed = method.memory(every).total / (1 - WORTH_A_FORWARD)
+        assert chosen.recompute_inner < 1 << recomputed
+        for bit in range(recomputed):
+            if chosen.recompute_inner >> bit & 1:
+                fewer = dataclasses.replace(chosen, recompute_inner=chosen.recompute_inner & ~(1 << bit))
+                assert method.memory(fewer).total > allowed
+    assert any(c.recompute_inner != (1 << net.segment_count(c) - c.kept_segments) - 1 for c in inner)
 
 
 def test_recompute_is_checked_and_refused_where_it_does_not_apply():

@@ -187,24 +187,30 @@ class NeuLite(Method):
         """`plan` recomputing what it trains, in the segment size (`SEGMENTS`) of the lowest estimated
         peak with every segment recomputed, its frozen prefix and then its units' inner parts too
         where each lowers the peak by `WORTH_A_FORWARD`; then keeping as many of its last segments'
-        activations as leave the peak within `WORTH_A_FORWARD` of that (each kept segment is a
-        forward saved). `plan` itself where that does not lower its peak by `WORTH_A_FORWARD` (a
+        activations, and re-running inner parts in as few segments, as leave the peak within
+        `WORTH_A_FORWARD` of that (each a forward saved). `plan` itself where that does not lower its peak by `WORTH_A_FORWARD` (a
         stage whose peak is its weights, or one layer's activations, would pay for nothing)."""
         candidates = [dataclasses.replace(plan, recompute=True, segment=size, kept_segments=0) for size in SEGMENTS]
         leanest = min(candidates, key=lambda p: self.memory(p).total)
-        for lever in ("recompute_prefix", "recompute_inner"):
-            if lever == "recompute_prefix" and not self.net.frozen_depth(plan):
-                continue
-            leaner = dataclasses.replace(leanest, **{lever: True})
+        count = self.net.segment_count(leanest)
+        levers = [("recompute_prefix", True)] if self.net.frozen_depth(plan) else []
+        for lever, value in [*levers, ("recompute_inner", (1 << count) - 1)]:
+            leaner = dataclasses.replace(leanest, **{lever: value})
             if self.memory(leaner).total < (1 - WORTH_A_FORWARD) * self.memory(leanest).total:
                 leanest = leaner
         allowed = self.memory(leanest).total / (1 - WORTH_A_FORWARD)
         chosen = leanest
-        for kept in range(1, self.net.segment_count(leanest) + 1):
+        for kept in range(1, count + 1):
             keeping = dataclasses.replace(leanest, kept_segments=kept)
             if self.memory(keeping).total > allowed:
                 break
             chosen = keeping
+        if chosen.recompute_inner:  # only in the recomputed segments that keep the peak down
+            chosen = dataclasses.replace(chosen, recompute_inner=(1 << (count - chosen.kept_segments)) - 1)
+            for bit in range(count - chosen.kept_segments):
+                fewer = dataclasses.replace(chosen, recompute_inner=chosen.recompute_inner & ~(1 << bit))
+                if self.memory(fewer).total <= allowed:
+                    chosen = fewer
         return chosen if self.memory(chosen).total < (1 - WORTH_A_FORWARD) * self.memory(plan).total else plan
 
     def windows(self, plan: StagePlan) -> list[StagePlan]:
@@ -227,9 +233,9 @@ class NeuLite(Method):
         if plan not in self._rungs:
             rung = self.recomputing(plan)
             chain = [rung]
-            for lever in ("recompute_prefix", "recompute_inner"):
+            for lever, off in (("recompute_prefix", False), ("recompute_inner", 0)):
                 if getattr(rung, lever):
-                    rung = dataclasses.replace(rung, **{lever: False})
+                    rung = dataclasses.replace(rung, **{lever: off})
                     chain.append(rung)
             for kept in range(rung.kept_segments + 1, self.net.segment_count(rung) + 1):
                 chain.append(dataclasses.replace(rung, kept_segments=kept))

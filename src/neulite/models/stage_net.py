@@ -7,6 +7,7 @@ which of them a stage freezes and which it trains.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,10 +50,12 @@ class StagePlan:
     activations instead. Backward begins at the last and frees each segment's activations before
     it reaches the earlier, larger ones, so keeping the last few often costs the peak nothing and
     saves their second forward; the estimate decides how many (`NeuLite.recomputing`).
-    recompute_inner: inside each recomputed segment, units with a `recomputable` part (a ResNet
-    unit's first convolution) recompute it once more in backward, so the segment's second forward
-    does not keep its activations either: a lower peak where a single unit's activations dominate
-    it, for one more forward of that part.
+    recompute_inner: which of the stage's recomputed segments (bit i: the (i+1)-th, counted across
+    the modules it trains) have units with a `recomputable` part (a ResNet unit's first convolution)
+    recompute it once more in backward, so the segment's second forward does not keep its
+    activations either: a lower peak where a single unit's activations dominate it, for one more
+    forward of that part. Often one segment sets the peak, so the estimate asks only for the
+    segments that keep it down (`NeuLite.recomputing`).
     Subclasses (a method's own kinds of plan) register themselves by class name, so that the wire
     format can rebuild any plan without knowing the methods.
     """
@@ -68,7 +71,7 @@ class StagePlan:
     segment: int = 0
     recompute_prefix: bool = False
     kept_segments: int = 1
-    recompute_inner: bool = False
+    recompute_inner: int = 0
 
     types: ClassVar[dict[str, type[StagePlan]]] = {}
 
@@ -84,9 +87,10 @@ class StagePlan:
                 f"bad stage plan: stage {self.stage} with a window of {self.window} blocks and a reach of "
                 f"{self.reach} blocks back in a model of {self.num_stages} blocks"
             )
-        if self.segment < 0 or self.kept_segments < 0:
+        if self.segment < 0 or self.kept_segments < 0 or self.recompute_inner < 0:
             raise NeuliteError(
-                f"bad stage plan: {self.segment} units per recomputed segment, {self.kept_segments} segments kept"
+                f"bad stage plan: {self.segment} units per recomputed segment, {self.kept_segments} segments kept, "
+                f"{self.recompute_inner} recomputing their units' inner parts"
             )
         if (self.recompute_prefix or self.recompute_inner or not self.kept_segments) and not self.recompute:
             raise NeuliteError(
@@ -251,11 +255,11 @@ class StageNet(nn.Module):
                 x = module(x)
         else:
             runs = [_runs(module, plan.segment) for module in trained]
-            kept = _kept_per_module([len(r) for r in runs], plan.kept_segments)
-            for i, segments in enumerate(runs):
-                x = recomputed(
-                    segments, x, rerun if i == 0 else [], plan.frozen_micro_batch, kept[i], plan.recompute_inner
-                )
+            counts = [len(r) for r in runs]
+            kept = _kept_per_module(counts, plan.kept_segments)
+            for i, (segments, before) in enumerate(zip(runs, itertools.accumulate(counts, initial=0), strict=False)):
+                inner = plan.recompute_inner >> before  # this module's segments' bits
+                x = recomputed(segments, x, rerun if i == 0 else [], plan.frozen_micro_batch, kept[i], inner)
         return (x, self.model.head(x)) if plan.last == plan.num_stages else x
 
     def autograd_modules(self, plan: StagePlan) -> list[nn.Module]:
@@ -320,7 +324,7 @@ def recomputed(
     frozen: list[nn.Module] | None = None,
     micro: int = 0,
     kept: int = 0,
-    inner: bool = False,
+    inner: int = 0,
 ) -> Any:
     """A module run as its `segments` (`_runs`) on `x`, its activations recomputed in backward
     instead of kept: only the input of each segment is saved, and a segment re-runs its forward when its gradient is
@@ -329,14 +333,17 @@ def recomputed(
     blocks that run without autograd before the module, inside its first segment, so that their
     output is not kept but re-run from `x` in backward (`micro` samples at a time: `frozen_forward`).
     kept: how many of the last segments keep their activations (`StagePlan.kept_segments`); inner:
-    the recomputed segments' units recompute their `recomputable` parts as well."""
+    a bit mask of the segments whose units, if recomputed, recompute their `recomputable` parts too."""
     out: Any = x
     lead = frozen or []
     for n, segment in enumerate(segments, 1):
         recomputing = n <= len(segments) - kept
 
         def run(
-            h: Any, layers: list[nn.Module] = segment, lead: list[nn.Module] = lead, inner: bool = inner and recomputing
+            h: Any,
+            layers: list[nn.Module] = segment,
+            lead: list[nn.Module] = lead,
+            inner: bool = bool(inner >> (n - 1) & 1) and recomputing,
         ) -> Any:
             h = frozen_forward(lead, h, micro)
             with inner_recompute(inner):
