@@ -40,7 +40,7 @@ from neulite.algorithms.local import cross_entropy_loss  # noqa: E402
 from neulite.compare import machine  # noqa: E402
 from neulite.errors import NeuliteError  # noqa: E402
 from neulite.memory import MIB  # noqa: E402
-from neulite.memory_report import measured_with, memory_report, reestimated  # noqa: E402
+from neulite.memory_report import blocks_label, measured_with, memory_report, reestimated  # noqa: E402
 from neulite.models.stage_net import StageNet  # noqa: E402
 
 MODELS = (
@@ -119,7 +119,7 @@ def main() -> None:
     jobs: list[tuple[Key, Callable[[], dict[str, Any]]]] = []
     for batch in sorted(BATCHES, key=lambda b: b != 64):  # batch 64 first: the targets' batch
         for model, blocks in MODELS:
-            label = "one per resolution stage" if not blocks else f"{blocks} memory-balanced"
+            label = blocks_label(blocks)
             for recompute in (False, True):  # side by side: the time a stage's recomputation costs
                 run = partial(
                     memory_report,
@@ -135,10 +135,10 @@ def main() -> None:
                 jobs.append(((model, label, batch, recompute, None), run))
         for build, shape in USER_MODELS if batch in USER_BATCHES else ():
             for recompute in (False, True):
-                key = (f"{build.__module__}:{build.__name__}", "one per resolution stage", batch, recompute, None)
+                key = (f"{build.__module__}:{build.__name__}", blocks_label(0), batch, recompute, None)
                 jobs.append((key, partial(user_report, build, shape, batch, recompute, device)))
         for model, blocks, share in AT_BUDGET if batch == 64 else ():
-            label = "one per resolution stage" if not blocks else f"{blocks} memory-balanced"
+            label = blocks_label(blocks)
             run = partial(
                 memory_report,
                 model,

@@ -37,6 +37,11 @@ CUDA_MEASURED_WITH = (
 )
 
 
+def blocks_label(blocks: int) -> str:
+    """How a report names its cut (`model.blocks`)."""
+    return "one per resolution stage" if not blocks else f"{blocks} memory-balanced"
+
+
 def measured_with(device: str) -> str:
     """How `measure` reads a step's peak on `device`."""
     return CUDA_MEASURED_WITH if device.startswith("cuda") else MEASURED_WITH
@@ -105,7 +110,7 @@ def memory_report(
                 r["plain_step_seconds"] = paired[0]
     report = {
         "model": model,
-        "blocks": "one per resolution stage" if not blocks else f"{blocks} memory-balanced",
+        "blocks": blocks_label(blocks),
         "batch_size": batch_size,
         "input_shape": list(input_shape),
         "num_classes": num_classes,
