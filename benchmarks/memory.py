@@ -14,7 +14,8 @@ At batch 64 it also measures what train.recompute = "auto" gives a client whose 
 target share of full-model training (`AT_BUDGET`: the configurations that meet it), into "at_budget":
 the cheapest recomputation each stage needs at that budget, and its time.
 On a GPU, `--device cuda` measures allocated bytes and times steps there, into memory-cuda.json.
-After a change to the estimator, `--estimates-only` re-estimates the rows, keeping their measurements.
+After a change to the estimator, `--estimates-only` re-estimates the rows, keeping their measurements;
+`--retime` also times their steps again (after rows were timed on a busy machine).
 """
 
 from __future__ import annotations
@@ -92,6 +93,11 @@ def main() -> None:
         action="store_true",
         help="re-estimate every row in the report, keeping its measurements (after a change to the estimator)",
     )
+    parser.add_argument(
+        "--retime",
+        action="store_true",
+        help="as --estimates-only, and time every row's steps again (on an idle machine)",
+    )
     args = parser.parse_args()
     only, device = args.only, args.device
     out = Path(args.out) if args.out else RESULTS / ("memory.json" if device == "cpu" else "memory-cuda.json")
@@ -102,13 +108,13 @@ def main() -> None:
     old = json.loads(out.read_text()) if out.is_file() else {"reports": [], "seconds": 0.0}
     rows = {_key(r): r for r in [*old["reports"], *old.get("at_budget", [])]}
     start = time.perf_counter() - old["seconds"]
-    if args.estimates_only:
+    if args.estimates_only or args.retime:
         sections = {section: old.get(section, []) for section in ("reports", "at_budget")}
         for rows_of in sections.values():
             for i, r in enumerate(rows_of):
                 if only in r["model"] and args.batch in (0, r["batch_size"]):
                     try:
-                        rows_of[i] = reestimated(r)
+                        rows_of[i] = reestimated(r, retime=args.retime)
                         show(rows_of[i])
                     except NeuliteError as exc:  # the next run without --estimates-only measures it anew
                         rows_of[i] = None

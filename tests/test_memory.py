@@ -247,6 +247,9 @@ def test_reestimated_keeps_the_measurements_and_compares_them_with_todays_estima
     assert [r["estimated_bytes"] for r in [new["full"], *new["stages"]]] == today
     assert new["full"]["estimate_error"] == -0.5 and all(r["estimate_error"] == 0 for r in new["stages"])
     assert all(r["step_seconds"] == 0.5 for r in new["stages"])
+    retimed = reestimated(report, retime=True)  # memory.py --retime: the steps timed again, the peaks kept
+    assert all(r["step_seconds"] not in (None, 0.5) for r in [retimed["full"], *retimed["stages"]])
+    assert [r["measured_bytes"] for r in retimed["stages"]] == today[1:]
     assert new["stages"][0]["measured_fraction_of_full"] == today[1] / (2 * today[0])
     assert new["worst_stage_fraction"] == max(today[1:]) / today[0]
     report["stages"][0]["segment"] = report["stages"][0]["segment"] + 1  # measured on another plan

@@ -148,9 +148,10 @@ def _compared(report: dict[str, Any]) -> dict[str, Any]:
     return {**report, "worst_stage_fraction": worst, "reduction_percent": 100.0 * (1.0 - worst)}
 
 
-def reestimated(report: dict[str, Any]) -> dict[str, Any]:
+def reestimated(report: dict[str, Any], retime: bool = False) -> dict[str, Any]:
     """`report` (one of `memory_report`'s) with today's estimates next to its measurements and step
     times: what a change to the estimator does to a table whose measurements it cannot change.
+    With `retime`, its steps timed again too (on a machine quieter than the one that timed them).
     Refused where the estimator now plans a stage another way (another recomputation segment, or
     the frozen prefix recomputed or not): its measurement is of the old plan."""
     blocks = 0 if report["blocks"] == "one per resolution stage" else int(report["blocks"].split()[0])
@@ -164,6 +165,8 @@ def reestimated(report: dict[str, Any]) -> dict[str, Any]:
         with_measurement=False,
         recompute=report.get("recompute", False),
         budget=report.get("budget_fraction"),
+        with_timing=retime,
+        device=report.get("device", "cpu"),
     )
     rows = []
     for new, old in zip(fresh["stages"], report["stages"], strict=True):
@@ -177,7 +180,7 @@ def reestimated(report: dict[str, Any]) -> dict[str, Any]:
         kept = {
             k: v
             for k, v in old.items()
-            if k in ("measured_bytes", "step_seconds", "plain_step_seconds", "rss_check_bytes")
+            if k in ("measured_bytes", "rss_check_bytes", *(() if retime else ("step_seconds", "plain_step_seconds")))
         }
         rows.append({**new, **kept})
     return _compared({**report, "full": rows[0], "stages": rows[1:]})
