@@ -124,39 +124,14 @@ def main() -> None:
         return
     jobs: list[tuple[Key, Callable[[], dict[str, Any]]]] = []
     for batch in sorted(BATCHES, key=lambda b: b != 64):  # batch 64 first: the targets' batch
-        for model, blocks in MODELS:
-            label = blocks_label(blocks)
-            for recompute in (False, True):  # side by side: the time a stage's recomputation costs
-                run = partial(
-                    memory_report,
-                    model,
-                    batch,
-                    (3, 32, 32),
-                    10,
-                    blocks=blocks,
-                    recompute=recompute,
-                    with_timing=True,
-                    device=device,
-                )
-                jobs.append(((model, label, batch, recompute, None), run))
+        jobs += [
+            _job(model, blocks, batch, device, recompute) for model, blocks in MODELS for recompute in (False, True)
+        ]
         for build, shape in USER_MODELS if batch in USER_BATCHES else ():
             for recompute in (False, True):
                 key = (f"{build.__module__}:{build.__name__}", blocks_label(0), batch, recompute, None)
                 jobs.append((key, partial(user_report, build, shape, batch, recompute, device)))
-        for model, blocks, share in AT_BUDGET if batch == 64 else ():
-            label = blocks_label(blocks)
-            run = partial(
-                memory_report,
-                model,
-                batch,
-                (3, 32, 32),
-                10,
-                blocks=blocks,
-                budget=share,
-                with_timing=True,
-                device=device,
-            )
-            jobs.append(((model, label, batch, False, share), run))
+        jobs += [_job(model, blocks, batch, device, budget=share) for model, blocks, share in AT_BUDGET if batch == 64]
     out.parent.mkdir(parents=True, exist_ok=True)
     for key, run in jobs:
         if only not in key[0] or args.batch not in (0, key[2]):
@@ -177,6 +152,26 @@ def main() -> None:
 
 Key = tuple[str, str, int, bool, float | None]
 """A row's model, blocks, batch size, recomputation, and budget share (rows at a budget)."""
+
+
+def _job(
+    model: str, blocks: int, batch: int, device: str, recompute: bool = False, budget: float | None = None
+) -> tuple[Key, Callable[[], dict[str, Any]]]:
+    """A built-in model's row on 32x32 inputs, its steps timed: recomputing side by side with the
+    plain row (the time recomputation costs), or at a budget."""
+    run = partial(
+        memory_report,
+        model,
+        batch,
+        (3, 32, 32),
+        10,
+        blocks=blocks,
+        recompute=recompute,
+        budget=budget,
+        with_timing=True,
+        device=device,
+    )
+    return (model, blocks_label(blocks), batch, recompute, budget), run
 
 
 def _key(r: dict[str, Any]) -> Key:
