@@ -334,7 +334,7 @@ def at_budget_section(data: dict[str, Any]) -> list[str]:
         worst = max(s["measured_fraction_of_full"] for s in r["stages"])
         lines.append(
             f"| {label} | {r['budget_fraction']:.0%} | {', '.join(cells)} | {worst:.0%} "
-            f"| {max(added, default=0.0):+.0%} |"
+            f"| {format(max(added), '+.0%') if added else '–'} |"
         )
     over = sum(c > RECOMPUTE_TIME_TARGET for c in costs)
     return [

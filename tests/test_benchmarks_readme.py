@@ -92,6 +92,8 @@ def test_the_memory_page_shows_what_a_client_at_the_target_budget_pays():
     assert "| resnet18 (8 memory-balanced) | 35% | 20%, 34% (+50%) | 34% | +50% |" in lines
     assert "1 of 2 stages recompute at these budgets; 1 add more than 35% to the step." in lines
     assert report.at_budget_section({}) == []
+    plain = {**data["at_budget"][0], "stages": stages[:1]}
+    assert "| resnet18 (8 memory-balanced) | 35% | 20% | 20% | – |" in report.at_budget_section({"at_budget": [plain]})
 
 
 def test_readme_is_short():
