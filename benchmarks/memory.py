@@ -15,7 +15,7 @@ target share of full-model training (`AT_BUDGET`: the configurations that meet i
 the cheapest recomputation each stage needs at that budget, and its time.
 On a GPU, `--device cuda` measures allocated bytes and times steps there, into memory-cuda.json.
 After a change to the estimator, `--estimates-only` re-estimates the rows, keeping their measurements;
-`--retime` also times their steps again (after rows were timed on a busy machine).
+`--retime` also times again the steps of the rows with recomputing stages (timed on a busy machine).
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument(
         "--retime",
         action="store_true",
-        help="as --estimates-only, and time every row's steps again (on an idle machine)",
+        help="as --estimates-only for the rows with recomputing stages, timing their steps again (on an idle machine)",
     )
     args = parser.parse_args()
     only, device = args.only, args.device
@@ -112,7 +112,8 @@ def main() -> None:
         sections = {section: old.get(section, []) for section in ("reports", "at_budget")}
         for rows_of in sections.values():
             for i, r in enumerate(rows_of):
-                if only in r["model"] and args.batch in (0, r["batch_size"]):
+                recomputing = any("plain_step_seconds" in stage for stage in r["stages"])
+                if only in r["model"] and args.batch in (0, r["batch_size"]) and (recomputing or not args.retime):
                     try:
                         rows_of[i] = reestimated(r, retime=args.retime)
                         show(rows_of[i])
