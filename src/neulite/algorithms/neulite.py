@@ -188,8 +188,9 @@ class NeuLite(Method):
         peak with every segment recomputed, its frozen prefix and then its units' inner parts too
         where each lowers the peak by `WORTH_A_FORWARD`; then keeping as many of its last segments'
         activations, and re-running inner parts in as few segments, as leave the peak within
-        `WORTH_A_FORWARD` of that (each a forward saved). `plan` itself where that does not lower its peak by `WORTH_A_FORWARD` (a
-        stage whose peak is its weights, or one layer's activations, would pay for nothing)."""
+        `WORTH_A_FORWARD` of that (each a forward saved). `plan` itself where that does not lower its
+        peak by `WORTH_A_FORWARD` (a stage whose peak is its weights, or one layer's activations,
+        would pay for nothing)."""
         candidates = [dataclasses.replace(plan, recompute=True, segment=size, kept_segments=0) for size in SEGMENTS]
         leanest = min(candidates, key=lambda p: self.memory(p).total)
         count = self.net.segment_count(leanest)
