@@ -321,19 +321,17 @@ def at_budget_section(data: dict[str, Any]) -> list[str]:
         "|---|---|---|---|---|",
     ]
     costs = []
-    for r in reports:
+    for row in _memory_rows({"reports": reports}):
         cells, added = [], []
-        for s in r["stages"]:
+        for s in row["report"]["stages"]:
             cell = f"{s['measured_fraction_of_full']:.0%}"
             if "plain_step_seconds" in s:
-                added.append(s["step_seconds"] / s["plain_step_seconds"] - 1)
+                added.append(time_added(s))
                 cell += f" ({added[-1]:+.0%})"
             cells.append(cell)
         costs += added
-        label = r["model"] + ("" if r["blocks"] == "one per resolution stage" else f" ({r['blocks']})")
-        worst = max(s["measured_fraction_of_full"] for s in r["stages"])
         lines.append(
-            f"| {label} | {r['budget_fraction']:.0%} | {', '.join(cells)} | {worst:.0%} "
+            f"| {row['label']} | {row['report']['budget_fraction']:.0%} | {', '.join(cells)} | {row['worst_meas']:.0%} "
             f"| {format(max(added), '+.0%') if added else '–'} |"
         )
     over = sum(c > RECOMPUTE_TIME_TARGET for c in costs)
@@ -346,10 +344,15 @@ def at_budget_section(data: dict[str, Any]) -> list[str]:
     ]
 
 
+def time_added(stage: dict[str, Any]) -> float:
+    """What recomputation adds to a recomputing stage row's step, against the same stage without it."""
+    return stage["step_seconds"] / stage["plain_step_seconds"] - 1
+
+
 def recompute_cost(rows: list[dict[str, Any]], clock: str) -> list[str]:
     """A sentence on recomputation's time per step over every recomputing stage of `rows`, if any."""
     costs = [
-        (r["label"], s["stage"], s["step_seconds"] / s["plain_step_seconds"] - 1)
+        (r["label"], s["stage"], time_added(s))
         for r in rows
         if r["recompute"]
         for s in r["report"]["stages"]

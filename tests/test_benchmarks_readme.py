@@ -82,12 +82,19 @@ def test_memory_pages_name_what_is_still_to_measure_and_what_recomputation_cost(
 def test_the_memory_page_shows_what_a_client_at_the_target_budget_pays():
     report = load_report()
     stages = [
-        {"measured_fraction_of_full": 0.2, "step_seconds": 1.0},
-        {"measured_fraction_of_full": 0.34, "step_seconds": 1.5, "plain_step_seconds": 1.0},
+        {"measured_fraction_of_full": 0.2, "step_seconds": 1.0, "estimate_error": 0.01},
+        {"measured_fraction_of_full": 0.34, "step_seconds": 1.5, "plain_step_seconds": 1.0, "estimate_error": 0.0},
     ]
-    data = {
-        "at_budget": [{"model": "resnet18", "blocks": "8 memory-balanced", "budget_fraction": 0.35, "stages": stages}]
+    row = {
+        "model": "resnet18",
+        "blocks": "8 memory-balanced",
+        "batch_size": 64,
+        "budget_fraction": 0.35,
+        "full": {"estimate_error": 0.0},
+        "worst_stage_fraction": 0.34,
+        "stages": stages,
     }
+    data = {"at_budget": [row]}
     lines = report.at_budget_section(data)
     assert "| resnet18 (8 memory-balanced) | 35% | 20%, 34% (+50%) | 34% | +50% |" in lines
     assert "1 of 2 stages recompute at these budgets; 1 add more than 35% to the step." in lines
