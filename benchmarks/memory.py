@@ -109,19 +109,7 @@ def main() -> None:
     rows = {_key(r): r for r in [*old["reports"], *old.get("at_budget", [])]}
     start = time.perf_counter() - old["seconds"]
     if args.estimates_only or args.retime:
-        sections = {section: old.get(section, []) for section in ("reports", "at_budget")}
-        for rows_of in sections.values():
-            for i, r in enumerate(rows_of):
-                recomputing = any("plain_step_seconds" in stage for stage in r["stages"])
-                if only in r["model"] and args.batch in (0, r["batch_size"]) and (recomputing or not args.retime):
-                    try:
-                        rows_of[i] = reestimated(r, retime=args.retime)
-                        show(rows_of[i])
-                    except NeuliteError as exc:  # the next run without --estimates-only measures it anew
-                        rows_of[i] = None
-                        print(f"dropped: {exc}", flush=True)
-                    kept = {name: [row for row in listed if row is not None] for name, listed in sections.items()}
-                    out.write_text(json.dumps({**old, **kept}, indent=2) + "\n")
+        reestimate(old, out, lambda r: only in r["model"] and args.batch in (0, r["batch_size"]), args.retime)
         return
     jobs: list[tuple[Key, Callable[[], dict[str, Any]]]] = []
     for batch in sorted(BATCHES, key=lambda b: b != 64):  # batch 64 first: the targets' batch
@@ -149,6 +137,24 @@ def main() -> None:
             out.write_text(json.dumps(report, indent=2) + "\n")
         show(rows[key])
     print(f"wrote {out}")
+
+
+def reestimate(old: dict[str, Any], out: Path, chosen: Callable[[dict[str, Any]], bool], retime: bool) -> None:
+    """Re-estimate the `chosen` rows of the report `old` (with `retime`, those with recomputing
+    stages, timing their steps again), writing `out` after each; a row whose plans changed is dropped."""
+    sections = {section: old.get(section, []) for section in ("reports", "at_budget")}
+    for rows in sections.values():
+        for i, r in enumerate(rows):
+            if not chosen(r) or (retime and not any("plain_step_seconds" in stage for stage in r["stages"])):
+                continue
+            try:
+                rows[i] = reestimated(r, retime=retime)
+                show(rows[i])
+            except NeuliteError as exc:  # the next run without --estimates-only measures it anew
+                rows[i] = None
+                print(f"dropped: {exc}", flush=True)
+            kept = {name: [row for row in listed if row is not None] for name, listed in sections.items()}
+            out.write_text(json.dumps({**old, **kept}, indent=2) + "\n")
 
 
 Key = tuple[str, str, int, bool, float | None]
