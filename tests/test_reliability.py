@@ -18,7 +18,7 @@ from neulite.algorithms.payload import ClientResult, ClientTask
 from neulite.cli import main
 from neulite.config import ServerConfig, load_config
 from neulite.errors import NeuliteError
-from neulite.memory import PROBE_BATCH, _account, estimate
+from neulite.memory import PROBE_BATCH, _account, estimate, step_flops
 from neulite.models.stage_net import StageNet
 from neulite.models.zoo import build_model
 from neulite.simulation import Simulation, run_experiment
@@ -180,8 +180,12 @@ def test_the_estimate_probes_a_capped_batch_and_extrapolates_linearly():
     net = StageNet(build_model("small_cnn", (1, 28, 28), 10, 1.0, 0))
     plan = net.full_plan()
     big = 2 * PROBE_BATCH
-    exact, extrapolated = _account(net, plan, big, cross_entropy_loss), estimate(net, plan, big, cross_entropy_loss)
+    (exact, exact_flops), extrapolated = (
+        _account(net, plan, big, cross_entropy_loss),
+        estimate(net, plan, big, cross_entropy_loss),
+    )
     assert abs(extrapolated.total - exact.total) / exact.total < 0.05
+    assert step_flops(net, plan, big, cross_entropy_loss) == exact_flops  # every sample costs the same
 
 
 def test_a_huge_batch_is_refused_before_any_tensor_of_its_size_exists(tmp_path):

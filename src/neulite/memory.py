@@ -4,7 +4,8 @@ Both run the step a method's clients really run: its loss (`StepLoss`, given by 
 the stage's plan. The estimate follows every storage the forward and backward create until it is
 freed (`LiveTensorBytes`) on top of what stays resident: exactly the tensors the client receives,
 the optimizer's momentum and the batch. The saved-for-backward bytes are counted in the same pass,
-as a diagnostic. The measurement is the peak growth of resident memory over real training steps
+as a diagnostic, and so are the step's floating-point operations (`step_flops`), what recomputation
+costs in time. The measurement is the peak growth of resident memory over real training steps
 (torch.cuda.max_memory_allocated on a GPU), in a fresh process.
 """
 
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry
 
 from neulite.errors import NeuliteError
 from neulite.models.arrays import assign_arrays, extract_arrays
@@ -105,12 +107,14 @@ class LiveTensorBytes(TorchDispatchMode):
     `HEAP_BLOCK` come from the C heap, which keeps a freed block resident for the next small
     request rather than returning it: their peak stays resident for the rest of the step and
     the steps after it, so `peak` adds it to the peak of the larger storages, which are unmapped
-    when freed (in whole pages: `footprint`).
+    when freed (in whole pages: `footprint`). On the way it adds up the floating-point operations
+    of the ops torch has a formula for (convolutions, matrix products, attention): `flops`.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.live = 0
+        self.flops = 0
         self.heap = 0
         self.heap_peak = 0
         self.mapped_peak = 0
@@ -122,6 +126,8 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         out = func(*args, **(kwargs or {}))
+        if (flops := flop_registry.get(func._overloadpacket)) is not None:
+            self.flops += flops(*args, **(kwargs or {}), out_val=out)
         inputs = {
             t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
         }
@@ -181,7 +187,7 @@ PROBE_BATCH = 256
 extrapolated linearly from steps at half and all of it, so no batch size can exhaust the host."""
 
 
-_ESTIMATES: dict[tuple, MemoryBreakdown] = {}
+_ESTIMATES: dict[tuple, tuple[MemoryBreakdown, int]] = {}
 _MAX_CACHED = 1024
 
 
@@ -190,6 +196,16 @@ def estimate(net: StageNet, plan: StagePlan, batch_size: int, loss: StepLoss) ->
 
     The peak depends on the network's architecture and tensor shapes, never on its values, so an
     estimate is computed once per process for each (architecture, plan, batch size, loss)."""
+    return _estimated(net, plan, batch_size, loss)[0]
+
+
+def step_flops(net: StageNet, plan: StagePlan, batch_size: int, loss: StepLoss) -> int:
+    """Floating-point operations of the same step (`estimate`), forwards re-run in backward
+    included: recomputation's cost in time, where convolutions and matrix products dominate it."""
+    return _estimated(net, plan, batch_size, loss)[1]
+
+
+def _estimated(net: StageNet, plan: StagePlan, batch_size: int, loss: StepLoss) -> tuple[MemoryBreakdown, int]:
     layout = tuple((name, t.dtype, tuple(t.shape)) for name, t in net.state_dict().items())
     key = (
         repr(net),
@@ -206,20 +222,21 @@ def estimate(net: StageNet, plan: StagePlan, batch_size: int, loss: StepLoss) ->
     return _ESTIMATES[key]
 
 
-def _estimate(net: StageNet, plan: StagePlan, batch_size: int, loss: StepLoss) -> MemoryBreakdown:
+def _estimate(net: StageNet, plan: StagePlan, batch_size: int, loss: StepLoss) -> tuple[MemoryBreakdown, int]:
     if batch_size <= PROBE_BATCH:
         return _account(net, plan, batch_size, loss)
-    half, full = _account(net, plan, PROBE_BATCH // 2, loss), _account(net, plan, PROBE_BATCH, loss)
+    (half, _), (full, flops) = _account(net, plan, PROBE_BATCH // 2, loss), _account(net, plan, PROBE_BATCH, loss)
     scale = (batch_size - PROBE_BATCH) / (PROBE_BATCH - PROBE_BATCH // 2)
 
     def grow(field: str) -> int:
         a, b = getattr(half, field), getattr(full, field)
         return round(b + (b - a) * scale)
 
-    return dataclasses.replace(full, **{f: grow(f) for f in ("batch", "activations", "frozen_forward", "training")})
+    grown = dataclasses.replace(full, **{f: grow(f) for f in ("batch", "activations", "frozen_forward", "training")})
+    return grown, flops * batch_size // PROBE_BATCH
 
 
-def _account(net: StageNet, plan: StagePlan, batch_size: int, loss: StepLoss) -> MemoryBreakdown:
+def _account(net: StageNet, plan: StagePlan, batch_size: int, loss: StepLoss) -> tuple[MemoryBreakdown, int]:
     work = copy.deepcopy(net)
     params = work.prepare(plan)
     generator = torch.Generator().manual_seed(0)  # the global RNG is the experiment's: never drawn from here
@@ -234,7 +251,7 @@ def _account(net: StageNet, plan: StagePlan, batch_size: int, loss: StepLoss) ->
         del value
     trainable = sum(_bytes(p) for p in params)
     weights = sum(_bytes(t) for t in extract_arrays(work, work.down_names(plan)).values())
-    return MemoryBreakdown(
+    breakdown = MemoryBreakdown(
         weights=weights,
         gradients=trainable,
         optimizer=trainable,
@@ -243,6 +260,7 @@ def _account(net: StageNet, plan: StagePlan, batch_size: int, loss: StepLoss) ->
         frozen_forward=prefix.peak,
         training=step.peak,
     )
+    return breakdown, step.flops
 
 
 def measure(

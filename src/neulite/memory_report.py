@@ -19,7 +19,7 @@ from neulite.algorithms.neulite import NeuLite
 from neulite.algorithms.registry import build_method
 from neulite.config import Config, ModelConfig, TrainConfig
 from neulite.errors import NeuliteError
-from neulite.memory import MIB, StepLoss, check_device, estimate, measure
+from neulite.memory import MIB, StepLoss, check_device, estimate, measure, step_flops
 from neulite.models.stage_net import StageNet, StagePlan
 from neulite.models.zoo import build_model
 
@@ -65,7 +65,9 @@ def memory_report(
     measured; with `recompute`, of stages that recompute what they train in backward; with `budget`
     (a share of full-model training's estimated peak), of what train.recompute = "auto" gives a
     client with that budget (`NeuLite.fitting`: the stage as planned, else its cheapest recomputing
-    rung that fits). With `with_timing`, each row's `step_seconds` (`step_seconds`), and a
+    rung that fits). Each row's `estimated_flops` (`step_flops`), a recomputing stage's
+    `plain_estimated_flops` too (the same stage without recomputation: the operations it adds).
+    With `with_timing`, each row's `step_seconds` (`step_seconds`), and a
     recomputing stage's `plain_step_seconds`: the same stage without recomputation, its steps taken
     in turn with the recomputing one's, so that the machine's drift between them cancels. Measured
     and timed on `device` ("cuda": the GPU's allocated bytes); the estimate is the same for every device.
@@ -81,12 +83,17 @@ def memory_report(
     full_est = estimate(net, full_plan, batch_size, cross_entropy_loss)
     full_real = measure(net, full_plan, batch_size, cross_entropy_loss, device=device) if with_measurement else None
     method = build_method(cfg, net)
+    off = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, recompute="off"))
+    plain = build_method(off, net) if recompute and not budget else method  # each stage without recomputing
     plans = method.plans()
     if budget:
         plans = [_fitting(method, plan, int(budget * full_est.total)) for plan in plans]
-    stages = [(plan, method.loss(method.task_config(plan))) for plan in plans]
+    stages = [
+        (plan, method.loss(method.task_config(plan)), unrecomputed)
+        for plan, unrecomputed in zip(plans, plain.plans(), strict=True)
+    ]
     rows = []
-    for plan, step_loss in stages:
+    for plan, step_loss, unrecomputed in stages:
         est = method.memory(plan)
         real = measure(net, plan, batch_size, step_loss, device=device) if with_measurement else None
         rows.append(
@@ -96,14 +103,20 @@ def memory_report(
                 "estimated_bytes": est.total,
                 "measured_bytes": real,
                 "breakdown": est.as_dict(),
+                "estimated_flops": method.flops(plan),
+                **({"plain_estimated_flops": plain.flops(unrecomputed)} if plan.recompute else {}),
             }
         )
-    full = {"stage": 0, "estimated_bytes": full_est.total, "measured_bytes": full_real, "breakdown": full_est.as_dict()}
+    full = {
+        "stage": 0,
+        "estimated_bytes": full_est.total,
+        "measured_bytes": full_real,
+        "breakdown": full_est.as_dict(),
+        "estimated_flops": step_flops(net, full_plan, batch_size, cross_entropy_loss),
+    }
     if with_timing:
         (full["step_seconds"],) = step_seconds(net, [(full_plan, cross_entropy_loss)], batch_size, device=device)
-        off = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, recompute="off"))
-        plain = build_method(off, net) if recompute and not budget else method
-        for (plan, step_loss), r, unrecomputed in zip(stages, rows, plain.plans(), strict=True):
+        for (plan, step_loss, unrecomputed), r in zip(stages, rows, strict=True):
             twin = [(unrecomputed, plain.loss(plain.task_config(unrecomputed)))] if plan.recompute else []
             r["step_seconds"], *paired = step_seconds(net, [(plan, step_loss), *twin], batch_size, device=device)
             if paired:

@@ -19,7 +19,7 @@ from neulite.algorithms.local import cross_entropy_loss
 from neulite.algorithms.payload import ClientTask, ConfigValue
 from neulite.config import Config, check, choice
 from neulite.errors import NeuliteError
-from neulite.memory import StepLoss, estimate
+from neulite.memory import StepLoss, estimate, step_flops
 from neulite.models.stage_net import StageNet, StagePlan
 from neulite.scaffolding import StageCost, scaffolding_warning, stage_cost
 
@@ -183,36 +183,17 @@ class NeuLite(Method):
         )
         return self.recomputing(plan) if self.cfg.train.recompute == "on" else plan
 
+    def flops(self, plan: StagePlan) -> int:
+        """Estimated floating-point operations of `plan`'s client step (`step_flops`, cached with
+        its `memory`): the forwards its recomputation re-runs, in time."""
+        return step_flops(self.net, plan, self.cfg.train.batch_size, self.loss(self.task_config(plan)))
+
     def recomputing(self, plan: StagePlan) -> StagePlan:
-        """`plan` recomputing what it trains, in the segment size (`SEGMENTS`) of the lowest estimated
-        peak with every segment recomputed, its frozen prefix and then its units' inner parts too
-        where each lowers the peak by `WORTH_A_FORWARD`; then keeping as many of its last segments'
-        activations, and re-running inner parts in as few segments, as leave the peak within
-        `WORTH_A_FORWARD` of that (each a forward saved). `plan` itself where that does not lower its
-        peak by `WORTH_A_FORWARD` (a stage whose peak is its weights, or one layer's activations,
-        would pay for nothing)."""
-        candidates = [dataclasses.replace(plan, recompute=True, segment=size, kept_segments=0) for size in SEGMENTS]
-        leanest = min(candidates, key=lambda p: self.memory(p).total)
-        count = self.net.segment_count(leanest)
-        levers = [("recompute_prefix", True)] if self.net.frozen_depth(plan) else []
-        for lever, value in [*levers, ("recompute_inner", (1 << count) - 1)]:
-            leaner = dataclasses.replace(leanest, **{lever: value})
-            if self.memory(leaner).total < (1 - WORTH_A_FORWARD) * self.memory(leanest).total:
-                leanest = leaner
-        allowed = self.memory(leanest).total / (1 - WORTH_A_FORWARD)
-        chosen = leanest
-        for kept in range(1, count + 1):
-            keeping = dataclasses.replace(leanest, kept_segments=kept)
-            if self.memory(keeping).total > allowed:
-                break
-            chosen = keeping
-        if chosen.recompute_inner:  # only in the recomputed segments that keep the peak down
-            chosen = dataclasses.replace(chosen, recompute_inner=(1 << (count - chosen.kept_segments)) - 1)
-            for bit in range(count - chosen.kept_segments):
-                fewer = dataclasses.replace(chosen, recompute_inner=chosen.recompute_inner & ~(1 << bit))
-                if self.memory(fewer).total <= allowed:
-                    chosen = fewer
-        return chosen if self.memory(chosen).total < (1 - WORTH_A_FORWARD) * self.memory(plan).total else plan
+        """The leanest way to recompute `plan` (the last of its `rungs`); `plan` itself where none
+        lowers its peak by `WORTH_A_FORWARD` (a stage whose peak is its weights, or one layer's
+        activations, would pay for nothing)."""
+        rungs = self.rungs(plan)
+        return rungs[-1] if rungs else plan
 
     def windows(self, plan: StagePlan) -> list[StagePlan]:
         """The stage's wider windows a client may train (up to `max_window` blocks, in
@@ -226,28 +207,56 @@ class NeuLite(Method):
         return [dataclasses.replace(plan, reach=w - 1) for w in range(2, widest + 1)]
 
     def rungs(self, plan: StagePlan) -> list[StagePlan]:
-        """What a client that fits `plan` only by recomputing may train (train.recompute = "auto"),
-        cheapest first: from the leanest (`recomputing`) a forward is saved at each rung, its frozen
-        prefix and then its units' inner parts not re-run, then one more segment kept; a rung stays
-        only where it is leaner than `plan` and than every cheaper rung by `WORTH_A_FORWARD` (the
-        leanest by anything). A client pays for as much recomputation as its budget needs, no more."""
+        """The ways to recompute `plan` worth a client's time (`recomputations`), cheapest first:
+        by the step's estimated operations (`flops`), each leaner than `plan` and than every
+        cheaper rung by `WORTH_A_FORWARD`. train.recompute = "auto" gives a client the first it
+        fits: it pays for as much recomputation as its budget needs, in the way that costs least
+        (ResNet-18's third of 8 blocks fits 35% of full training by re-running its frozen prefix
+        for a sixth more operations, or one unit's inner part for two fifths more)."""
         if plan not in self._rungs:
-            rung = self.recomputing(plan)
-            chain = [rung]
-            for lever, off in (("recompute_prefix", False), ("recompute_inner", 0)):
-                if getattr(rung, lever):
-                    rung = dataclasses.replace(rung, **{lever: off})
-                    chain.append(rung)
-            for kept in range(rung.kept_segments + 1, self.net.segment_count(rung) + 1):
-                chain.append(dataclasses.replace(rung, kept_segments=kept))
-            leaner, bound = [], self.memory(plan).total
-            for candidate in reversed(chain):  # the leanest last: the least a client may fit with
-                worth = 1 if candidate == chain[0] else 1 - WORTH_A_FORWARD
-                if self.memory(candidate).total < worth * bound:
-                    leaner.append(candidate)
+            rungs, bound = [], self.memory(plan).total
+            for candidate in sorted(self.recomputations(plan), key=lambda p: (self.flops(p), self.memory(p).total)):
+                if self.memory(candidate).total < (1 - WORTH_A_FORWARD) * bound:
+                    rungs.append(candidate)
                     bound = self.memory(candidate).total
-            self._rungs[plan] = leaner
+            self._rungs[plan] = rungs
         return self._rungs[plan]
+
+    def recomputations(self, plan: StagePlan) -> list[StagePlan]:
+        """`plan` recomputing what it trains, in the segment size (`SEGMENTS`) of the lowest
+        estimated peak with every segment recomputed, keeping any number of its last segments'
+        activations, re-running its frozen prefix or not, and its units' inner parts in none of the
+        recomputed segments or in those of the fewest that hold the peak of all within
+        `WORTH_A_FORWARD` (often one segment sets the peak, and the same whatever is kept after it).
+        The prefix and the inner parts are levers only where, every segment recomputed, each
+        lowers the peak by `WORTH_A_FORWARD`: the pool stays a few estimates per segment."""
+        sizes = [dataclasses.replace(plan, recompute=True, segment=size, kept_segments=0) for size in SEGMENTS]
+        leanest = min(sizes, key=lambda p: self.memory(p).total)
+        count = self.net.segment_count(leanest)
+        pool = []
+        rerun = dataclasses.replace(leanest, recompute_prefix=True)
+        worth = (
+            self.net.frozen_depth(plan)
+            and self.memory(rerun).total < (1 - WORTH_A_FORWARD) * self.memory(leanest).total
+        )
+        for prefix in [False, True] if worth else [False]:
+            every = dataclasses.replace(leanest, recompute_prefix=prefix, recompute_inner=(1 << count) - 1)
+            alone = dataclasses.replace(every, recompute_inner=0)
+            inner = (
+                every.recompute_inner
+                if self.memory(every).total < (1 - WORTH_A_FORWARD) * self.memory(alone).total
+                else 0
+            )
+            for bit in range(count if inner else 0):
+                fewer = dataclasses.replace(every, recompute_inner=inner & ~(1 << bit))
+                if self.memory(fewer).total <= self.memory(every).total / (1 - WORTH_A_FORWARD):
+                    inner = fewer.recompute_inner
+            for kept in range(count if prefix else count + 1):  # all kept: the prefix is never re-run
+                base = dataclasses.replace(leanest, recompute_prefix=prefix, kept_segments=kept)
+                within = dataclasses.replace(base, recompute_inner=inner & ((1 << (count - kept)) - 1))
+                worth = self.memory(within).total < (1 - WORTH_A_FORWARD) * self.memory(base).total
+                pool += [base, within] if within.recompute_inner and worth else [base]
+        return pool
 
     def variants(self, plan: StagePlan) -> list[StagePlan]:
         """A client's capacity level is an index into this list: 0 the stage as planned, then the

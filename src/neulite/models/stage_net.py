@@ -49,13 +49,13 @@ class StagePlan:
     (counted back from its output module's last, across the modules it trains) keep their
     activations instead. Backward begins at the last and frees each segment's activations before
     it reaches the earlier, larger ones, so keeping the last few often costs the peak nothing and
-    saves their second forward; the estimate decides how many (`NeuLite.recomputing`).
+    saves their second forward; the estimate decides how many (`NeuLite.rungs`).
     recompute_inner: which of the stage's recomputed segments (bit i: the (i+1)-th, counted across
     the modules it trains) have units with a `recomputable` part (a ResNet unit's first convolution)
     recompute it once more in backward, so the segment's second forward does not keep its
     activations either: a lower peak where a single unit's activations dominate it, for one more
     forward of that part. Often one segment sets the peak, so the estimate asks only for the
-    segments that keep it down (`NeuLite.recomputing`).
+    segments that keep it down (`NeuLite.recomputations`).
     Subclasses (a method's own kinds of plan) register themselves by class name, so that the wire
     format can rebuild any plan without knowing the methods.
     """
