@@ -214,11 +214,11 @@ class NeuLite(Method):
         (ResNet-18's third of 8 blocks fits 35% of full training by re-running its frozen prefix
         for a sixth more operations, or one unit's inner part for two fifths more)."""
         if plan not in self._rungs:
-            rungs, bound = [], self.memory(plan).total
+            rungs, last = [], plan
             for candidate in sorted(self.recomputations(plan), key=lambda p: (self.flops(p), self.memory(p).total)):
-                if self.memory(candidate).total < (1 - WORTH_A_FORWARD) * bound:
+                if self._leaner(candidate, last):
                     rungs.append(candidate)
-                    bound = self.memory(candidate).total
+                    last = candidate
             self._rungs[plan] = rungs
         return self._rungs[plan]
 
@@ -234,29 +234,26 @@ class NeuLite(Method):
         leanest = min(sizes, key=lambda p: self.memory(p).total)
         count = self.net.segment_count(leanest)
         pool = []
-        rerun = dataclasses.replace(leanest, recompute_prefix=True)
-        worth = (
-            self.net.frozen_depth(plan)
-            and self.memory(rerun).total < (1 - WORTH_A_FORWARD) * self.memory(leanest).total
+        rerun = self.net.frozen_depth(plan) and self._leaner(
+            dataclasses.replace(leanest, recompute_prefix=True), leanest
         )
-        for prefix in [False, True] if worth else [False]:
+        for prefix in [False, True] if rerun else [False]:
             every = dataclasses.replace(leanest, recompute_prefix=prefix, recompute_inner=(1 << count) - 1)
             alone = dataclasses.replace(every, recompute_inner=0)
-            inner = (
-                every.recompute_inner
-                if self.memory(every).total < (1 - WORTH_A_FORWARD) * self.memory(alone).total
-                else 0
-            )
+            inner = every.recompute_inner if self._leaner(every, alone) else 0
             for bit in range(count if inner else 0):
                 fewer = dataclasses.replace(every, recompute_inner=inner & ~(1 << bit))
-                if self.memory(fewer).total <= self.memory(every).total / (1 - WORTH_A_FORWARD):
+                if not self._leaner(every, fewer):
                     inner = fewer.recompute_inner
             for kept in range(count if prefix else count + 1):  # all kept: the prefix is never re-run
                 base = dataclasses.replace(leanest, recompute_prefix=prefix, kept_segments=kept)
                 within = dataclasses.replace(base, recompute_inner=inner & ((1 << (count - kept)) - 1))
-                worth = self.memory(within).total < (1 - WORTH_A_FORWARD) * self.memory(base).total
-                pool += [base, within] if within.recompute_inner and worth else [base]
+                pool += [base, within] if within.recompute_inner and self._leaner(within, base) else [base]
         return pool
+
+    def _leaner(self, plan: StagePlan, than: StagePlan) -> bool:
+        """`plan`'s estimated peak is below `than`'s by `WORTH_A_FORWARD`: a saving worth a forward."""
+        return self.memory(plan).total < (1 - WORTH_A_FORWARD) * self.memory(than).total
 
     def variants(self, plan: StagePlan) -> list[StagePlan]:
         """A client's capacity level is an index into this list: 0 the stage as planned, then the
