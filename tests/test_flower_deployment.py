@@ -69,8 +69,9 @@ class Processes:
                         helpers.append(int(cmdline.parent.name))
                 except OSError:
                     pass
-        for proc in reversed(self.procs):
+        for proc in reversed(self.procs):  # all at once: each takes a second or two to wind down
             proc.terminate()
+        for proc in self.procs:
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:

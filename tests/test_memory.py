@@ -234,6 +234,23 @@ def test_the_same_layers_on_larger_inputs_are_estimated_anew():
     )
 
 
+def test_an_estimate_stays_cached_while_a_thousand_others_are_made(monkeypatch: pytest.MonkeyPatch):
+    """A planner estimates a thousand recomputation variants and more in one process: the one it made
+    first is not made again (a cache that emptied itself when full paid for them twice)."""
+    made: list[int] = []
+
+    def account(net, plan, batch_size, loss):  # stands in for the real step
+        made.append(batch_size)
+        return neulite.memory.MemoryBreakdown(0, 0, 0, batch_size, 0, 0, 0), 0
+
+    monkeypatch.setattr(neulite.memory, "_estimate", account)
+    monkeypatch.setattr(neulite.memory, "_ESTIMATES", type(neulite.memory._ESTIMATES)())
+    net = StageNet(build_model("small_cnn", (1, 12, 12), 10, 0.5))
+    for batch in [1, *range(2, 1100), 1]:
+        assert estimate(net, net.full_plan(), batch, cross_entropy_loss).batch == batch
+    assert made == list(range(1, 1100))
+
+
 def test_reestimated_keeps_the_measurements_and_compares_them_with_todays_estimate():
     """What `benchmarks/memory.py --estimates-only` writes after a change to the estimator."""
     report = memory_report("small_cnn", 16, (1, 28, 28), with_measurement=False)

@@ -1,4 +1,7 @@
 import functools
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from examples.user_cnns import plain_cnn
 from neulite.algorithms.neulite import neulite_loss
 from neulite.config import load_config
 from neulite.errors import NeuliteError
@@ -15,6 +19,8 @@ from neulite.models.balance import balanced_cuts, split_at, unit_costs, units
 from neulite.models.blocks import BlockModel, ClassifierHead
 from neulite.models.stage_net import StageNet
 from neulite.models.zoo import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_balanced_cuts_minimise_the_largest_block():
@@ -100,6 +106,28 @@ def test_a_client_skeleton_on_the_meta_device_is_cut_where_the_server_cuts():
         user = build_model("small_cnn", (1, 28, 28), 10)
         user = split_at(user, balanced_cuts(unit_costs(user, 64), 2))
     assert [len(b) for b in user.blocks] == [len(b) for b in server.blocks]
+
+
+SKELETONS = """
+import sys, torch
+from examples.user_cnns import plain_cnn
+from neulite.models.stage_net import StageNet
+from neulite.models.zoo import build_model
+with torch.device("meta"):
+    nets = [StageNet(build_model(n, (3, 32, 32), 10, 0.5, b)) for n, b in (("resnet18", 0), ("mobilenetv2", 3), ("vit_tiny", 0))]
+    nets.append(StageNet(plain_cnn((3, 32, 32), 10)))
+print([n.model.block_shapes for n in nets], "torch._dynamo" in sys.modules)
+"""
+
+
+def test_a_client_skeleton_is_built_without_torchs_compiler_and_shaped_as_the_servers_network():
+    """Each message a Flower SuperNode gets starts a process that builds the client's skeleton on the
+    meta device; run there, the shape probe and weight init imported torch's compiler (3 s a message)."""
+    done = subprocess.run([sys.executable, "-c", SKELETONS], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    nets = [build_model(n, (3, 32, 32), 10, 0.5, b) for n, b in (("resnet18", 0), ("mobilenetv2", 3), ("vit_tiny", 0))]
+    nets.append(plain_cnn((3, 32, 32), 10))
+    assert done.stdout.strip() == f"{[n.block_shapes for n in nets]} False"
 
 
 def test_config_blocks_reaches_the_model():

@@ -25,6 +25,7 @@ flower_server = pytest.importorskip("neulite.flower.server_app")
 check_planned_budgets = flower_server.check_planned_budgets
 
 SHAPE = (1, 12, 12)
+pytestmark = pytest.mark.xdist_group("planner")  # one worker computes the plans' estimates once, not each worker
 
 
 def _peaks(blocks: int, recompute: bool) -> list[int]:

@@ -25,6 +25,11 @@ def _net() -> StageNet:
     return StageNet(build_model("small_cnn", (1, 16, 16), 10, 0.5))
 
 
+RESNET18_8 = pytest.mark.xdist_group("resnet18-in-8-blocks")
+"""Tests of ResNet-18 in 8 blocks run on one test worker: its stage estimates, seconds each, are
+then computed once (they are cached per process) rather than once per worker."""
+
+
 @pytest.mark.parametrize(
     ("model", "stage", "segment", "prefix", "drift", "inner"),
     [
@@ -181,6 +186,7 @@ def test_the_step_counts_each_forward_recomputation_re_runs():
         assert method.flops(dataclasses.replace(everything, **{lever: on})) > flops[-1]
 
 
+@RESNET18_8
 def test_no_way_to_recompute_a_stage_beats_its_rungs():
     """ResNet-18 in 8 blocks: each rung costs more operations than the one before and is leaner by
     `WORTH_A_FORWARD`, and every other way to recompute the stage (`recomputations`) is matched by a
@@ -209,6 +215,7 @@ def test_no_way_to_recompute_a_stage_beats_its_rungs():
     assert prefix_alone
 
 
+@RESNET18_8
 def test_a_stage_recomputes_inner_parts_only_in_the_segments_that_keep_its_peak_down():
     """ResNet-18 in 8 blocks: where the inner parts are recomputed, only in some of the recomputed
     segments, and in none the peak could do without by `WORTH_A_FORWARD`."""
@@ -293,6 +300,7 @@ def test_the_frozen_prefix_in_micro_batches_is_the_whole_batchs_output():
     assert frozen_forward([], x, 16) is x
 
 
+@RESNET18_8
 @pytest.mark.parametrize(
     ("model", "stage", "lever"), [("resnet34", 3, "recompute_prefix"), ("resnet18", 2, "recompute_inner")]
 )
@@ -350,6 +358,7 @@ def test_a_users_unit_marks_its_own_inner_part_and_the_step_stays_bit_for_bit():
     assert all(torch.equal(state[k], state_rc[k]) for k in state)
 
 
+@RESNET18_8
 def test_a_client_pays_for_as_much_recomputation_as_its_budget_needs():
     """ResNet-18's second of 8 blocks: between the leanest recomputing plan and the plain one lie
     rungs that re-run less (`test_no_way_to_recompute_a_stage_beats_its_rungs`); a budget gets the

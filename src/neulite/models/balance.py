@@ -8,14 +8,13 @@ cost (activations saved for backward plus weights, gradients and momentum) is as
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from neulite.errors import NeuliteError
-from neulite.models.blocks import BlockModel
+from neulite.models.blocks import BlockModel, cpu_twin
 from neulite.saved_tensors import SavedTensorCounter
 
 _JOINED = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU)
@@ -57,8 +56,7 @@ def unit_costs(model: BlockModel, batch_size: int) -> list[int]:
     the meta device (a client's skeleton): there every storage has address 0, so every saved tensor
     would count as one and move the cuts. Only shapes matter here, never values."""
     with torch.device("cpu"):
-        if any(p.is_meta for p in model.parameters()):
-            model = copy.deepcopy(model).to_empty(device="cpu")
+        model = cpu_twin(model)
         pieces = units(model)
         counter = SavedTensorCounter(model.parameters())
         x = torch.zeros(batch_size, *model.input_shape)

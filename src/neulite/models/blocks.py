@@ -7,6 +7,7 @@ from the blocks' output shapes, found once by a probe forward pass.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Sequence
 
@@ -72,34 +73,50 @@ class BlockModel(nn.Module):
 
     def _probe_shapes(self) -> list[tuple[int, ...]]:
         """Per-block output shape (without batch), from one forward pass on two zero samples."""
-        was_training = self.training
-        self.eval()
         shapes: list[tuple[int, ...]] = []
-        x = torch.zeros(2, *self.input_shape)
-        try:
-            with torch.no_grad():
-                for i, block in enumerate(self.blocks):
-                    x = block(x)
-                    if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3, 4):
-                        raise NeuliteError(
-                            f"model cannot be split: block {i + 1} must return a (B, C, H, W), (B, N, D) or (B, F) "
-                            f"tensor, got {type(x).__name__}{tuple(x.shape) if isinstance(x, torch.Tensor) else ''}"
-                        )
-                    shapes.append(tuple(x.shape[1:]))
-                logits = self.head(x)
-        except NeuliteError:
-            raise
-        except Exception as exc:  # a user's blocks that do not chain: name the problem, not torch's internals
-            raise NeuliteError(
-                f"model cannot be split: forward through blocks failed for input shape {self.input_shape}: {exc}"
-            ) from None
-        finally:
-            self.train(was_training)
+        with torch.device("cpu") if on_meta(self) else contextlib.nullcontext():
+            model = cpu_twin(self)
+            was_training = model.training
+            model.eval()
+            x = torch.zeros(2, *self.input_shape)
+            try:
+                with torch.no_grad():
+                    for i, block in enumerate(model.blocks):
+                        x = block(x)
+                        if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3, 4):
+                            raise NeuliteError(
+                                f"model cannot be split: block {i + 1} must return a (B, C, H, W), (B, N, D) or (B, F) "
+                                f"tensor, got {type(x).__name__}{tuple(x.shape) if isinstance(x, torch.Tensor) else ''}"
+                            )
+                        shapes.append(tuple(x.shape[1:]))
+                    logits = model.head(x)
+            except NeuliteError:
+                raise
+            except Exception as exc:  # a user's blocks that do not chain: name the problem, not torch's internals
+                raise NeuliteError(
+                    f"model cannot be split: forward through blocks failed for input shape {self.input_shape}: {exc}"
+                ) from None
+            finally:
+                model.train(was_training)
         if tuple(logits.shape) != (2, self.num_classes):
             raise NeuliteError(
                 f"model cannot be split: head returns shape {tuple(logits.shape[1:])}, expected ({self.num_classes},)"
             )
         return shapes
+
+
+def on_meta(module: nn.Module) -> bool:
+    """Whether `module` is a skeleton on the meta device (a client's, which holds no weights)."""
+    return any(p.is_meta for p in module.parameters())
+
+
+def cpu_twin(module: nn.Module) -> nn.Module:
+    """`module` to run for shapes: itself, or for a skeleton on the meta device an uninitialised CPU
+    twin. On meta tensors torch runs ops through its Python references, whose first call imports
+    torch's compiler (3 s of every client process's start), and every storage has address 0. The
+    twin's weights are read, never written: their pages stay the kernel's zero page, not memory.
+    Call it under `torch.device("cpu")` so that the ops' new tensors are CPU tensors too."""
+    return copy.deepcopy(module).to_empty(device="cpu") if on_meta(module) else module
 
 
 def reset_parameters(module: nn.Module) -> nn.Module:

@@ -21,7 +21,7 @@ from torch import nn
 from neulite.errors import NeuliteError
 from neulite.importing import Registry
 from neulite.models.balance import balanced_cuts, split_at, unit_costs
-from neulite.models.blocks import BlockModel, ClassifierHead
+from neulite.models.blocks import BlockModel, ClassifierHead, on_meta
 from neulite.models.recompute import recomputable
 from neulite.models.vit import vit_tiny
 
@@ -39,8 +39,11 @@ def _init_weights(model: nn.Module) -> None:
     """Kaiming-normal (fan_out) convs with zero bias, BatchNorm weight 1 and bias 0.
 
     Linear layers (the classifier head) keep torch's default init, the same one `fresh_head`
-    gives a re-initialised head.
+    gives a re-initialised head. A skeleton on the meta device has no values to draw (and drawing
+    them there imports torch's compiler: `cpu_twin`).
     """
+    if on_meta(model):
+        return
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
