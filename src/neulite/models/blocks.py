@@ -114,8 +114,8 @@ def cpu_twin(module: nn.Module) -> nn.Module:
     """`module` to run for shapes: itself, or for a skeleton on the meta device an uninitialised CPU
     twin. On meta tensors torch runs ops through its Python references, whose first call imports
     torch's compiler (3 s of every client process's start), and every storage has address 0. The
-    twin's weights are read, never written: their pages stay the kernel's zero page, not memory.
-    Call it under `torch.device("cpu")` so that the ops' new tensors are CPU tensors too."""
+    twin lives only for the probe: building ResNet-18's skeleton peaks 61 MiB above the process's
+    resident memory with it, 100 MiB with the compiler's import before. Call it under `torch.device("cpu")` so that the ops' new tensors are CPU tensors too."""
     return copy.deepcopy(module).to_empty(device="cpu") if on_meta(module) else module
 
 
