@@ -108,13 +108,14 @@ def test_a_client_skeleton_on_the_meta_device_is_cut_where_the_server_cuts():
     assert [len(b) for b in user.blocks] == [len(b) for b in server.blocks]
 
 
-SKELETONS = """
+SKELETON_NETS = (("resnet18", 0), ("mobilenetv2", 3), ("vit_tiny", 0))  # (built-in, blocks), and a user's plain CNN
+SKELETONS = f"""
 import sys, torch
 from examples.user_cnns import plain_cnn
 from neulite.models.stage_net import StageNet
 from neulite.models.zoo import build_model
 with torch.device("meta"):
-    nets = [StageNet(build_model(n, (3, 32, 32), 10, 0.5, b)) for n, b in (("resnet18", 0), ("mobilenetv2", 3), ("vit_tiny", 0))]
+    nets = [StageNet(build_model(n, (3, 32, 32), 10, 0.5, b)) for n, b in {SKELETON_NETS!r}]
     nets.append(StageNet(plain_cnn((3, 32, 32), 10)))
 print([n.model.block_shapes for n in nets], "torch._dynamo" in sys.modules)
 """
@@ -125,7 +126,7 @@ def test_a_client_skeleton_is_built_without_torchs_compiler_and_shaped_as_the_se
     meta device; run there, the shape probe and weight init imported torch's compiler (3 s a message)."""
     done = subprocess.run([sys.executable, "-c", SKELETONS], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr
-    nets = [build_model(n, (3, 32, 32), 10, 0.5, b) for n, b in (("resnet18", 0), ("mobilenetv2", 3), ("vit_tiny", 0))]
+    nets = [build_model(n, (3, 32, 32), 10, 0.5, b) for n, b in SKELETON_NETS]
     nets.append(plain_cnn((3, 32, 32), 10))
     assert done.stdout.strip() == f"{[n.block_shapes for n in nets]} False"
 
