@@ -22,6 +22,7 @@ import torch
 from neulite.memory import HEAP_BLOCK, StepLoss
 from neulite.models.arrays import assign_arrays, extract_arrays
 from neulite.models.stage_net import StageNet, StagePlan
+from neulite.optim import SGD
 
 
 def resident_peak(net: StageNet, plan: StagePlan, batch_size: int, loss: StepLoss, steps: int = 2) -> int:
@@ -37,13 +38,13 @@ def _train(
     client: StageNet, arrays: dict[str, torch.Tensor], plan: StagePlan, batch_size: int, loss: StepLoss, steps: int
 ) -> None:
     assign_arrays(client, arrays)
-    optimizer = torch.optim.SGD(client.prepare(plan), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    optimizer = SGD(client.prepare(plan), lr=0.01, momentum=0.9, weight_decay=5e-4)
     x = torch.randn(batch_size, *client.model.input_shape)
     y = torch.randint(0, client.model.num_classes, (batch_size,))
     for _ in range(steps):
         loss(client, plan, x, y).backward()
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
 
 
 def _kib(key: str) -> int:

@@ -26,6 +26,7 @@ from rich.console import Console
 from neulite.algorithms.registry import METHODS
 from neulite.compare import compare, machine
 from neulite.config import load_config
+from neulite.optim import SGD
 from neulite.server import client_seed
 from neulite.simulation import Simulation
 
@@ -57,7 +58,7 @@ def bare_torch_seconds(cfg) -> float:
         for i in chosen:
             client = clients[i]
             local = copy.deepcopy(model).train()
-            opt = torch.optim.SGD(local.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+            opt = SGD(local.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
             g = torch.Generator().manual_seed(client_seed(cfg.seed, rnd, client.cid))
             for _ in range(t.local_epochs):
                 order = torch.randperm(len(client.train), generator=g)
@@ -68,7 +69,7 @@ def bare_torch_seconds(cfg) -> float:
                     loss = F.cross_entropy(local(client.train.x[idx]), client.train.y[idx])
                     loss.backward()
                     opt.step()
-                    opt.zero_grad(set_to_none=True)
+                    opt.zero_grad()
             states.append(local.state_dict())
             sizes.append(len(client.train))
         total = sum(sizes)

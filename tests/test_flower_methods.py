@@ -6,6 +6,7 @@ failing nodes are left out on that same path."""
 import dataclasses
 import json
 import logging
+import time
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from neulite import federation  # noqa: E402
 from neulite.federation import client_data, client_method, load_node  # noqa: E402
 from neulite.flower.client_app import make_client_app  # noqa: E402
+from neulite.flower.grid import PromptGrid  # noqa: E402
 from neulite.flower.server_app import run  # noqa: E402
 from neulite.flower.simulation import run_config_for  # noqa: E402
 
@@ -157,3 +159,38 @@ def test_a_planned_network_is_planned_once_by_the_server_and_built_from_the_task
     summary = run(LoopbackGrid(make_client_app(run_config), run_config, cfg.data.num_clients), run_config)
     assert len(plans) == 1, "a node planned again"
     assert summary["block_plan"] == dataclasses.asdict(plans[0]) and len(_rows(tmp_path)) == 3
+
+
+class _SuperLink:
+    """Node n's reply reaches it n/10 s after the push; each reply is pulled once, as from a SuperLink."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, tuple[Message, float]] = {}
+
+    def push_messages(self, messages):
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = message.object_id  # as Flower's grid names them
+            self.pending[message.object_id] = (message, time.monotonic() + message.metadata.dst_node_id / 10)
+        return list(self.pending)
+
+    def pull_messages(self, message_ids):
+        now = time.monotonic()
+        due = [i for i in message_ids if i in self.pending and self.pending[i][1] <= now]
+        return [Message(RecordDict(), reply_to=self.pending.pop(i)[0]) for i in due]
+
+
+def test_the_servers_grid_takes_replies_as_they_arrive_and_stops_at_its_timeout():
+    """Flower's deployment grid pulls every 3 s: each exchange waited up to 3 s after its last reply."""
+    grid = PromptGrid(_SuperLink())  # type: ignore[arg-type]
+
+    def send(nodes, timeout):
+        messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+        started = time.monotonic()
+        replies = grid.send_and_receive(messages, timeout=timeout)
+        ids = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        return sorted(ids[r.metadata.reply_to_message_id] for r in replies), time.monotonic() - started
+
+    nodes, seconds = send([1, 4], timeout=10)
+    assert nodes == [1, 4] and 0.4 <= seconds < 1.0
+    nodes, seconds = send([2, 90], timeout=1.0)  # node 90 answers after the timeout
+    assert nodes == [2] and 1.0 <= seconds < 1.5

@@ -36,6 +36,7 @@ from torch.utils.flop_counter import flop_registry
 from neulite.errors import NeuliteError
 from neulite.models.arrays import assign_arrays, extract_arrays
 from neulite.models.stage_net import StageNet, StagePlan
+from neulite.optim import SGD
 from neulite.saved_tensors import SavedTensorCounter
 
 MIB = 2**20
@@ -376,14 +377,14 @@ def _measure_here(net: StageNet, plan: StagePlan, batch_size: int, loss: StepLos
     def run(client: StageNet, n: int) -> None:
         assign_arrays(client, arrays)
         params = client.prepare(plan)
-        optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)  # the default client optimizer
+        optimizer = SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)  # the default client optimizer
         xb = torch.randn(batch_size, *net.model.input_shape, device=device)
         yb = torch.randint(0, net.model.num_classes, (batch_size,), device=device)
         for _ in range(n):
             value = loss(client, plan, xb, yb)
             value.backward()
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             del value
 
     cuda = device.startswith("cuda")

@@ -22,6 +22,7 @@ from neulite.errors import NeuliteError
 from neulite.memory import MIB, StepLoss, check_device, estimate, measure, step_flops
 from neulite.models.stage_net import StageNet, StagePlan
 from neulite.models.zoo import build_model
+from neulite.optim import SGD
 
 PLAN_FIELDS = ("recompute", "segment", "recompute_prefix", "kept_segments", "recompute_inner")
 """What a stage row records of its plan: a measurement is of that plan, and no other."""
@@ -209,8 +210,7 @@ def step_seconds(
     y = torch.randint(0, net.model.num_classes, (batch_size,), device=device)
     clients = [copy.deepcopy(net).to(device) for _ in runs]
     optimizers = [
-        torch.optim.SGD(client.prepare(plan), lr=0.01, momentum=0.9)
-        for client, (plan, _) in zip(clients, runs, strict=True)
+        SGD(client.prepare(plan), lr=0.01, momentum=0.9) for client, (plan, _) in zip(clients, runs, strict=True)
     ]
     times: list[list[float]] = [[] for _ in runs]
     for _ in range(steps + 1):
@@ -218,7 +218,7 @@ def step_seconds(
             start = time.perf_counter()
             loss(client, plan, x, y).backward()
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             if device.startswith("cuda"):
                 torch.cuda.synchronize()  # the step's kernels have run, not just been queued
             taken.append(time.perf_counter() - start)

@@ -16,6 +16,7 @@ from neulite.errors import NeuliteError
 from neulite.memory import StepLoss
 from neulite.models.arrays import assign_arrays, extract_arrays
 from neulite.models.stage_net import StageNet, StagePlan
+from neulite.optim import SGD
 from neulite.prefix_cache import PrefixCache
 
 
@@ -26,8 +27,8 @@ def cross_entropy_loss(
     return F.cross_entropy(net.stage_forward(x, plan, prefix)[1], y)
 
 
-def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> SGD:
+    return SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def local_update(
@@ -66,7 +67,7 @@ def local_update(
                 )
             value.backward()
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)  # free gradients before the next forward
+            optimizer.zero_grad()  # free gradients before the next forward
             total_loss += value.item()
             steps += 1
     if not steps:

@@ -13,6 +13,7 @@ from rich.console import Console
 from neulite.errors import NeuliteError
 from neulite.experiment import Experiment, build_experiment
 from neulite.federation import simulated_budgets
+from neulite.flower.grid import PromptGrid
 from neulite.flower.run_config import parse_run_config
 from neulite.flower.strategy import NeuliteStrategy, NodeQuery, profile_nodes
 from neulite.memory import MIB
@@ -30,7 +31,7 @@ def make_server_app(run_config: dict[str, Any] | None = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            run(grid, {**base, **context.run_config})
+            run(PromptGrid(grid), {**base, **context.run_config})
         except NeuliteError as exc:
             log.error("neulite: error: %s", exc)
             raise

@@ -116,7 +116,11 @@ def cpu_twin(module: nn.Module) -> nn.Module:
     torch's compiler (3 s of every client process's start), and every storage has address 0. The
     twin lives only for the probe: building ResNet-18's skeleton peaks 61 MiB above the process's
     resident memory with it, 100 MiB with the compiler's import before. Call it under `torch.device("cpu")` so that the ops' new tensors are CPU tensors too."""
-    return copy.deepcopy(module).to_empty(device="cpu") if on_meta(module) else module
+    if not on_meta(module):
+        return module
+    # not `to_empty`: its `empty_like` of a meta tensor runs torch's Python reference, whose first
+    # call imports sympy (0.8 s of a client process's start); `empty` from the shape does not
+    return copy.deepcopy(module)._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device="cpu"))
 
 
 def reset_parameters(module: nn.Module) -> nn.Module:
