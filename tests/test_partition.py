@@ -14,7 +14,7 @@ from neulite.algorithms.neulite import neulite_loss
 from neulite.config import load_config
 from neulite.errors import NeuliteError
 from neulite.memory import estimate
-from neulite.models import zoo
+from neulite.models import balance, zoo
 from neulite.models.balance import balanced_cuts, split_at, unit_costs, units
 from neulite.models.blocks import BlockModel, ClassifierHead
 from neulite.models.stage_net import StageNet
@@ -86,6 +86,16 @@ def test_rebalanced_resnet_needs_less_than_one_block_per_stage():
         assert torch.equal(fresh(x), balanced.model(x))
 
 
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv2", "vit_tiny", "examples.user_cnns:plain_cnn"])
+def test_unit_costs_from_two_small_batches_are_a_forward_at_the_batch(name: str):
+    model = build_model(name, (3, 32, 32), 10, width=0.25)
+    direct = [
+        saved + 3 * sum(p.numel() * p.element_size() for p in piece.parameters())
+        for saved, piece in zip(balance._saved_bytes(model, 48), units(model), strict=True)
+    ]
+    assert unit_costs(model, 48) == direct
+
+
 def test_balanced_cuts_are_the_same_at_every_width():
     full = build_model("resnet18", (3, 32, 32), 10, blocks=5)
     narrow = build_model("resnet18", (3, 32, 32), 10, width=0.25, blocks=5)
@@ -95,10 +105,10 @@ def test_balanced_cuts_are_the_same_at_every_width():
 
 def test_a_client_skeleton_on_the_meta_device_is_cut_where_the_server_cuts():
     # a Flower client process builds only the skeleton, on the meta device: its cuts must not differ
-    zoo._balanced_cuts.cache_clear()
+    zoo._unit_costs.cache_clear()
     with torch.device("meta"):
         skeleton = build_model("small_cnn", (1, 28, 28), 10, blocks=2)
-    zoo._balanced_cuts.cache_clear()
+    zoo._unit_costs.cache_clear()
     server = build_model("small_cnn", (1, 28, 28), 10, blocks=2)
     assert [len(b) for b in skeleton.blocks] == [len(b) for b in server.blocks]
     assert skeleton.state_dict().keys() == server.state_dict().keys()

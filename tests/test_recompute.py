@@ -194,7 +194,7 @@ def test_no_way_to_recompute_a_stage_beats_its_rungs():
     the fewest operations that fit it. Where re-running the frozen prefix costs less than re-running
     the units' inner parts, a rung does that alone (a fixed order of levers never offered it)."""
     net = StageNet(build_model("resnet18", (3, 32, 32), 10, 0.25, 8))
-    method = NeuLite(net, load_config(overrides=["train.batch_size=16", "model.blocks=8"]))
+    method = NeuLite(net, load_config(overrides=["train.batch_size=8", "model.blocks=8"]))
     prefix_alone = False
     for plan in method.plans()[:4]:
         rungs = method.rungs(plan)
@@ -220,7 +220,7 @@ def test_a_stage_recomputes_inner_parts_only_in_the_segments_that_keep_its_peak_
     """ResNet-18 in 8 blocks: where the inner parts are recomputed, only in some of the recomputed
     segments, and in none the peak could do without by `WORTH_A_FORWARD`."""
     net = StageNet(build_model("resnet18", (3, 32, 32), 10, 0.25, 8))
-    method = NeuLite(net, load_config(overrides=["train.batch_size=16", "model.blocks=8"]))
+    method = NeuLite(net, load_config(overrides=["train.batch_size=8", "model.blocks=8"]))
     inner = [chosen for chosen in map(method.recomputing, method.plans()) if chosen.recompute_inner]
     assert inner
     for chosen in inner:
@@ -309,14 +309,14 @@ def test_a_lever_the_estimate_chooses_lowers_the_peak_as_measured(model: str, st
     large as what a segment keeps; re-running it from the batch lowers the peak. ResNet-18's second
     of 8 blocks is one residual unit at full resolution: its second forward in backward would hold
     all the unit's activations at once; recomputing its first convolution once more lowers the peak."""
-    cfg = load_config(overrides=["train.batch_size=16", "train.recompute=on", f"model.name={model}", "model.blocks=8"])
+    cfg = load_config(overrides=["train.batch_size=8", "train.recompute=on", f"model.name={model}", "model.blocks=8"])
     net = StageNet(build_model(model, (3, 32, 32), 10, 0.25, 8))
     method = NeuLite(net, cfg)
     plan = method.recomputing(net.plan(stage, harmonize=True, mentor=True))
     assert getattr(plan, lever)
     without = method.memory(dataclasses.replace(plan, **{lever: False})).total
     estimated = method.memory(plan).total
-    measured = measure(net, plan, 16, method.loss(method.task_config(plan)))
+    measured = measure(net, plan, 8, method.loss(method.task_config(plan)))
     assert estimated < (1 - WORTH_A_FORWARD) * without
     assert abs(estimated - measured) < 0.1 * measured, (estimated, measured)
     with pytest.raises(NeuliteError, match="the units. inner parts or the last segment are recomputed only by a stage"):
@@ -363,9 +363,7 @@ def test_a_client_pays_for_as_much_recomputation_as_its_budget_needs():
     """ResNet-18's second of 8 blocks: between the leanest recomputing plan and the plain one lie
     rungs that re-run less (`test_no_way_to_recompute_a_stage_beats_its_rungs`); a budget gets the
     cheapest rung it fits."""
-    cfg = load_config(
-        overrides=["train.batch_size=16", "train.recompute=auto", "model.name=resnet18", "model.blocks=8"]
-    )
+    cfg = load_config(overrides=["train.batch_size=8", "train.recompute=auto", "model.name=resnet18", "model.blocks=8"])
     net = StageNet(build_model("resnet18", (3, 32, 32), 10, 0.25, 8))
     method = NeuLite(net, cfg)
     plan = net.plan(2, harmonize=True, mentor=True)

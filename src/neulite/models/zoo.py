@@ -266,7 +266,7 @@ _BUILDERS: dict[str, ModelFactory] = {
 _MODELS: Registry[ModelFactory] = Registry(
     "model",
     _BUILDERS,
-    on_register=lambda: _balanced_cuts.cache_clear(),  # cuts found for an earlier model of a name
+    on_register=lambda: _unit_costs.cache_clear(),  # cuts found for an earlier model of a name
 )
 register_model = _MODELS.register
 """Decorator: `model.name = name` builds the network with the decorated `ModelFactory` (see `Registry`)."""
@@ -352,8 +352,13 @@ def cut_points(name: str, input_shape: tuple[int, int, int], num_classes: int, b
     return list(_balanced_cuts(name, tuple(input_shape), num_classes, blocks))
 
 
-@functools.lru_cache(maxsize=32)
 def _balanced_cuts(name: str, input_shape: tuple[int, int, int], num_classes: int, blocks: int) -> list[int]:
+    return balanced_cuts(_unit_costs(name, input_shape, num_classes), blocks)
+
+
+@functools.lru_cache(maxsize=32)
+def _unit_costs(name: str, input_shape: tuple[int, int, int], num_classes: int) -> tuple[int, ...]:
+    """The full-width model's `unit_costs` at batch 64, once per network: the planner cuts it
+    into every number of blocks from the same costs."""
     with torch.random.fork_rng():  # cached: drawing from the seeded stream only on a miss would change the run
-        model = build_model(name, input_shape, num_classes)
-        return balanced_cuts(unit_costs(model, 64), blocks)
+        return tuple(unit_costs(build_model(name, input_shape, num_classes), 64))
