@@ -65,6 +65,18 @@ def test_the_fewest_blocks_that_let_the_target_share_fit_every_stage():
     )  # one in ten fits 2 blocks: enough
 
 
+def test_the_planner_says_which_candidate_and_stage_it_is_estimating():
+    steps: list[str] = []
+    chosen, candidates, _ = _plan([1], target=1.0, recompute=False, progress=steps.append)  # none fits: all tried
+    kinds = {True: "memory-balanced", False: "the network's own"}
+    expected = [
+        f"candidate {i} of 3, {c.blocks} {kinds[c.balanced]} blocks: stage {s} of {c.blocks}"
+        for i, c in enumerate(candidates, 1)
+        for s in range(1, c.blocks + 1)
+    ]
+    assert steps == expected and len(candidates) == 3
+
+
 def test_when_no_plan_reaches_the_target_the_most_clients_take_part():
     cheapest = {b: min(_peaks(b, recompute=True)) for b in (2, 0, 3)}  # in the planner's order
     poor = min(cheapest.values())  # fits the cheapest stage of some plans only

@@ -123,17 +123,19 @@ def _plan(args: argparse.Namespace) -> None:
         raise NeuliteError(f"--budgets must be MiB values separated by commas, got {args.budgets!r}") from None
     if min(budgets) <= 0:
         raise NeuliteError("--budgets must be positive")
-    chosen, candidates, full = plan_blocks(
-        args.model,
-        shape,
-        args.num_classes,
-        budgets,
-        width=args.width,
-        batch_size=args.batch_size,
-        target=args.target,
-        recompute=not args.no_recompute,
-        max_blocks=args.max_blocks,
-    )
+    with Console(stderr=True).status(f"planning {args.model}") as status:  # on stderr: --json stays clean
+        chosen, candidates, full = plan_blocks(
+            args.model,
+            shape,
+            args.num_classes,
+            budgets,
+            width=args.width,
+            batch_size=args.batch_size,
+            target=args.target,
+            recompute=not args.no_recompute,
+            max_blocks=args.max_blocks,
+            progress=lambda step: status.update(f"planning {args.model}: {step}"),
+        )
     if args.json:
         print(
             json.dumps(

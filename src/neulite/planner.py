@@ -8,7 +8,7 @@ of the clients fits every stage: a stage's peak is NeuLite's estimate (Mentor an
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from neulite.algorithms.local import cross_entropy_loss
@@ -56,12 +56,15 @@ def plan_blocks(
     target: float = 0.9,
     recompute: bool = True,
     max_blocks: int = MAX_BLOCKS,
+    progress: Callable[[str], None] | None = None,
 ) -> tuple[BlockPlan, list[BlockPlan], int]:
     """(chosen plan, every candidate tried, full-model training's peak in bytes).
 
     The candidates are the network's own blocks and 2 up to `max_blocks` memory-balanced blocks,
     fewest first. The chosen plan is the first whose share reaches `target`; if none does, the one
-    under which the most clients take part at all, then the largest share, then the fewest blocks."""
+    under which the most clients take part at all, then the largest share, then the fewest blocks.
+    `progress` hears which candidate and stage is being estimated: a large network's search for
+    ways to recompute takes minutes."""
     if not budgets:
         raise NeuliteError("a plan needs at least one client budget")
     if not 0 < target <= 1:
@@ -70,20 +73,23 @@ def plan_blocks(
     full = StageNet(whole)
     full_peak = estimate(full, full.full_plan(), batch_size, cross_entropy_loss).total
 
-    def candidate(blocks: int) -> BlockPlan:
+    def candidate(blocks: int, label: str) -> BlockPlan:
         cfg = Config(
             model=ModelConfig(name=model, width=width, blocks=blocks), train=TrainConfig(batch_size=batch_size)
         )
         method = build_method(cfg, StageNet(build_model(model, input_shape, num_classes, width, blocks)))
-        plans = method.plans()
-        peaks = [method.memory(p).total for p in plans]
         assert isinstance(method, NeuLite)  # the config names a neulite method
-        rpeaks = [method.memory(method.recomputing(p)).total for p in plans]
+        peaks, rpeaks = [], []
+        for plan in method.plans():
+            if progress:
+                progress(f"{label}: stage {plan.stage} of {plan.num_stages}")
+            peaks.append(method.memory(plan).total)
+            rpeaks.append(method.memory(method.recomputing(plan)).total)
         usable = [min(a, b) if recompute else a for a, b in zip(peaks, rpeaks, strict=True)]
         fits = [sum(b >= u for b in budgets) for u in usable]
         cuts = cut_points(model, input_shape, num_classes, blocks) if blocks else own_cuts(whole)
         return BlockPlan(
-            len(plans),
+            len(peaks),
             cuts,
             bool(blocks),
             peaks,
@@ -96,8 +102,9 @@ def plan_blocks(
     own = len(whole.blocks)
     counts = sorted([(own, 0), *((n, n) for n in range(2, min(len(units(whole)), max_blocks) + 1))])
     candidates: list[BlockPlan] = []
-    for _, blocks in counts:
-        candidates.append(candidate(blocks))
+    for i, (n, blocks) in enumerate(counts):
+        kind = "memory-balanced" if blocks else "the network's own"
+        candidates.append(candidate(blocks, f"candidate {i + 1} of {len(counts)}, {n} {kind} blocks"))
         if candidates[-1].share >= target:
             return candidates[-1], candidates, full_peak
     return max(candidates, key=lambda c: (c.take_part, c.share, -c.blocks)), candidates, full_peak

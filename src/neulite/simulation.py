@@ -142,7 +142,10 @@ def run_experiment(
     """
     console = console or Console(quiet=True)
     ResultsDir(out).check_target(resume=resume, overwrite=overwrite)
-    with Simulation(cfg, workers) as sim:  # everything is built and checked before the results folder is touched
+    building = "data, budgets, memory estimates" + (", the block plan" if cfg.model.blocks == "auto" else "")
+    with console.status(f"building the federation: {building}"):  # a large network's estimates take minutes
+        sim = Simulation(cfg, workers)
+    with sim:  # everything is built and checked before the results folder is touched
         run = RunLog(cfg, out, resume=resume, overwrite=overwrite, console=console)
         run.resume(sim.server)
         rounds = cfg.method.rounds
