@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import neulite
 from examples.user_cnns import plain_cnn
 from neulite.algorithms.neulite import neulite_loss
 from neulite.config import load_config
@@ -31,20 +32,55 @@ def test_balanced_cuts_minimise_the_largest_block():
         balanced_cuts([1, 2], 3)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(costs=st.lists(st.integers(0, 50), min_size=1, max_size=8), data=st.data())
-def test_balanced_cuts_are_optimal(costs: list[int], data: st.DataObject):
+def test_balanced_cuts_are_optimal_among_cuts_that_give_every_block_a_layer(costs: list[int], data: st.DataObject):
     import itertools
 
-    k = data.draw(st.integers(1, len(costs)))
-    cuts = balanced_cuts(costs, k)
+    layers = data.draw(st.lists(st.booleans(), min_size=len(costs), max_size=len(costs)).filter(any))
+    k = data.draw(st.integers(1, sum(layers)))
+    cuts = balanced_cuts(costs, k, layers)
     assert len(cuts) == k - 1 and cuts == sorted(set(cuts)) and all(0 < c < len(costs) for c in cuts)
 
-    def worst(cs: tuple[int, ...] | list[int]) -> int:
+    def blocks(cs: tuple[int, ...] | list[int]) -> list[tuple[int, int]]:
         bounds = [0, *cs, len(costs)]
-        return max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:], strict=False))
+        return list(zip(bounds, bounds[1:], strict=False))
 
-    assert worst(cuts) == min(worst(c) for c in itertools.combinations(range(1, len(costs)), k - 1))
+    def worst(cs: tuple[int, ...] | list[int]) -> int:
+        return max(sum(costs[a:b]) for a, b in blocks(cs))
+
+    valid = [
+        c for c in itertools.combinations(range(1, len(costs)), k - 1) if all(any(layers[a:b]) for a, b in blocks(c))
+    ]
+    assert all(any(layers[a:b]) for a, b in blocks(cuts))
+    assert worst(cuts) == min(map(worst, valid))
+    with pytest.raises(NeuliteError, match=f"{sum(layers) + 1} blocks requested from {len(costs)} sequential units"):
+        balanced_cuts(costs, sum(layers) + 1, layers)
+
+
+def test_a_network_whose_first_unit_is_a_flatten_is_cut_with_a_layer_in_every_block():
+    """A user's MLP: its Flatten is a unit without parameters, which a block of its own could not
+    train (no Harmonizer tail); `model.blocks` may ask for one block per linear layer, not more."""
+
+    def mlp(shape: tuple[int, int, int], k: int, width: float = 1.0) -> BlockModel:
+        layers = [nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU())]
+        layers += [nn.Sequential(nn.Linear(32, 32), nn.LayerNorm(32), nn.GELU()) for _ in range(3)]
+        return BlockModel(layers, nn.Linear(32, k), shape, k)
+
+    neulite.register_model("test_flatten_mlp")(mlp)
+    net = StageNet(build_model("test_flatten_mlp", (1, 8, 8), 10, blocks=4))
+    assert [len(b) for b in net.model.blocks] == [2, 1, 1, 1]  # the Flatten with the first linear layer
+    assert all(any(isinstance(m, nn.Linear) for m in b.modules()) for b in net.model.blocks)
+    assert [net.tail(b) for b in range(4)] == [
+        [],
+        ["model.blocks.1.0.1"],
+        ["model.blocks.2.0.1"],
+        ["model.blocks.3.0.1"],
+    ]
+    with pytest.raises(
+        NeuliteError, match="5 blocks requested from 5 sequential units, 4 of them with a conv or linear"
+    ):
+        build_model("test_flatten_mlp", (1, 8, 8), 10, blocks=5)
 
 
 def test_units_keep_each_layer_with_its_norm_and_activation():
@@ -105,10 +141,10 @@ def test_balanced_cuts_are_the_same_at_every_width():
 
 def test_a_client_skeleton_on_the_meta_device_is_cut_where_the_server_cuts():
     # a Flower client process builds only the skeleton, on the meta device: its cuts must not differ
-    zoo._unit_costs.cache_clear()
+    zoo._units_at_full_width.cache_clear()
     with torch.device("meta"):
         skeleton = build_model("small_cnn", (1, 28, 28), 10, blocks=2)
-    zoo._unit_costs.cache_clear()
+    zoo._units_at_full_width.cache_clear()
     server = build_model("small_cnn", (1, 28, 28), 10, blocks=2)
     assert [len(b) for b in skeleton.blocks] == [len(b) for b in server.blocks]
     assert skeleton.state_dict().keys() == server.state_dict().keys()

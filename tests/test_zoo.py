@@ -193,9 +193,9 @@ def test_too_small_input_is_a_neulite_error():
 
 
 def test_a_model_cut_into_n_blocks_draws_the_same_weights_whether_its_cuts_are_cached_or_not():
-    from neulite.models.zoo import _unit_costs
+    from neulite.models.zoo import _units_at_full_width
 
-    _unit_costs.cache_clear()
+    _units_at_full_width.cache_clear()
     torch.manual_seed(0)
     first = build_model("small_cnn", (1, 12, 12), 10, 0.5, blocks=4)
     after_first = torch.rand(1)

@@ -17,7 +17,7 @@ from neulite.algorithms.registry import build_method
 from neulite.config import Config, ModelConfig, TrainConfig
 from neulite.errors import NeuliteError
 from neulite.memory import estimate
-from neulite.models.balance import own_cuts, units
+from neulite.models.balance import has_layer, own_cuts, units
 from neulite.models.stage_net import StageNet
 from neulite.models.zoo import build_model, cut_points
 
@@ -100,7 +100,8 @@ def plan_blocks(
         )
 
     own = len(whole.blocks)
-    counts = sorted([(own, 0), *((n, n) for n in range(2, min(len(units(whole)), max_blocks) + 1))])
+    most = min(sum(map(has_layer, units(whole))), max_blocks)  # every block needs a conv or linear layer
+    counts = sorted([(own, 0), *((n, n) for n in range(2, most + 1))])
     candidates: list[BlockPlan] = []
     for i, (n, blocks) in enumerate(counts):
         kind = "memory-balanced" if blocks else "the network's own"

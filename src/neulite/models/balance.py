@@ -48,6 +48,11 @@ def sequential_units(blocks: Sequence[nn.Module]) -> list[nn.Module]:
     return [group[0] if len(group) == 1 else nn.Sequential(*group) for group in out]
 
 
+def has_layer(unit: nn.Module) -> bool:
+    """The unit holds a conv or linear layer (what a block's Harmonizer tail is made of: `tail_modules`)."""
+    return any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) for m in unit.modules())
+
+
 def unit_costs(model: BlockModel, batch_size: int) -> list[int]:
     """Per unit of `units(model)`: bytes autograd saves for backward at `batch_size`, plus 3x its
     parameters (weights, gradients, momentum).
@@ -88,11 +93,22 @@ def _saved_bytes(model: BlockModel, batch_size: int) -> list[int]:
     return [counter.bytes[i] for i in range(len(pieces))]
 
 
-def balanced_cuts(costs: Sequence[int], num_blocks: int) -> list[int]:
-    """Cut points (exclusive ends of blocks 1..T-1) that minimise the largest block's summed cost."""
+def balanced_cuts(costs: Sequence[int], num_blocks: int, layers: Sequence[bool] | None = None) -> list[int]:
+    """Cut points (exclusive ends of blocks 1..T-1) that minimise the largest block's summed cost.
+
+    `layers` marks the units that hold a conv or linear layer (`has_layer`; default: all): every
+    block needs one, for the Harmonizer's tail, so a parameter-free unit (a Flatten, a pooling
+    layer) is never a block of its own."""
     n = len(costs)
-    if not 1 <= num_blocks <= n:
-        raise NeuliteError(f"model cannot be split: {num_blocks} blocks requested from {n} sequential units")
+    layers = [True] * n if layers is None else list(layers)
+    held = [0]
+    for layer in layers:
+        held.append(held[-1] + layer)
+    if not 1 <= num_blocks <= held[n]:
+        with_layers = "" if held[n] == n else f", {held[n]} of them with a conv or linear layer (each block needs one)"
+        raise NeuliteError(
+            f"model cannot be split: {num_blocks} blocks requested from {n} sequential units{with_layers}"
+        )
     prefix = [0]
     for c in costs:
         prefix.append(prefix[-1] + c)
@@ -104,7 +120,7 @@ def balanced_cuts(costs: Sequence[int], num_blocks: int) -> list[int]:
         for i in range(k, n + 1):
             for j in range(k - 1, i):
                 value = max(best[k - 1][j], prefix[i] - prefix[j])
-                if value < best[k][i]:
+                if held[i] > held[j] and value < best[k][i]:
                     best[k][i], cut[k][i] = value, j
     cuts, i = [], n
     for k in range(num_blocks, 1, -1):

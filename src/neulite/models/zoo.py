@@ -20,7 +20,7 @@ from torch import nn
 
 from neulite.errors import NeuliteError
 from neulite.importing import Registry
-from neulite.models.balance import balanced_cuts, split_at, unit_costs
+from neulite.models.balance import balanced_cuts, has_layer, split_at, unit_costs, units
 from neulite.models.blocks import BlockModel, ClassifierHead, on_meta
 from neulite.models.recompute import recomputable
 from neulite.models.vit import vit_tiny
@@ -266,7 +266,7 @@ _BUILDERS: dict[str, ModelFactory] = {
 _MODELS: Registry[ModelFactory] = Registry(
     "model",
     _BUILDERS,
-    on_register=lambda: _unit_costs.cache_clear(),  # cuts found for an earlier model of a name
+    on_register=lambda: _units_at_full_width.cache_clear(),  # cuts found for an earlier model of a name
 )
 register_model = _MODELS.register
 """Decorator: `model.name = name` builds the network with the decorated `ModelFactory` (see `Registry`)."""
@@ -353,12 +353,16 @@ def cut_points(name: str, input_shape: tuple[int, int, int], num_classes: int, b
 
 
 def _balanced_cuts(name: str, input_shape: tuple[int, int, int], num_classes: int, blocks: int) -> list[int]:
-    return balanced_cuts(_unit_costs(name, input_shape, num_classes), blocks)
+    costs, layers = _units_at_full_width(name, input_shape, num_classes)
+    return balanced_cuts(costs, blocks, layers)
 
 
 @functools.lru_cache(maxsize=32)
-def _unit_costs(name: str, input_shape: tuple[int, int, int], num_classes: int) -> tuple[int, ...]:
-    """The full-width model's `unit_costs` at batch 64, once per network: the planner cuts it
-    into every number of blocks from the same costs."""
+def _units_at_full_width(
+    name: str, input_shape: tuple[int, int, int], num_classes: int
+) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+    """The full-width model's `unit_costs` at batch 64 and which units hold a layer (`has_layer`),
+    once per network: the planner cuts it into every number of blocks from the same costs."""
     with torch.random.fork_rng():  # cached: drawing from the seeded stream only on a miss would change the run
-        return tuple(unit_costs(build_model(name, input_shape, num_classes), 64))
+        model = build_model(name, input_shape, num_classes)
+        return tuple(unit_costs(model, 64)), tuple(map(has_layer, units(model)))
