@@ -210,8 +210,8 @@ class ServerConfig:
     "trimmed_mean" (drop the `trim` share of the largest and of the smallest values, average the rest)
     or "median"; both robust rules weigh every client equally, so a claimed sample count moves nothing.
     outlier_ratio: a reply whose update (its RMS distance from the tensors it was sent) is more than
-    this many times the sent model's RMS, or than the round's median update (with 3 or more replies),
-    is left out (0: off). Honest clients on label-skewed data differ by more than 10x; 100 leaves them be.
+    this many times the sent model's RMS, or than the median update of the round's clients that
+    trained the same tensors (with 3 or more of them), is left out (0: off). Honest clients on label-skewed data differ by more than 10x; 100 leaves them be.
     """
 
     aggregation: str = "mean"

@@ -168,9 +168,10 @@ class Server:
         """The replies fit to touch the global model, each left-out one logged with its reason.
 
         A reply must be exactly the finite tensors its task asked for; its update (RMS distance from
-        what was sent) must be within `server.outlier_ratio` times the sent model's own RMS and, with
-        three or more well-formed replies, times their median update; and it may claim no more
-        examples than the client's partition holds.
+        what was sent) must be within `server.outlier_ratio` times the sent model's own RMS and, where
+        three or more well-formed replies trained the same tensors, times their median update (a
+        client that also pre-trains a fresh block, or trains another width, moves further than one
+        that does not); and it may claim no more examples than the client's partition holds.
         """
         number, checked = configured.number, {}
         for cid, result in replies.items():
@@ -183,19 +184,22 @@ class Server:
                 log.warning("round %d: client %d left out: %s", number, cid, exc)
         if ratio := self.cfg.server.outlier_ratio:
             moved = {cid: update_size(configured.tasks[cid].arrays, r.arrays) for cid, r in checked.items()}
-            typical = float(np.median(list(moved.values()))) if len(moved) >= 3 else math.inf
+            kinds = {cid: tuple(sorted(self.method.reply_spec(configured.tasks[cid]).items())) for cid in moved}
+            alike = {kind: [moved[cid] for cid in moved if kinds[cid] == kind] for kind in kinds.values()}
+            typical = {kind: float(np.median(sizes)) if len(sizes) >= 3 else math.inf for kind, sizes in alike.items()}
             for cid, size in moved.items():
-                scale = rms(configured.tasks[cid].arrays)
-                if size > ratio * scale or size > ratio * typical:
+                scale, usual = rms(configured.tasks[cid].arrays), typical[kinds[cid]]
+                if size > ratio * scale or size > ratio * usual:
                     log.warning(
                         "round %d: client %d left out: its update (RMS %.3g) exceeds server.outlier_ratio = %g times "
-                        "the sent model's RMS (%.3g) or the round's median update (%.3g)",
+                        "the sent model's RMS (%.3g) or the median update of the round's clients that trained "
+                        "the same tensors (%.3g)",
                         number,
                         cid,
                         size,
                         ratio,
                         scale,
-                        typical,
+                        usual,
                     )
                     del checked[cid]
         for cid, result in list(checked.items()):
