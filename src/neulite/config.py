@@ -211,7 +211,8 @@ class ServerConfig:
     or "median"; both robust rules weigh every client equally, so a claimed sample count moves nothing.
     outlier_ratio: a reply whose update (its RMS distance from the tensors it was sent) is more than
     this many times the sent model's RMS, or than the median update of the round's clients that
-    trained the same tensors (with 3 or more of them), is left out (0: off). Honest clients on label-skewed data differ by more than 10x; 100 leaves them be.
+    trained the same tensors (with 3 or more of them), is left out (0: off). Honest clients on
+    label-skewed data differ by more than 10x; 100 leaves them be.
     """
 
     aggregation: str = "mean"

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from neulite.errors import NeuliteError
-from neulite.models.blocks import BlockModel, cpu_twin
+from neulite.models.blocks import LAYERS, BlockModel, cpu_twin
 from neulite.saved_tensors import SavedTensorCounter
 
 _JOINED = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU)
@@ -49,8 +49,12 @@ def sequential_units(blocks: Sequence[nn.Module]) -> list[nn.Module]:
 
 
 def has_layer(unit: nn.Module) -> bool:
-    """The unit holds a conv or linear layer (what a block's Harmonizer tail is made of: `tail_modules`)."""
-    return any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) for m in unit.modules())
+    """The unit holds a conv or linear layer (`LAYERS`: what a block's Harmonizer tail is made of)."""
+    return any(isinstance(m, LAYERS) for m in unit.modules())
+
+
+SMALL_BATCH = 2
+"""The smaller of the two batches `unit_costs` runs: BatchNorm needs two values per channel."""
 
 
 def unit_costs(model: BlockModel, batch_size: int) -> list[int]:
@@ -70,10 +74,6 @@ def unit_costs(model: BlockModel, batch_size: int) -> list[int]:
         a + (b - a) * (batch_size - small) // small + 3 * sum(p.numel() * p.element_size() for p in piece.parameters())
         for a, b, piece in zip(at_small, at_double, units(model), strict=True)
     ]
-
-
-SMALL_BATCH = 2
-"""The smaller of the two batches `unit_costs` runs: BatchNorm needs two values per channel."""
 
 
 def _saved_bytes(model: BlockModel, batch_size: int) -> list[int]:

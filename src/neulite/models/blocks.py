@@ -138,6 +138,10 @@ def fresh_head(model: BlockModel) -> nn.Module:
     return reset_parameters(copy.deepcopy(model.head))
 
 
+LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
+"""The layers a block's Harmonizer tail is made of (`tail_modules`): every block needs one."""
+
+
 def tail_modules(block: nn.Module) -> list[str]:
     """Names of a block's last parametrised layer(s): the last conv/linear and the norms after it,
     or only those norms where the conv/linear is the block's only one (a block of one layer).
@@ -153,7 +157,7 @@ def tail_modules(block: nn.Module) -> list[str]:
         if n and not list(m.children()) and any(True for _ in m.parameters(recurse=False))
     ]
     for i in range(len(leaves) - 1, -1, -1):
-        if isinstance(leaves[i][1], (nn.Conv1d, nn.Conv2d, nn.Linear)):
+        if isinstance(leaves[i][1], LAYERS):
             first = i + 1 if i == 0 else i  # the block's only conv/linear: its norms alone
             return [n for n, _ in leaves[first:]]
     raise NeuliteError("model cannot be split: a block has no conv or linear layer for the Harmonizer's tail")
