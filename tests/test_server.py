@@ -164,3 +164,30 @@ def test_a_client_that_pre_trains_fresh_blocks_is_judged_against_clients_that_di
     replies = {0: reply(0, 1e-3), 1: reply(1, 1e-3), 2: reply(2, 2e-3), 3: reply(3, 0.3)}
     assert set(server.accept(configured, replies)) == {0, 1, 2, 3}
     assert set(server.accept(configured, {**replies, 2: reply(2, 10.0)})) == {0, 1, 3}
+
+
+def test_heterofls_widths_are_judged_together():
+    """HeteroFL: a narrow client returns the same tensors, sliced, as the full-width ones; its update
+    is judged against their median too, so one far beyond them is left out though no other client
+    trains its width."""
+    server = _server({0: 1.2, 1: 1.2, 2: 1.2, 3: 0.3}, "method.name=heterofl")
+    configured = server.configure(1)
+    assert configured.tasks[3].level != configured.tasks[0].level == configured.tasks[1].level
+    generator = torch.Generator().manual_seed(0)
+
+    def reply(cid: int, step: float) -> ClientResult:
+        task = configured.tasks[cid]
+        spec = server.method.reply_spec(task)
+        return ClientResult(
+            {
+                n: task.arrays[n] + step * torch.randn(s, generator=generator)
+                if d.is_floating_point
+                else task.arrays[n]
+                for n, (s, d) in spec.items()
+            },
+            10,
+        )
+
+    replies = {0: reply(0, 1e-3), 1: reply(1, 1e-3), 2: reply(2, 2e-3), 3: reply(3, 1e-3)}
+    assert set(server.accept(configured, replies)) == {0, 1, 2, 3}
+    assert set(server.accept(configured, {**replies, 3: reply(3, 0.5)})) == {0, 1, 2}

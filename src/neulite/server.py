@@ -169,9 +169,9 @@ class Server:
 
         A reply must be exactly the finite tensors its task asked for; its update (RMS distance from
         what was sent) must be within `server.outlier_ratio` times the sent model's own RMS and, where
-        three or more well-formed replies trained the same tensors, times their median update (a
-        client that also pre-trains a fresh block, or trains another width, moves further than one
-        that does not); and it may claim no more examples than the client's partition holds.
+        three or more well-formed replies trained the same tensors (by name: HeteroFL's widths are
+        alike), times their median update (a client that also pre-trains fresh blocks moves further
+        than one that does not); and it may claim no more examples than the client's partition holds.
         """
         number, checked = configured.number, {}
         for cid, result in replies.items():
@@ -184,7 +184,7 @@ class Server:
                 log.warning("round %d: client %d left out: %s", number, cid, exc)
         if ratio := self.cfg.server.outlier_ratio:
             moved = {cid: update_size(configured.tasks[cid].arrays, r.arrays) for cid, r in checked.items()}
-            kinds = {cid: tuple(sorted(self.method.reply_spec(configured.tasks[cid]).items())) for cid in moved}
+            kinds = {cid: frozenset(self.method.reply_spec(configured.tasks[cid])) for cid in moved}  # names, any width
             alike = {kind: [moved[cid] for cid in moved if kinds[cid] == kind] for kind in kinds.values()}
             typical = {kind: float(np.median(sizes)) if len(sizes) >= 3 else math.inf for kind, sizes in alike.items()}
             for cid, size in moved.items():
