@@ -66,7 +66,8 @@ def test_corrupted_checkpoint_is_a_clear_error(tmp_path: Path, capsys: pytest.Ca
     out = shutil.copytree(tiny_run, tmp_path / "c")
     (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
     assert main(["run", "--quiet", "--resume", "--out", str(out)]) == 2
-    assert "corrupted or unsafe checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert "corrupted or unsafe checkpoint" in err and "refused it: " in err and len(err.splitlines()) == 1
 
 
 @pytest.mark.xdist_group("tiny-run")
@@ -98,6 +99,8 @@ def test_a_crafted_checkpoint_is_refused_without_running_its_code(tmp_path: Path
     assert main(["run", "--quiet", "--resume", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert "unsafe checkpoint" in err and len(err.splitlines()) == 1
+    assert "refused it: Trying to load unsupported GLOBAL posix.system" in err
+    assert "weights_only` set to `False" not in err  # torch's advice would run the payload
     assert not (tmp_path / "PWNED").exists()
 
 

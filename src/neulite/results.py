@@ -32,6 +32,19 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _load_failure(exc: BaseException) -> str:
+    """Why `torch.load(..., weights_only=True)` refused a file, in one line. torch's own message
+    for a file its safe loader refuses opens by suggesting `weights_only=False`, which would run
+    whatever code a crafted file holds: only its reason is kept."""
+    text = str(exc)
+    if not text.startswith("Weights only load failed"):
+        return _first_line(exc)
+    reasons = [p.strip() for p in text.split("\n\n")[1:] if p.strip() and not p.startswith("Check the documentation")]
+    return "the safe loader (weights_only=True) refused it: " + (
+        reasons[-1].replace("\n", " ") if reasons else "no reason given"
+    )
+
+
 def _json(path: Path, text: str, where: str = "") -> Any:
     """`text` (from `path`) parsed as JSON, or an error that names the file (and `where` in it)."""
     try:
@@ -122,7 +135,7 @@ class ResultsDir:
         try:  # tensors and plain values only: a crafted checkpoint cannot run code
             state = torch.load(self.checkpoint_path, weights_only=True)
         except Exception as exc:
-            raise NeuliteError(f"corrupted or unsafe checkpoint {self.checkpoint_path}: {_first_line(exc)}") from None
+            raise NeuliteError(f"corrupted or unsafe checkpoint {self.checkpoint_path}: {_load_failure(exc)}") from None
         keys = {"round", "wall_seconds", "simulation", "config"}
         if not isinstance(state, dict) or not keys <= state.keys():
             raise NeuliteError(
