@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from neulite.algorithms.neulite import NeuLite
 from neulite.algorithms.registry import build_method
 from neulite.cli import main
 from neulite.config import Config, ModelConfig, TrainConfig, load_config
@@ -75,6 +76,18 @@ def test_the_planner_says_which_candidate_and_stage_it_is_estimating():
         for s in range(1, c.blocks + 1)
     ]
     assert steps == expected and len(candidates) == 3
+
+
+def test_a_plan_without_recomputation_never_searches_for_ways_to_recompute(monkeypatch):
+    """A run with train.recompute = "off" plans blocks without the search that is most of a large
+    network's planning time; its plans record no recomputing peaks."""
+
+    def refuse(self, plan):
+        raise AssertionError("searched for ways to recompute")
+
+    monkeypatch.setattr(NeuLite, "recomputing", refuse)
+    chosen, candidates, _ = _plan([10**9], target=0.9, recompute=False)
+    assert all(c.recompute_peaks is None for c in candidates) and chosen.share == 1.0
 
 
 def test_when_no_plan_reaches_the_target_the_most_clients_take_part():

@@ -166,7 +166,7 @@ def _plan(args: argparse.Namespace) -> None:
             f"{c.blocks}{'' if c.balanced else ' (own)'}{' *' if c is chosen else ''}",
             ",".join(map(str, c.cuts)),
             " ".join(f"{p / full:.0%}" for p in c.stage_peaks),
-            " ".join(f"{p / full:.0%}" for p in c.recompute_peaks),
+            "-" if c.recompute_peaks is None else " ".join(f"{p / full:.0%}" for p in c.recompute_peaks),
             " ".join(map(str, c.fits)),
             f"{c.share:.0%}",
             f"{c.take_part:.0%}",

@@ -34,7 +34,9 @@ class BlockPlan:
     cuts: list[int]
     balanced: bool
     stage_peaks: list[int]  # bytes, each stage as planned (no recomputation)
-    recompute_peaks: list[int]  # bytes, each stage recomputing what it trains
+    recompute_peaks: (
+        list[int] | None
+    )  # bytes, each stage recomputing what it trains; None: not searched (recompute off)
     fits: list[int]  # clients whose budget fits each stage (recomputing where allowed and needed)
     share: float  # share of clients that fit every stage
     take_part: float  # share of clients that fit some stage
@@ -84,8 +86,9 @@ def plan_blocks(
             if progress:
                 progress(f"{label}: stage {plan.stage} of {plan.num_stages}")
             peaks.append(method.memory(plan).total)
-            rpeaks.append(method.memory(method.recomputing(plan)).total)
-        usable = [min(a, b) if recompute else a for a, b in zip(peaks, rpeaks, strict=True)]
+            if recompute:  # the search for ways to recompute is most of a plan's time: only when it counts
+                rpeaks.append(method.memory(method.recomputing(plan)).total)
+        usable = [min(a, b) for a, b in zip(peaks, rpeaks, strict=True)] if recompute else peaks
         fits = [sum(b >= u for b in budgets) for u in usable]
         cuts = cut_points(model, input_shape, num_classes, blocks) if blocks else own_cuts(whole)
         return BlockPlan(
@@ -93,7 +96,7 @@ def plan_blocks(
             cuts,
             bool(blocks),
             peaks,
-            rpeaks,
+            rpeaks if recompute else None,
             fits,
             sum(b >= max(usable) for b in budgets) / len(budgets),
             sum(b >= min(usable) for b in budgets) / len(budgets),
