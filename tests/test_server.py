@@ -2,6 +2,7 @@
 sampling, and the minimum number of usable replies."""
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from neulite.algorithms.payload import ClientResult
 from neulite.config import load_config
 from neulite.errors import NeuliteError
 from neulite.experiment import build_experiment
-from neulite.server import Server
+from neulite.server import Round, Server
 from neulite.simulation import Simulation
 
 
@@ -135,18 +136,9 @@ def test_a_resumed_stage_is_not_warm_started_again():
     assert all(torch.equal(v, trained[k]) for k, v in resumed.method.net.outputs[1].state_dict().items())
 
 
-def test_a_client_that_pre_trains_fresh_blocks_is_judged_against_clients_that_did_the_same():
-    """Elastic NeuLite: the rich client also trains the next blocks from their initial weights, so
-    its update is far larger than that of the clients training stage 1 alone. Judged against their
-    median it was left out as an outlier; among its own kind (fewer than three) only the sent
-    model's scale bounds it, and a narrow client 10^4 times its peers' update is still left out."""
-    cfg = ["method.name=neulite-elastic", "method.neulite.max_window=0"]
-    probe = _server({0: 1.2}, *cfg)
-    plan = probe.method.plan(1)
-    narrow = probe.method.memory(plan).total, probe.method.memory(probe.method.windows(plan)[0]).total
-    between = sum(narrow) / 2 / probe.full_peak
-    server = _server({0: between, 1: between, 2: between, 3: 1.2}, *cfg)
-    configured = server.configure(1)
+def _replier(server: Server, configured: Round) -> Callable[[int, float], ClientResult]:
+    """`reply(cid, step)`: the tensors client `cid` must return, each floating one moved from what it
+    was sent by `step` times standard normal noise (seeded)."""
     generator = torch.Generator().manual_seed(0)
 
     def reply(cid: int, step: float) -> ClientResult:
@@ -159,6 +151,22 @@ def test_a_client_that_pre_trains_fresh_blocks_is_judged_against_clients_that_di
         }
         return ClientResult(arrays, 10)
 
+    return reply
+
+
+def test_a_client_that_pre_trains_fresh_blocks_is_judged_against_clients_that_did_the_same():
+    """Elastic NeuLite: the rich client also trains the next blocks from their initial weights, so
+    its update is far larger than that of the clients training stage 1 alone. Judged against their
+    median it was left out as an outlier; among its own kind (fewer than three) only the sent
+    model's scale bounds it, and a narrow client 10^4 times its peers' update is still left out."""
+    cfg = ["method.name=neulite-elastic", "method.neulite.max_window=0"]
+    probe = _server({0: 1.2}, *cfg)
+    plan = probe.method.plan(1)
+    narrow = probe.method.memory(plan).total, probe.method.memory(probe.method.windows(plan)[0]).total
+    between = sum(narrow) / 2 / probe.full_peak
+    server = _server({0: between, 1: between, 2: between, 3: 1.2}, *cfg)
+    configured = server.configure(1)
+    reply = _replier(server, configured)
     kinds = {cid: len(server.method.reply_spec(task)) for cid, task in configured.tasks.items()}
     assert kinds[3] > kinds[0] == kinds[1] == kinds[2]  # the rich client trains more
     replies = {0: reply(0, 1e-3), 1: reply(1, 1e-3), 2: reply(2, 2e-3), 3: reply(3, 0.3)}
@@ -173,21 +181,7 @@ def test_heterofls_widths_are_judged_together():
     server = _server({0: 1.2, 1: 1.2, 2: 1.2, 3: 0.3}, "method.name=heterofl")
     configured = server.configure(1)
     assert configured.tasks[3].level != configured.tasks[0].level == configured.tasks[1].level
-    generator = torch.Generator().manual_seed(0)
-
-    def reply(cid: int, step: float) -> ClientResult:
-        task = configured.tasks[cid]
-        spec = server.method.reply_spec(task)
-        return ClientResult(
-            {
-                n: task.arrays[n] + step * torch.randn(s, generator=generator)
-                if d.is_floating_point
-                else task.arrays[n]
-                for n, (s, d) in spec.items()
-            },
-            10,
-        )
-
+    reply = _replier(server, configured)
     replies = {0: reply(0, 1e-3), 1: reply(1, 1e-3), 2: reply(2, 2e-3), 3: reply(3, 1e-3)}
     assert set(server.accept(configured, replies)) == {0, 1, 2, 3}
     assert set(server.accept(configured, {**replies, 3: reply(3, 0.5)})) == {0, 1, 2}

@@ -173,18 +173,18 @@ class Server:
         alike), times their median update (a client that also pre-trains fresh blocks moves further
         than one that does not); and it may claim no more examples than the client's partition holds.
         """
-        number, checked = configured.number, {}
+        number, checked, kinds = configured.number, {}, {}
         for cid, result in replies.items():
             try:
                 if cid not in configured.tasks:
                     raise NeuliteError("it was not sampled this round")
-                check_result(result, self.method.reply_spec(configured.tasks[cid]))
-                checked[cid] = result
+                spec = self.method.reply_spec(configured.tasks[cid])
+                check_result(result, spec)
+                checked[cid], kinds[cid] = result, frozenset(spec)  # a kind: the names trained, any width
             except NeuliteError as exc:
                 log.warning("round %d: client %d left out: %s", number, cid, exc)
         if ratio := self.cfg.server.outlier_ratio:
             moved = {cid: update_size(configured.tasks[cid].arrays, r.arrays) for cid, r in checked.items()}
-            kinds = {cid: frozenset(self.method.reply_spec(configured.tasks[cid])) for cid in moved}  # names, any width
             alike = {kind: [moved[cid] for cid in moved if kinds[cid] == kind] for kind in kinds.values()}
             typical = {kind: float(np.median(sizes)) if len(sizes) >= 3 else math.inf for kind, sizes in alike.items()}
             for cid, size in moved.items():
