@@ -34,9 +34,8 @@ class BlockPlan:
     cuts: list[int]
     balanced: bool
     stage_peaks: list[int]  # bytes, each stage as planned (no recomputation)
-    recompute_peaks: (
-        list[int] | None
-    )  # bytes, each stage recomputing what it trains; None: not searched (recompute off)
+    # bytes, each stage recomputing what it trains; None: not searched (planned without recomputation)
+    recompute_peaks: list[int] | None
     fits: list[int]  # clients whose budget fits each stage (recomputing where allowed and needed)
     share: float  # share of clients that fit every stage
     take_part: float  # share of clients that fit some stage

@@ -295,7 +295,7 @@ def build_model(
             )
         return split_at(
             build_model(name, input_shape, num_classes, width),
-            _balanced_cuts(name, tuple(input_shape), num_classes, blocks),
+            cut_points(name, input_shape, num_classes, blocks),
         )
     factory = model_factory(name)
     try:
@@ -349,11 +349,7 @@ def _user_model(
 
 def cut_points(name: str, input_shape: tuple[int, int, int], num_classes: int, blocks: int) -> list[int]:
     """Where `build_model(name, ..., blocks=blocks)` ends blocks 1..N-1, as indices into the model's units."""
-    return list(_balanced_cuts(name, tuple(input_shape), num_classes, blocks))
-
-
-def _balanced_cuts(name: str, input_shape: tuple[int, int, int], num_classes: int, blocks: int) -> list[int]:
-    costs, layers = _units_at_full_width(name, input_shape, num_classes)
+    costs, layers = _units_at_full_width(name, tuple(input_shape), num_classes)
     return balanced_cuts(costs, blocks, layers)
 
 
