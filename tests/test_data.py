@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import struct
 import warnings
@@ -208,22 +209,26 @@ def test_unknown_dataset_lists_names():
         load_dataset("imagenet")
 
 
-def _write_batch(path: Path, n: int, label_key: bytes, num_classes: int, rng: np.random.Generator) -> None:
+def _write_batch(
+    path: Path, n: int, label_key: bytes, num_classes: int, rng: np.random.Generator, protocol: int = 5
+) -> None:
     batch = {
+        b"batch_label": b"training batch 1 of 5",
         b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
         label_key: rng.integers(0, num_classes, n).tolist(),
+        b"filenames": [b"x.png"] * n,
     }
-    path.write_bytes(pickle.dumps(batch))
+    path.write_bytes(pickle.dumps(batch, protocol=protocol))
 
 
-@pytest.mark.parametrize("nested", [True, False])
-def test_cifar10_from_fake_archive(tmp_path, nested):
+@pytest.mark.parametrize(("nested", "protocol"), [(True, 5), (False, 2)])  # 2: the archive's own protocol
+def test_cifar10_from_fake_archive(tmp_path, nested, protocol):
     rng = np.random.default_rng(0)
     folder = tmp_path / "cifar-10-batches-py" if nested else tmp_path
     folder.mkdir(exist_ok=True)
     for i in range(1, 6):
-        _write_batch(folder / f"data_batch_{i}", 4, b"labels", 10, rng)
-    _write_batch(folder / "test_batch", 3, b"labels", 10, rng)
+        _write_batch(folder / f"data_batch_{i}", 4, b"labels", 10, rng, protocol)
+    _write_batch(folder / "test_batch", 3, b"labels", 10, rng, protocol)
     d = load_dataset("cifar10", root=str(tmp_path))
     assert d.train.x.shape == (20, 3, 32, 32) and d.test.x.shape == (3, 3, 32, 32)
     assert d.input_shape == (3, 32, 32) and d.augment and d.train.num_classes == 10
@@ -243,6 +248,24 @@ def test_cifar100_from_fake_archive(tmp_path):
 def test_cifar_missing_folder_names_files_and_folder(tmp_path):
     with pytest.raises(NeuliteError, match=r"cifar-10-batches-py/\{data_batch_1,.*test_batch\} in .*nowhere"):
         load_dataset("cifar10", root=str(tmp_path / "nowhere"))
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_crafted_cifar_batch_is_refused_before_it_runs_code(tmp_path):
+    folder, marker = tmp_path / "cifar-100-python", tmp_path / "ran"
+    folder.mkdir()
+    _write_batch(folder / "test", 5, b"fine_labels", 100, np.random.default_rng(0))
+    (folder / "train").write_bytes(pickle.dumps({b"data": _Payload(marker), b"fine_labels": [0]}))
+    with pytest.raises(NeuliteError, match=r"corrupt CIFAR batch .*train: .*calls posix.system, which no CIFAR batch"):
+        load_dataset("cifar100", root=str(tmp_path))
+    assert not marker.exists()
 
 
 def test_cifar_corrupt_pickle(tmp_path):

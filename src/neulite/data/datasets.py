@@ -287,13 +287,34 @@ def _find_folder(root: Path, subdir: str, files: list[str]) -> Path | None:
     return None
 
 
+_CIFAR_GLOBALS = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    *((f"numpy.{core}.multiarray", "_reconstruct") for core in ("core", "_core")),
+    *((f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")),
+    ("_codecs", "encode"),  # bytes in a protocol-2 pickle written by Python 3
+}
+"""Everything a CIFAR batch (a dict of bytes, lists and one uint8 array) is made of, in the pickles
+Python 2 wrote and in those numpy 1 or 2 write."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR batches only: a pickle that names any other global (`os.system`, say) is
+    refused before it runs, so a crafted file in `data.root` cannot run code."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"it calls {module}.{name}, which no CIFAR batch holds: refused unread")
+        return super().find_class(module, name)
+
+
 def _read_cifar(folder: Path, files: list[str], label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenate CIFAR pickle batches. Pickle runs code on load: point `root` only at archives you trust."""
+    """Concatenate CIFAR pickle batches, read by `_CifarUnpickler`."""
     xs, ys = [], []
     for f in files:
         try:
             with open(folder / f, "rb") as fh:
-                batch = pickle.load(fh, encoding="bytes")
+                batch = _CifarUnpickler(fh, encoding="bytes").load()
             x = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
             y = np.asarray(batch[label_key], dtype=np.int64)
         except Exception as e:  # any failure to unpickle or reshape means the file is not a CIFAR batch
