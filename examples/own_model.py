@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 
-from sklearn.datasets import load_digits
 from torch import nn
 
 import neulite
@@ -40,15 +39,17 @@ def digits_cnn(input_shape: tuple[int, int, int], num_classes: int, width: float
 @neulite.register_dataset("digits_arrays")
 def digits(root: str | None, seed: int) -> neulite.DataSplits:
     """scikit-learn's 1,797 8x8 digits as plain arrays; a fifth, stratified by `seed`, held out for testing."""
+    from sklearn.datasets import load_digits  # here, not at the top: only the loader needs scikit-learn
+
     data = load_digits()
     return neulite.from_arrays(data.images, data.target, test_fraction=0.2, seed=seed)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--out", default="results/own-model")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cfg = neulite.load_config(
         overrides=[
             "model.name=digits_cnn",

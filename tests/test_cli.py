@@ -111,7 +111,8 @@ def test_a_crafted_checkpoint_is_refused_without_running_its_code(tmp_path: Path
         (["run", "--config", "/nonexistent.toml"], "config file not found"),
         (["run", "--set", "data.name=cifar10", "--set", "data.root=/nonexistent"], "cifar10"),
         (["run", "--set", "model.name=resnet50"], "resnet50"),
-        (["memory", "--model", "small_cnn", "--input-shape", "1,28"], "C,H,W"),
+        (["memory", "--model", "small_cnn", "--input-shape", "1,28"], "model 'small_cnn' takes (C, H, W) images"),
+        (["memory", "--model", "small_cnn", "--input-shape", "1,2,3,4"], "C,H,W, C,L or F"),
         (["memory", "--model", "small_cnn", "--device", "tpu0"], "unknown device 'tpu0'"),
         (["memory", "--model", "small_cnn", "--device", "meta"], "'cpu' or 'cuda' only"),
         pytest.param(

@@ -4,8 +4,6 @@ driver; and a clear one-line error for each way a user's model or data can be wr
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ import torch
 from torch import nn
 
 import neulite
+from examples import own_model
 from neulite.cli import main
 from neulite.config import load_config
 from neulite.data import from_arrays, load_dataset, partition
@@ -27,14 +26,7 @@ USER = ["model.name=examples.own_model:digits_cnn", "data.name=examples.own_mode
 
 def test_the_example_trains_a_user_network_on_user_data_with_neulite_and_exclusivefl(tmp_path: Path):
     out = tmp_path / "own"
-    done = subprocess.run(
-        [sys.executable, "examples/own_model.py", "--rounds", "3", "--out", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    own_model.main(["--rounds", "3", "--out", str(out)])
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["methods"]) == {"neulite", "exclusivefl"}
     assert summary["methods"]["neulite"]["final_accuracy_mean"] > 0.3, "10 classes: chance is 0.1"
@@ -165,13 +157,13 @@ def test_a_user_data_set_that_is_not_data_splits_is_refused_naming_why(loader, f
 @pytest.mark.parametrize(
     "arrays, fragment",
     [
-        ((np.zeros((4, 8)), np.zeros(4, dtype=int)), r"x_train must be a non-empty numeric \(N, H, W\)"),
+        ((np.zeros((4, 1, 2, 2, 2)), np.zeros(4, dtype=int)), r"x_train must be a non-empty numeric array of images"),
         ((np.full((4, 2, 2), np.nan), np.zeros(4, dtype=int)), "x_train holds NaN"),
         ((np.zeros((4, 2, 2)), np.array([0.0, 1.0, 0.0, 1.0])), "y_train must be 4 non-negative integer labels"),
         ((np.zeros((4, 2, 2)), np.array([0, -1, 0, 1])), "non-negative integer labels"),
         ((np.zeros((4, 2, 2)), np.zeros(3, dtype=int)), "y_train must be 4"),
         ((np.zeros((4, 2, 2)), np.zeros(4, dtype=int), np.zeros((2, 3, 3))), "give both x_test and y_test"),
-        ((np.zeros((4, 2, 2)), np.arange(4) % 2, np.zeros((2, 3, 3)), np.zeros(2, dtype=int)), "test images are"),
+        ((np.zeros((4, 2, 2)), np.arange(4) % 2, np.zeros((2, 3, 3)), np.zeros(2, dtype=int)), "test samples are"),
         ((np.zeros((4, 2, 2)), np.arange(4) % 2, np.zeros((2, 2, 2)), np.array([0, 7])), "a test label"),
         ((np.zeros((4, 2, 2)), np.zeros(4, dtype=int)), "num_classes must be an integer >= 2"),
     ],

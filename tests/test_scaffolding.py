@@ -62,7 +62,8 @@ def test_compact_layers_of_one_missing_block_can_be_copied_between_output_module
 
 
 def test_compact_flat_light_layer_has_a_ninth_of_the_dense_weights():
-    dense, compact = light_layer((512,), (256,)), light_layer((512,), (256,), compact=True)
+    flat = ("flat", "flat")
+    dense, compact = light_layer((512,), (256,), kinds=flat), light_layer((512,), (256,), compact=True, kinds=flat)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(compact) <= count(dense) / 8
     assert compact(torch.zeros(3, 512)).shape == (3, 256)

@@ -174,8 +174,13 @@ def test_bad_width(width):
 @pytest.mark.parametrize(
     "shape,classes,message",
     [
-        ((28, 28), 10, r"input shape must be three positive integers \(C, H, W\), got \(28, 28\)"),
-        ((1, 0, 28), 10, r"input shape must be three positive integers \(C, H, W\), got \(1, 0, 28\)"),
+        ((28, 28), 10, r"model 'small_cnn' takes \(C, H, W\) images, got input shape \(28, 28\)"),
+        (
+            (1, 0, 28),
+            10,
+            r"input shape must be \(C, H, W\) images, \(C, L\) sequences or \(F,\) vectors, got \(1, 0, 28\)",
+        ),
+        ((1, 1, 28, 28), 10, r"input shape must be \(C, H, W\) images, .* got \(1, 1, 28, 28\)"),
         ((1, 28, 28), 0, "number of classes must be a positive integer, got 0"),
         ((1, 28, 28), 2.5, r"the class count a positive integer, got \(1, 28, 28\) and 2.5"),
     ],

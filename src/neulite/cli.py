@@ -196,13 +196,13 @@ def _network_arguments(parser: argparse.ArgumentParser, model: str) -> None:
     """The network and batch a memory question is about."""
     parser.add_argument("--model", default=model)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--input-shape", default="3,32,32", help="C,H,W")
+    parser.add_argument("--input-shape", default="3,32,32", help="C,H,W (an image), C,L (a sequence) or F (a vector)")
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--width", type=float, default=1.0)
 
 
-def _network(args: argparse.Namespace) -> tuple[int, int, int]:
-    """`_network_arguments` checked; the input shape (C, H, W)."""
+def _network(args: argparse.Namespace) -> tuple[int, ...]:
+    """`_network_arguments` checked; the input shape."""
     if args.batch_size < 1:
         raise NeuliteError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.num_classes < 2:
@@ -211,9 +211,9 @@ def _network(args: argparse.Namespace) -> tuple[int, int, int]:
         raise NeuliteError(f"--width must be in (0, 64], got {args.width}")
     text = args.input_shape
     shape = tuple(int(v) for v in text.split(",")) if text.replace(",", "").isdigit() else ()
-    if len(shape) != 3:
-        raise NeuliteError(f"--input-shape must be C,H,W, got {text!r}")
-    return shape  # type: ignore[return-value]
+    if not 1 <= len(shape) <= 3:
+        raise NeuliteError(f"--input-shape must be C,H,W, C,L or F, got {text!r}")
+    return shape
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,6 +22,7 @@ from neulite.algorithms.registry import build_method, build_network
 from neulite.config import ClientsConfig, Config
 from neulite.data import DataSplits, TensorDataset, load_dataset, partition, subsample, train_val_split
 from neulite.device_memory import available_memory, run_within
+from neulite.errors import NeuliteError
 from neulite.memory import MIB, estimate
 from neulite.models.stage_net import StageNet
 from neulite.models.zoo import build_model
@@ -66,7 +67,14 @@ def draw_budgets(cfg: ClientsConfig, n: int, full_peak: int, rng: np.random.Gene
 
 
 def augment_enabled(cfg: Config, splits: DataSplits) -> bool:
-    return splits.augment if cfg.data.augment == "auto" else cfg.data.augment == "on"
+    """Whether clients augment (random crop + flip): images only."""
+    on = splits.augment if cfg.data.augment == "auto" else cfg.data.augment == "on"
+    if on and len(splits.input_shape) != 3:
+        raise NeuliteError(
+            f"data.augment: random crop + flip needs images, but data set {splits.name!r} holds samples of shape "
+            f"{splits.input_shape}: set data.augment = 'off'"
+        )
+    return on
 
 
 def load_splits(cfg: Config) -> DataSplits:

@@ -48,7 +48,7 @@ class BlockPlan:
 
 def plan_blocks(
     model: str,
-    input_shape: tuple[int, int, int],
+    input_shape: tuple[int, ...],
     num_classes: int,
     budgets: Sequence[int],
     *,
@@ -113,7 +113,7 @@ def plan_blocks(
     return max(candidates, key=lambda c: (c.take_part, c.share, -c.blocks)), candidates, full_peak
 
 
-def auto_blocks(cfg: Config, input_shape: tuple[int, int, int], num_classes: int, budgets: Sequence[int]) -> BlockPlan:
+def auto_blocks(cfg: Config, input_shape: tuple[int, ...], num_classes: int, budgets: Sequence[int]) -> BlockPlan:
     """The plan a run with `model.blocks = "auto"` trains: `plan_blocks` for its network, batch
     size, `model.plan_share` and recomputation setting."""
     chosen, _, _ = plan_blocks(

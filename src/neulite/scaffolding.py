@@ -48,9 +48,8 @@ def probe_stage(net: StageNet, plan: StagePlan) -> tuple[StageNet, StagePlan]:
     """`plan`'s stage without scaffolding: blocks 1..t under a linear probe (the real head at the
     last stage), with the same Harmonizer and BatchNorm settings and no Mentor."""
     model, t = net.model, plan.stage
-    head = (
-        model.head if t == plan.num_stages else ClassifierHead(channels(model.block_shapes[t - 1]), model.num_classes)
-    )
+    shape, kind = model.block_shapes[t - 1], model.block_kinds[t - 1]
+    head = model.head if t == plan.num_stages else ClassifierHead(channels(shape, kind), model.num_classes, kind)
     probe = StageNet(BlockModel(list(model.blocks[:t]), head, model.input_shape, model.num_classes))
     return probe, probe.plan(t, harmonize=plan.harmonize, bn_drift=plan.bn_drift)
 

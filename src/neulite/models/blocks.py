@@ -16,33 +16,48 @@ from torch import nn
 
 from neulite.errors import NeuliteError
 
+MAP, TOKENS, FLAT = "map", "tokens", "flat"
+"""What a block returns: a channels-first feature map, (C, L) of a sequence or (C, H, W) of an image;
+a sequence of tokens (N, D); or a flat vector (F,)."""
+
+
+def feature_kind(shape: Sequence[int], block: nn.Module) -> str:
+    """The kind of `block`'s output of `shape`. A 2-D output is a (C, L) map where the block's last
+    conv/linear layer is a `Conv1d`, else (N, D) tokens (a Transformer's, whose last layer is linear)."""
+    if len(shape) != 2:
+        return MAP if len(shape) == 3 else FLAT
+    layers = [m for m in block.modules() if isinstance(m, LAYERS)]
+    return MAP if layers and isinstance(layers[-1], nn.Conv1d) else TOKENS
+
+
+def global_pool(x: torch.Tensor, kind: str = MAP) -> torch.Tensor:
+    """(B, C) from a feature of `kind`: the average over a map's positions or over the tokens;
+    flat features pass through."""
+    if kind == TOKENS:
+        return x.mean(dim=1)
+    return x.flatten(2).mean(dim=2) if x.dim() > 2 else x
+
+
+def channels(shape: Sequence[int], kind: str) -> int:
+    """The feature width of a block's output: C of a map, D of tokens, F of a flat vector."""
+    return shape[-1] if kind == TOKENS else shape[0]
+
 
 class ClassifierHead(nn.Module):
-    """Global average pooling (for feature maps) followed by a linear classifier."""
+    """Global average pooling (`global_pool` of a feature of `kind`) followed by a linear classifier."""
 
-    def __init__(self, in_features: int, num_classes: int) -> None:
+    def __init__(self, in_features: int, num_classes: int, kind: str = MAP) -> None:
         super().__init__()
+        self.kind = kind
         self.fc = nn.Linear(in_features, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(global_pool(x))
-
-
-def global_pool(x: torch.Tensor) -> torch.Tensor:
-    """Average over spatial positions of a (B, C, H, W) map or over the tokens of a (B, N, D)
-    sequence; flat features pass through."""
-    if x.dim() == 4:
-        return x.mean(dim=(2, 3))
-    return x.mean(dim=1) if x.dim() == 3 else x.flatten(1)
-
-
-def channels(shape: Sequence[int]) -> int:
-    """The feature width of a block's output shape: C of a (C, H, W) map, D of (N, D) tokens, F of (F,)."""
-    return shape[-1] if len(shape) == 2 else shape[0]
+        return self.fc(global_pool(x, self.kind))
 
 
 class BlockModel(nn.Module):
-    """A network as blocks θ_1..θ_T and a head; `forward` is head(θ_T(...θ_1(x)))."""
+    """A network as blocks θ_1..θ_T and a head; `forward` is head(θ_T(...θ_1(x))). `block_shapes`
+    and `block_kinds` (`feature_kind`) say what each block returns."""
 
     def __init__(
         self,
@@ -61,6 +76,7 @@ class BlockModel(nn.Module):
         self.input_shape = tuple(int(s) for s in input_shape)
         self.num_classes = int(num_classes)
         self.block_shapes = self._probe_shapes()
+        self.block_kinds = [feature_kind(s, b) for s, b in zip(self.block_shapes, self.blocks, strict=True)]
 
     @property
     def num_blocks(self) -> int:
@@ -85,8 +101,8 @@ class BlockModel(nn.Module):
                         x = block(x)
                         if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3, 4):
                             raise NeuliteError(
-                                f"model cannot be split: block {i + 1} must return a (B, C, H, W), (B, N, D) or (B, F) "
-                                f"tensor, got {type(x).__name__}{tuple(x.shape) if isinstance(x, torch.Tensor) else ''}"
+                                f"model cannot be split: block {i + 1} must return a (B, C, H, W) or (B, C, L) map, "
+                                f"(B, N, D) tokens or a (B, F) vector, got {type(x).__name__}{tuple(x.shape) if isinstance(x, torch.Tensor) else ''}"
                             )
                         shapes.append(tuple(x.shape[1:]))
                     logits = model.head(x)

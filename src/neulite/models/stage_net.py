@@ -153,11 +153,10 @@ class StageNet(nn.Module):
     def __init__(self, model: BlockModel) -> None:
         super().__init__()
         self.model = model
-        t = model.num_blocks
+        t, kind = model.num_blocks, model.block_kinds[-1]
         self.outputs = nn.ModuleList(OutputModule(model, s) for s in range(1, t))
-        self.projections = nn.ModuleList(
-            ProjectionHead(channels(model.block_shapes[-1]), projection_width(model)) for _ in range(t)
-        )
+        features, width = channels(model.block_shapes[-1], kind), projection_width(model)
+        self.projections = nn.ModuleList(ProjectionHead(features, width, kind) for _ in range(t))
         self._tails: dict[int, list[str]] = {}
 
     @property

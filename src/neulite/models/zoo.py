@@ -249,8 +249,9 @@ def _finish(
     return BlockModel(blocks, head, input_shape, num_classes)
 
 
-ModelFactory = Callable[[tuple[int, int, int], int, float], BlockModel]
-"""A network builder: (input_shape (C, H, W), num_classes, width) -> BlockModel. `width` scales the
+ModelFactory = Callable[[tuple[int, ...], int, float], BlockModel]
+"""A network builder: (input_shape, num_classes, width) -> BlockModel. The input shape is a
+sample's: (C, H, W) of an image (all the built-ins take), (C, L) of a sequence or (F,) of a vector. `width` scales the
 hidden channel counts; width-based methods (HeteroFL, FedRolex, AllSmall) need each tensor of a
 width-w model to be a leading slice of the full model's."""
 
@@ -280,9 +281,9 @@ def model_factory(name: str) -> ModelFactory:
 
 
 def build_model(
-    name: str, input_shape: tuple[int, int, int], num_classes: int, width: float = 1.0, blocks: int = 0
+    name: str, input_shape: tuple[int, ...], num_classes: int, width: float = 1.0, blocks: int = 0
 ) -> BlockModel:
-    """Build the network `name` (see `model_factory`) for (C, H, W) inputs and `num_classes` classes.
+    """Build the network `name` (see `model_factory`) for inputs of `input_shape` and `num_classes` classes.
 
     `width` scales every hidden channel count to max(1, round(c * width)). `blocks` = 0 keeps the
     network's own blocks (one per resolution stage for the built-ins); N > 0 regroups the layers into N memory-balanced blocks, cut where
@@ -309,21 +310,23 @@ def build_model(
         num_classes = operator.index(num_classes)
     except TypeError:
         raise NeuliteError(
-            f"input shape must be three positive integers (C, H, W) and the class count a positive integer, "
-            f"got {input_shape!r} and {num_classes!r}"
+            f"input shape must be positive integers, (C, H, W) (C, L) or (F,), and the class count a positive "
+            f"integer, got {input_shape!r} and {num_classes!r}"
         ) from None
-    if len(shape) != 3 or min(shape) < 1:
-        raise NeuliteError(f"input shape must be three positive integers (C, H, W), got {input_shape!r}")
+    if not 1 <= len(shape) <= 3 or min(shape) < 1:
+        raise NeuliteError(
+            f"input shape must be (C, H, W) images, (C, L) sequences or (F,) vectors, got {input_shape!r}"
+        )
     if num_classes < 1:
         raise NeuliteError(f"number of classes must be a positive integer, got {num_classes!r}")
     if name in _BUILDERS:
+        if len(shape) != 3:
+            raise NeuliteError(f"model {name!r} takes (C, H, W) images, got input shape {shape}")
         return _BUILDERS[name](shape, num_classes, width)  # type: ignore[arg-type]
     return _user_model(name, factory, shape, num_classes, width)  # type: ignore[arg-type]
 
 
-def _user_model(
-    name: str, factory: ModelFactory, shape: tuple[int, int, int], num_classes: int, width: float
-) -> BlockModel:
+def _user_model(name: str, factory: ModelFactory, shape: tuple[int, ...], num_classes: int, width: float) -> BlockModel:
     """A user's network, checked to be what the rest of neulite assumes."""
     try:
         model = factory(shape, num_classes, width)
@@ -347,7 +350,7 @@ def _user_model(
     return model
 
 
-def cut_points(name: str, input_shape: tuple[int, int, int], num_classes: int, blocks: int) -> list[int]:
+def cut_points(name: str, input_shape: tuple[int, ...], num_classes: int, blocks: int) -> list[int]:
     """Where `build_model(name, ..., blocks=blocks)` ends blocks 1..N-1, as indices into the model's units."""
     costs, layers = _units_at_full_width(name, tuple(input_shape), num_classes)
     return balanced_cuts(costs, blocks, layers)
@@ -355,7 +358,7 @@ def cut_points(name: str, input_shape: tuple[int, int, int], num_classes: int, b
 
 @functools.lru_cache(maxsize=32)
 def _units_at_full_width(
-    name: str, input_shape: tuple[int, int, int], num_classes: int
+    name: str, input_shape: tuple[int, ...], num_classes: int
 ) -> tuple[tuple[int, ...], tuple[bool, ...]]:
     """The full-width model's `unit_costs` at batch 64 and which units hold a layer (`has_layer`),
     once per network: the planner cuts it into every number of blocks from the same costs."""
