@@ -251,9 +251,9 @@ def _finish(
 
 ModelFactory = Callable[[tuple[int, ...], int, float], BlockModel]
 """A network builder: (input_shape, num_classes, width) -> BlockModel. The input shape is a
-sample's: (C, H, W) of an image (all the built-ins take), (C, L) of a sequence or (F,) of a vector. `width` scales the
-hidden channel counts; width-based methods (HeteroFL, FedRolex, AllSmall) need each tensor of a
-width-w model to be a leading slice of the full model's."""
+sample's: (C, H, W) of an image (what the built-ins take), (C, L) of a sequence or (F,) of a
+vector. `width` scales the hidden channel counts; width-based methods (HeteroFL, FedRolex,
+AllSmall) need each tensor of a width-w model to be a leading slice of the full model's."""
 
 _BUILDERS: dict[str, ModelFactory] = {
     "small_cnn": _small_cnn,
