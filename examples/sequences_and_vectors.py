@@ -23,22 +23,17 @@ import neulite
 
 @neulite.register_model("sequence_cnn")
 def sequence_cnn(input_shape: tuple[int, int], num_classes: int, width: float = 1.0) -> neulite.BlockModel:
-    """Three blocks of two Conv1d + BatchNorm + ReLU each over a (C, L) sequence."""
+    """Three blocks of two Conv1d + BatchNorm + ReLU each over a (C, L) sequence; all but the first halve L."""
     widths = [max(1, round(c * width)) for c in (32, 64, 128)]
-    blocks, cin = [], input_shape[0]
-    for i, cout in enumerate(widths):
-        blocks.append(
-            nn.Sequential(
-                nn.Conv1d(cin, cout, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
-                nn.BatchNorm1d(cout),
-                nn.ReLU(),
-                nn.Conv1d(cout, cout, 3, padding=1, bias=False),
-                nn.BatchNorm1d(cout),
-                nn.ReLU(),
-            )
-        )
-        cin = cout
-    return neulite.BlockModel(blocks, neulite.ClassifierHead(cin, num_classes), input_shape, num_classes)
+
+    def conv(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
+        return [nn.Conv1d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm1d(cout), nn.ReLU()]
+
+    blocks = [
+        nn.Sequential(*conv(cin, cout, 1 if i == 0 else 2), *conv(cout, cout))
+        for i, (cin, cout) in enumerate(zip([input_shape[0], *widths], widths, strict=False))
+    ]
+    return neulite.BlockModel(blocks, neulite.ClassifierHead(widths[-1], num_classes), input_shape, num_classes)
 
 
 @neulite.register_dataset("digit_rows")
