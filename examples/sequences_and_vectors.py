@@ -5,12 +5,13 @@
 Sequences are (N, C, L) arrays of C channels (a sensor's axes, say), given to `from_arrays` with
 `sequences=True`; vectors are (N, F) arrays. On samples this small the networks need a megabyte or
 two, mostly weights, and neulite warns that progressive training gains little on them: the example
-shows the API; the savings come with activations (longer sequences, wider layers, larger batches). Both from a shell, Flower included, by import path:
+shows the API; the savings come with activations (longer sequences, wider layers, larger batches).
+Both from a shell, Flower included, by import path:
 
     neulite run --set model.name=examples.sequences_and_vectors:sequence_cnn \\
         --set data.name=examples.sequences_and_vectors:digit_rows
     neulite run --set model.name=examples.sequences_and_vectors:vector_mlp \\
-        --set data.name=examples.sequences_and_vectors:breast_cancer --set data.num_clients=6 \
+        --set data.name=examples.sequences_and_vectors:breast_cancer --set data.num_clients=6 \\
         --set data.partition=iid
 """
 

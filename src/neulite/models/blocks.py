@@ -100,9 +100,10 @@ class BlockModel(nn.Module):
                     for i, block in enumerate(model.blocks):
                         x = block(x)
                         if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3, 4):
+                            got = f"{type(x).__name__}{tuple(x.shape) if isinstance(x, torch.Tensor) else ''}"
                             raise NeuliteError(
                                 f"model cannot be split: block {i + 1} must return a (B, C, H, W) or (B, C, L) map, "
-                                f"(B, N, D) tokens or a (B, F) vector, got {type(x).__name__}{tuple(x.shape) if isinstance(x, torch.Tensor) else ''}"
+                                f"(B, N, D) tokens or a (B, F) vector, got {got}"
                             )
                         shapes.append(tuple(x.shape[1:]))
                     logits = model.head(x)
