@@ -75,7 +75,7 @@ def test_corrupted_metrics_or_summary_is_a_clear_error_naming_the_file(tmp_path:
     run = ResultsDir(shutil.copytree(tiny_run, tmp_path / "c"))
     assert len(run.read_metrics()) == 4 and "final_accuracy" in run.read_summary()
     with run.metrics_path.open("a") as f:
-        f.write('{"round": 5, "accura')  # a torn last line
+        f.write('{"round": 5, "accura\n')  # a whole line, garbled (a row cut short at a crash has no newline: dropped)
     with pytest.raises(NeuliteError, match=r"corrupted results file .*metrics.jsonl, line 5: Unterminated string"):
         run.read_metrics()
     run.summary_path.write_text("{")

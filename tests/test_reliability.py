@@ -3,6 +3,7 @@ never lost to a bad command, and every bad input is a one-line error. One test p
 
 import copy
 import dataclasses
+import json
 import logging
 import math
 from pathlib import Path
@@ -16,11 +17,13 @@ from neulite.algorithms.local import cross_entropy_loss
 from neulite.algorithms.merge import merge
 from neulite.algorithms.payload import ClientResult, ClientTask
 from neulite.cli import main
+from neulite.compare import compare
 from neulite.config import ServerConfig, load_config
 from neulite.errors import NeuliteError
 from neulite.memory import PROBE_BATCH, _account, estimate, step_flops
 from neulite.models.stage_net import StageNet
 from neulite.models.zoo import build_model
+from neulite.results import ResultsDir
 from neulite.simulation import Simulation, run_experiment
 
 pytestmark = pytest.mark.xdist_group("reliability")  # one worker builds the shared federation and run
@@ -276,6 +279,52 @@ def test_a_checkpoint_of_the_wrong_structure_is_a_one_line_error(finished, tmp_p
     torch.save(state, out / "checkpoint.pt")
     rc, err = _cli(capsys, "run", "--quiet", "--resume", "--out", str(out))
     assert rc == 2 and "corrupted checkpoint" in err and err.count("\n") == 1
+
+
+def test_a_folder_another_process_is_writing_is_refused_untouched_and_released_after(finished, tmp_path, capsys):
+    out = _copy(finished, tmp_path / "run")
+    before = _snapshot(out)
+    with ResultsDir(out).hold():  # as a run or comparison writing there holds it
+        rc, err = _cli(capsys, "run", "--quiet", "--resume", "--out", str(out))
+        assert rc == 2 and "is in use" in err and err.count("\n") == 1
+        with pytest.raises(NeuliteError, match="is in use"):
+            compare(load_config(overrides=SMALL), ["fedavg"], [0], out)
+    assert _snapshot(out) == before
+    rc, err = _cli(capsys, "run", "--quiet", "--resume", "--out", str(out), "--set", "train.lr=0.2")
+    assert rc == 2 and "differs" in err  # a refused run lets the folder go too
+    with ResultsDir(out).hold():
+        pass
+
+
+def test_a_full_disk_stops_the_run_by_name_and_resume_carries_on_from_the_last_whole_checkpoint(
+    tmp_path, monkeypatch, capsys
+):
+    out, saves, real_save = tmp_path / "run", [], torch.save
+
+    def second_save_on_a_full_disk(obj, f):
+        saves.append(1)
+        if len(saves) < 2:
+            return real_save(obj, f)
+        with open("/dev/full", "wb") as full:  # writes fail as on a full disk: ENOSPC
+            real_save(obj, full)
+
+    monkeypatch.setattr("neulite.results.torch.save", second_save_on_a_full_disk)
+    small = [*SMALL, "method.name=fedavg", "method.rounds=2"]
+    rc, err = _cli(capsys, "run", "--quiet", "--out", str(out), *[f"--set={o}" for o in small])
+    assert rc == 2 and "No space left on device" in err and "--resume" in err and err.count("\n") == 1, err
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["round"] == 1
+    assert not (out / "checkpoint.tmp").exists()
+    monkeypatch.setattr("neulite.results.torch.save", real_save)
+    assert main(["run", "--quiet", "--resume", "--out", str(out)]) == 0
+    assert [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_a_metrics_row_cut_short_by_a_crash_does_not_block_resume(finished, tmp_path):
+    out = _copy(finished, tmp_path / "run")
+    rows = (out / "metrics.jsonl").read_text()
+    (out / "metrics.jsonl").write_text(rows + '{"round": 4, "accur')  # a write a crash cut short
+    assert main(["run", "--quiet", "--resume", "--out", str(out)]) == 0
+    assert (out / "metrics.jsonl").read_text() == rows
 
 
 # --- one-line errors ---------------------------------------------------------------------------

@@ -138,9 +138,20 @@ def compare(
     when ExclusiveFL is among the methods. `workers` > 1 trains each round's clients in that many
     processes (see `Simulation`).
     """
-    console = console or Console(quiet=True)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with ResultsDir(out).hold():  # a second comparison in the folder would race this one run by run
+        return _compare(cfg, methods, seeds, out, target, console or Console(quiet=True), workers)
+
+
+def _compare(
+    cfg: Config,
+    methods: list[str],
+    seeds: list[int],
+    out: Path,
+    target: float | None,
+    console: Console,
+    workers: int,
+) -> dict[str, Any]:
     shared = out / "config.toml"
     if shared.is_file():
         changed = config_differences(setting_for(load_config(shared).to_dict(), ()), setting_for(cfg.to_dict(), ()))

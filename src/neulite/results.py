@@ -7,11 +7,14 @@ crash loses at most the round in flight and `neulite run --resume DIR` carries o
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,8 +85,7 @@ class ResultsDir:
     def check_target(self, *, resume: bool, overwrite: bool) -> None:
         """Refuse a folder a run cannot write to, and a finished or started run's folder unless
         the user asked to continue it (`resume`) or to replace it (`overwrite`)."""
-        if self.path.exists() and not self.path.is_dir():
-            raise NeuliteError(f"--out {self.path} is a file, not a results folder")
+        self._refuse_a_file()
         if resume and overwrite:
             raise NeuliteError("--resume and --overwrite exclude each other")
         held = [name for name in self.RUN_FILES if (self.path / name).exists()]
@@ -92,6 +94,31 @@ class ResultsDir:
                 f"{self.path} already holds a run ({', '.join(held)}): pass --resume to continue it "
                 "or --overwrite to replace it"
             )
+
+    def _refuse_a_file(self) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise NeuliteError(f"--out {self.path} is a file, not a results folder")
+
+    def hold(self) -> FolderHold:
+        """This process's exclusive hold on the folder, created if need be, until released (or the
+        process ends, crash or not: the OS drops it, so no stale lock outlives a run). Two processes
+        writing one folder (a run launched twice, two `--resume`s of one) would interleave metrics
+        and replace each other's checkpoint; the second is refused instead."""
+        self._refuse_a_file()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError as exc:
+            raise NeuliteError(f"cannot write results to {self.path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise NeuliteError(
+                f"{self.path} is in use: another neulite process is writing a run or comparison there "
+                "(wait for it to end, or choose another --out)"
+            ) from None
+        return FolderHold(fd)
 
     def start(self, cfg: Config) -> None:
         """A fresh run: the resolved config, empty metrics, and nothing left of a replaced run."""
@@ -114,8 +141,11 @@ class ResultsDir:
     def read_metrics(self, up_to_round: int | None = None) -> list[dict[str, Any]]:
         if not self.metrics_path.is_file():
             return []
-        lines = enumerate(self.metrics_path.read_text().splitlines(), 1)
-        rows = [_json(self.metrics_path, line, f", line {n}") for n, line in lines if line.strip()]
+        text = self.metrics_path.read_text()
+        lines = text.splitlines()
+        if lines and not text.endswith("\n"):
+            lines.pop()  # a row cut short by a crash mid-write: its round never reached a checkpoint
+        rows = [_json(self.metrics_path, line, f", line {n}") for n, line in enumerate(lines, 1) if line.strip()]
         return [r for r in rows if up_to_round is None or r["round"] <= up_to_round]
 
     def read_summary(self) -> dict[str, Any]:
@@ -125,9 +155,17 @@ class ResultsDir:
         self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
+        """Replace the checkpoint by a whole new one or not at all: written aside, on disk (fsync:
+        a power cut must not leave the new name on unwritten data), then renamed over the old."""
         tmp = self.checkpoint_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.checkpoint_path)
+        try:
+            with tmp.open("wb") as f:  # a file object: torch then reports a full disk as the OSError it is
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.checkpoint_path)
+        finally:
+            tmp.unlink(missing_ok=True)  # what a failed write left: on a full disk, the space it took
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         if not self.checkpoint_path.is_file():
@@ -150,7 +188,8 @@ class ResultsDir:
         summary: dict[str, Any],
         memory_rows: list[dict[str, Any]],
     ) -> None:
-        torch.save(model.state_dict(), self.path / "model.pt")
+        with (self.path / "model.pt").open("wb") as f:
+            torch.save(model.state_dict(), f)
         if rows:
             with (self.path / "metrics.csv").open("w", newline="") as f:
                 fields = dict.fromkeys(key for row in rows for key in row)  # a resumed run's older rows may lack some
@@ -201,28 +240,76 @@ def plot_memory(memory_rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+class FolderHold:
+    """A held results folder (`ResultsDir.hold`); a context manager that releases it."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # closing the descriptor drops its lock
+            self._fd = -1
+
+    def __enter__(self) -> FolderHold:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 class RunLog:
-    """The results folder of a running experiment: resumes from its checkpoint, logs every round."""
+    """The results folder of a running experiment: resumes from its checkpoint, logs every round.
+    It holds the folder (`ResultsDir.hold`) until closed; use it as a context manager."""
 
     def __init__(
         self, cfg: Config, out: str | Path, *, resume: bool, console: Console, overwrite: bool = False
     ) -> None:
         self.cfg, self.console = cfg, console
         self.folder = ResultsDir(out)
+        self.hold = self.folder.hold()
+        try:
+            self._open(resume, overwrite)
+        except BaseException:
+            self.hold.release()
+            raise
+
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.hold.release()
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A results file that cannot be written (a full disk, a folder removed or made read-only)
+        stops the run by name; the checkpoint is only ever replaced whole, so the last one holds."""
+        try:
+            yield
+        except OSError as exc:
+            raise NeuliteError(
+                f"cannot write {exc.filename or self.folder.path}: {exc.strerror or exc}; the run stops "
+                "(its last checkpoint stays whole: once that is fixed, --resume continues from it)"
+            ) from None
+
+    def _open(self, resume: bool, overwrite: bool) -> None:
+        out = self.folder.path
         self.folder.check_target(resume=resume, overwrite=overwrite)
         self.state = self.folder.load_checkpoint() if resume else None
         self.first_round, elapsed = 1, 0.0
         if self.state is not None:
-            if changed := config_differences(self.state["config"], cfg.to_dict()):
+            if changed := config_differences(self.state["config"], self.cfg.to_dict()):
                 raise NeuliteError(
                     f"cannot resume {out}: the config differs from the checkpoint's in {', '.join(changed)} "
                     "(a run resumes only on the config it started with; start a new run to change it)"
                 )
             self.first_round, elapsed = self.state["round"] + 1, self.state["wall_seconds"]
-            self.folder.rewrite_metrics(self.folder.read_metrics(self.state["round"]))
-            console.print(f"resuming {out} after round {self.state['round']}")
+            with self._writing():
+                self.folder.rewrite_metrics(self.folder.read_metrics(self.state["round"]))
+            self.console.print(f"resuming {out} after round {self.state['round']}")
         else:
-            self.folder.start(cfg)
+            with self._writing():
+                self.folder.start(self.cfg)
         self.rows = self.folder.read_metrics()
         self.start = time.perf_counter() - elapsed
 
@@ -240,15 +327,16 @@ class RunLog:
         """Append the round's metrics and replace the checkpoint (atomically)."""
         row = record.as_dict()
         self.rows.append(row)
-        self.folder.append_metrics(row)
-        self.folder.save_checkpoint(
-            {
-                "round": record.round,
-                "wall_seconds": time.perf_counter() - self.start,
-                "simulation": server.state_dict(),
-                "config": self.cfg.to_dict(),
-            }
-        )
+        with self._writing():
+            self.folder.append_metrics(row)
+            self.folder.save_checkpoint(
+                {
+                    "round": record.round,
+                    "wall_seconds": time.perf_counter() - self.start,
+                    "simulation": server.state_dict(),
+                    "config": self.cfg.to_dict(),
+                }
+            )
         if not self.console.is_terminal:  # a log file gets one line per round instead of progress bars
             stage = "full model" if record.stage == FULL_MODEL else f"stage {record.stage}"
             self.console.print(
@@ -285,7 +373,8 @@ class RunLog:
             **method.summary(),
             **extra,
         }
-        self.folder.finish(rows, method.final_model(), summary, mem)
+        with self._writing():
+            self.folder.finish(rows, method.final_model(), summary, mem)
         self.console.print(summary_table(summary))
         return summary
 

@@ -145,8 +145,8 @@ def run_experiment(
     building = "data, budgets, memory estimates" + (", the block plan" if cfg.model.blocks == "auto" else "")
     with console.status(f"building the federation: {building}"):  # a large network's estimates take minutes
         sim = Simulation(cfg, workers)
-    with sim:  # everything is built and checked before the results folder is touched
-        run = RunLog(cfg, out, resume=resume, overwrite=overwrite, console=console)
+    # everything is built and checked before the results folder is touched
+    with sim, RunLog(cfg, out, resume=resume, overwrite=overwrite, console=console) as run:
         run.resume(sim.server)
         rounds = cfg.method.rounds
         with Progress(

@@ -53,22 +53,22 @@ def run(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     query = NodeQuery(grid, nodes, experiment.method, timeout=driver.round_timeout)
     server = experiment.server(budgets, query)
     console = Console(force_terminal=False, soft_wrap=True)
-    run_log = RunLog(cfg, driver.out, resume=driver.resume, overwrite=driver.overwrite, console=console)
-    run_log.resume(server)
-    strategy = NeuliteStrategy(server, nodes, experiment.splits.test, run_log.record, run_log.first_round)
-    strategy.start(
-        grid, ArrayRecord(), num_rounds=cfg.method.rounds - run_log.first_round + 1, timeout=driver.round_timeout
-    )
-    final = server.evaluate(experiment.method.final_plan(), experiment.splits.test)
-    return run_log.finish(
-        server,
-        final,
-        strategy.validation_accuracy,
-        driver="flower",
-        nodes=len(found),
-        node_budgets={str(cid): {"budget_bytes": p.budget, "source": p.source} for cid, p in found.items()},
-        **experiment.summary(),
-    )
+    with RunLog(cfg, driver.out, resume=driver.resume, overwrite=driver.overwrite, console=console) as run_log:
+        run_log.resume(server)
+        strategy = NeuliteStrategy(server, nodes, experiment.splits.test, run_log.record, run_log.first_round)
+        strategy.start(
+            grid, ArrayRecord(), num_rounds=cfg.method.rounds - run_log.first_round + 1, timeout=driver.round_timeout
+        )
+        final = server.evaluate(experiment.method.final_plan(), experiment.splits.test)
+        return run_log.finish(
+            server,
+            final,
+            strategy.validation_accuracy,
+            driver="flower",
+            nodes=len(found),
+            node_budgets={str(cid): {"budget_bytes": p.budget, "source": p.source} for cid, p in found.items()},
+            **experiment.summary(),
+        )
 
 
 def check_planned_budgets(experiment: Experiment, reported: dict[int, int]) -> None:
