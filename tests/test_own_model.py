@@ -80,6 +80,17 @@ def _cnn(input_shape, num_classes, width=1.0):
     return neulite.BlockModel([block], neulite.ClassifierHead(c, num_classes), input_shape, num_classes)
 
 
+def _tied(input_shape, num_classes, in_head=False):
+    """Two blocks, or a block and the head, holding one layer (weight tying)."""
+    conv = nn.Conv2d(input_shape[0], input_shape[0], 3, padding=1)
+    first = nn.Sequential(nn.Conv2d(input_shape[0], input_shape[0], 1)) if in_head else nn.Sequential(conv)
+    head = nn.Sequential(conv, neulite.ClassifierHead(input_shape[0], num_classes)) if in_head else None
+    blocks = [first, nn.Sequential(conv)]
+    return neulite.BlockModel(
+        blocks, head or neulite.ClassifierHead(input_shape[0], num_classes), input_shape, num_classes
+    )
+
+
 def test_a_registered_model_and_data_set_build_by_name_and_others_fail_naming_the_choices():
     neulite.register_model("tiny_user_cnn")(_cnn)
     neulite.register_dataset("tiny_user_data")(lambda root, seed: from_arrays(np.zeros((20, 4, 4)), np.arange(20) % 2))
@@ -129,12 +140,53 @@ def test_a_module_that_fails_on_import_names_its_own_error(tmp_path: Path, monke
         (lambda s, k, w: _cnn(s, k + 1, w), "and 3 classes but built .* and 4"),
         (lambda s, k, w: 1 / 0, "failed to build .*ZeroDivisionError"),
         (lambda s, k, w: neulite.BlockModel([nn.Linear(3, 3)], nn.Identity(), s, k), "model cannot be split"),
+        (lambda s, k, w: _cnn(s, k, w).double(), "holds blocks.0.0.weight as torch.float64: .* float32"),
+        (lambda s, k, w: _tied(s, k), r"blocks.0.0.weight and blocks.1.0.weight are one parameter, shared by block 1"),
+        (lambda s, k, w: _tied(s, k, in_head=True), "blocks.1.0.weight and head.0.weight .* block 2 and the head"),
     ],
 )
 def test_a_user_model_that_is_not_what_neulite_needs_is_refused_naming_why(factory, fragment: str):
     neulite.register_model("bad_user_cnn")(factory)
     with pytest.raises(NeuliteError, match=fragment):
         build_model("bad_user_cnn", (1, 4, 4), 3)
+
+
+class _ReluInPlace(nn.Module):
+    def forward(self, x):
+        return x.relu_()
+
+
+def _preact(input_shape, num_classes, width=1.0, act=lambda: nn.ReLU(inplace=True)):
+    """Pre-activation blocks, torchvision style: each starts with an in-place ReLU of the block before's output."""
+    c = max(1, round(8 * width))
+    blocks = [nn.Sequential(nn.Conv2d(input_shape[0], c, 3, padding=1), nn.BatchNorm2d(c))]
+    blocks += [nn.Sequential(act(), nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)) for _ in range(2)]
+    head = nn.Sequential(nn.ReLU(inplace=True), neulite.ClassifierHead(c, num_classes))
+    return neulite.BlockModel(blocks, head, input_shape, num_classes)
+
+
+def test_blocks_that_change_their_input_in_place_train_out_of_place_or_are_refused(tmp_path: Path):
+    """A block's input also feeds the output modules, the Mentor and DepthFL's exits: an in-place ReLU
+    there broke every client's backward ("modified by an inplace operation")."""
+    model = _preact((1, 8, 8), 10)
+    assert not any(getattr(m, "inplace", False) for m in model.modules())
+    neulite.register_model("preact_user_cnn")(_preact)
+    small = [
+        "data.name=digits",
+        "data.train_size=400",
+        "data.num_clients=4",
+        "clients.per_round=4",
+        "train.local_epochs=1",
+        "eval.every=3",
+    ]
+    for method, recompute in (("depthfl", "off"), ("neulite", "on")):
+        overrides = [*small, "model.name=preact_user_cnn", f"method.name={method}", f"train.recompute={recompute}"]
+        summary = neulite.run_experiment(
+            load_config(overrides=[*overrides, "method.rounds=3", "clients.fractions=[3.0, 4.0]"]), tmp_path / method
+        )
+        assert summary["participation"] == 1.0, method  # every client trained: none failed its backward
+    with pytest.raises(NeuliteError, match=r"block 2, block 3: the forward changes its input in place .* out of place"):
+        _preact((1, 8, 8), 10, act=_ReluInPlace)
 
 
 def _register_data(splits_fn) -> str:

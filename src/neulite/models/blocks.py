@@ -57,7 +57,8 @@ class ClassifierHead(nn.Module):
 
 class BlockModel(nn.Module):
     """A network as blocks θ_1..θ_T and a head; `forward` is head(θ_T(...θ_1(x))). `block_shapes`
-    and `block_kinds` (`feature_kind`) say what each block returns."""
+    and `block_kinds` (`feature_kind`) say what each block returns. Each parameter must belong to
+    one block or the head; modules that would change a block's input in place are made out of place."""
 
     def __init__(
         self,
@@ -73,6 +74,7 @@ class BlockModel(nn.Module):
             raise NeuliteError("model cannot be split: `head` must be an nn.Module")
         self.blocks = nn.ModuleList(blocks)
         self.head = head
+        self._refuse_shared_parameters()
         self.input_shape = tuple(int(s) for s in input_shape)
         self.num_classes = int(num_classes)
         self.block_shapes = self._probe_shapes()
@@ -87,9 +89,48 @@ class BlockModel(nn.Module):
             x = block(x)
         return self.head(x)
 
+    def _refuse_shared_parameters(self) -> None:
+        """A parameter in two blocks (or a block and the head) would change while its block is
+        frozen, under the next one's training, and be averaged twice under two names."""
+        owner: dict[int, tuple[str, str]] = {}
+        for name, p in self.named_parameters(remove_duplicate=False):
+            top, index, *_ = [*name.split("."), ""]
+            part = f"block {int(index) + 1}" if top == "blocks" else f"the {top}"
+            first = owner.setdefault(id(p), (part, name))
+            if first[0] != part:
+                raise NeuliteError(
+                    f"model cannot be split: {first[1]} and {name} are one parameter, shared by {first[0]} and "
+                    f"{part}; block-wise training freezes a block while later ones train, so each parameter "
+                    "must belong to one block or the head"
+                )
+
     def _probe_shapes(self) -> list[tuple[int, ...]]:
-        """Per-block output shape (without batch), from one forward pass on two zero samples."""
+        """Per-block output shape (without batch), from a forward pass on two zero samples.
+
+        A block or head that changes its input in place would change a tensor that neulite also
+        feeds elsewhere (output modules, the Mentor, DepthFL's exits): its modules that can act in
+        place (`nn.ReLU(inplace=True)`, ...) are switched to out of place, which computes the same;
+        other in-place code is refused by name."""
+        parts = [*self.blocks, self.head]
+        shapes, changed = self._probe()
+        if changed:
+            for i in changed:
+                for m in parts[i].modules():
+                    if getattr(m, "inplace", None) is True:
+                        m.inplace = False
+            shapes, changed = self._probe()
+        if changed:
+            what = ", ".join("the head" if i == len(self.blocks) else f"block {i + 1}" for i in changed)
+            raise NeuliteError(
+                f"model cannot be split: {what}: the forward changes its input in place (x.relu_(), x += ...), "
+                "a tensor neulite also feeds to other modules; compute it out of place"
+            )
+        return shapes
+
+    def _probe(self) -> tuple[list[tuple[int, ...]], list[int]]:
+        """Per-block output shapes, and which blocks (0..T-1) and head (T) changed their input in place."""
         shapes: list[tuple[int, ...]] = []
+        changed: list[int] = []
         with torch.device("cpu") if on_meta(self) else contextlib.nullcontext():
             model = cpu_twin(self)
             was_training = model.training
@@ -98,7 +139,10 @@ class BlockModel(nn.Module):
             try:
                 with torch.no_grad():
                     for i, block in enumerate(model.blocks):
+                        version, x_in = x._version, x
                         x = block(x)
+                        if x_in._version != version:
+                            changed.append(i)
                         if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3, 4):
                             got = f"{type(x).__name__}{tuple(x.shape) if isinstance(x, torch.Tensor) else ''}"
                             raise NeuliteError(
@@ -106,7 +150,10 @@ class BlockModel(nn.Module):
                                 f"(B, N, D) tokens or a (B, F) vector, got {got}"
                             )
                         shapes.append(tuple(x.shape[1:]))
+                    version = x._version
                     logits = model.head(x)
+                    if x._version != version:
+                        changed.append(len(model.blocks))
             except NeuliteError:
                 raise
             except Exception as exc:  # a user's blocks that do not chain: name the problem, not torch's internals
@@ -119,7 +166,7 @@ class BlockModel(nn.Module):
             raise NeuliteError(
                 f"model cannot be split: head returns shape {tuple(logits.shape[1:])}, expected ({self.num_classes},)"
             )
-        return shapes
+        return shapes, changed
 
 
 def on_meta(module: nn.Module) -> bool:

@@ -347,6 +347,12 @@ def _user_model(name: str, factory: ModelFactory, shape: tuple[int, ...], num_cl
             f"model {name!r} was asked for input shape {shape} and {num_classes} classes but built "
             f"{model.input_shape} and {model.num_classes}"
         )
+    for tensor_name, t in model.state_dict().items():
+        if t.is_floating_point() and t.dtype != torch.float32:
+            raise NeuliteError(
+                f"model {name!r} holds {tensor_name} as {t.dtype}: neulite trains float32 networks on float32 "
+                "data (build it without .double() or .half())"
+            )
     return model
 
 
