@@ -72,14 +72,20 @@ def test_output_modules_stand_in_for_the_missing_blocks_of_a_sequence_or_vector_
         assert net.projections[t - 1](z).dim() == 2
 
 
-def test_the_estimate_holds_for_a_sequence_networks_stages():
-    """A 1-D CNN big enough that its activations, not the allocator's granularity, set the peaks."""
-    cfg = load_config(overrides=["model.name=sequence_cnn", "model.width=2.0", "train.batch_size=32"])
+@pytest.mark.parametrize(("recompute", "stage"), [("off", 3), ("on", 1)])
+def test_the_estimate_holds_for_a_sequence_networks_stages(recompute: str, stage: int):
+    """A 1-D CNN big enough that its activations, not the allocator's granularity, set the peaks.
+    Both peaks come in backward where the engine sums the Mentor's and the head's gradients of a
+    4 MiB feature: in place, as the estimate now counts it (counted anew, the estimate was 6% and
+    15% above the measurement)."""
+    cfg = load_config(
+        overrides=["model.name=sequence_cnn", "model.width=2.0", "train.batch_size=32", f"train.recompute={recompute}"]
+    )
     method = build_method(cfg, build_network(cfg, (3, 256), 10))
-    for plan in method.plans()[::2]:  # stage 1, whose block has the most activations, and 3, after a frozen prefix
-        loss = method.loss(method.task_config(plan))
-        est, got = estimate(method.net, plan, 32, loss).total, measure(method.net, plan, 32, loss)
-        assert abs(est / got - 1) < 0.10, f"stage {plan.stage}: estimated {est} bytes, measured {got}"
+    plan = method.plans()[stage - 1]
+    loss = method.loss(method.task_config(plan))
+    est, got = estimate(method.net, plan, 32, loss).total, measure(method.net, plan, 32, loss)
+    assert abs(est / got - 1) < 0.03, f"stage {stage}: estimated {est} bytes, measured {got}"
 
 
 def test_a_recomputed_step_of_a_sequence_network_is_the_step_bit_for_bit():

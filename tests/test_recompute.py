@@ -344,7 +344,6 @@ def test_a_users_unit_marks_its_own_inner_part_and_the_step_stays_bit_for_bit():
     method = NeuLite(net, load_config(overrides=["train.batch_size=32", "train.recompute=on"]))
     plan = method.recomputing(net.plan(3, harmonize=True, mentor=True))  # one unit: its activations are the peak
     assert plan.recompute_inner
-    assert not method.recomputing(net.plan(2, harmonize=True, mentor=True)).recompute_inner  # saves under 1% there
     assert method.memory(plan).total < method.memory(dataclasses.replace(plan, recompute_inner=False)).total
     x, y = torch.randn(32, 1, 16, 16), torch.randint(0, 10, (32,))
     steps = []

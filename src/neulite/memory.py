@@ -109,8 +109,9 @@ class LiveTensorBytes(TorchDispatchMode):
     `HEAP_BLOCK` come from the C heap, which keeps a freed block resident for the next small
     request rather than returning it: their peak stays resident for the rest of the step and
     the steps after it, so `peak` adds it to the peak of the larger storages, which are unmapped
-    when freed (in whole pages: `footprint`). On the way it adds up the floating-point operations
-    of the ops torch has a formula for (convolutions, matrix products, attention): `flops`.
+    when freed (in whole pages: `footprint`). A sum of two gradients counts as the engine does it
+    outside a dispatch mode (`_settle`). On the way it adds up the floating-point operations of the
+    ops torch has a formula for (convolutions, matrix products, attention): `flops`.
     """
 
     @classmethod
@@ -128,12 +129,16 @@ class LiveTensorBytes(TorchDispatchMode):
         self.heap_peak = 0
         self.mapped_peak = 0
         self._seen: set[int] = set()
+        self._pending: tuple[int, int, int, int] | None = None
 
     @property
     def peak(self) -> int:
+        self._settle()
         return self.mapped_peak + self.heap_peak
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self._settle()
+        before = self.mapped_peak
         out = func(*args, **(kwargs or {}))
         if (flops := flop_registry.get(func._overloadpacket)) is not None:
             self.flops += flops(*args, **(kwargs or {}), out_val=out)
@@ -142,7 +147,26 @@ class LiveTensorBytes(TorchDispatchMode):
             if t.untyped_storage().data_ptr() not in inputs:  # views are not new memory
                 self._track(t.untyped_storage())
         self.mapped_peak = max(self.mapped_peak, self.live - self.heap + _kernel_workspace(func, args, out))
+        summed = args[0].untyped_storage().data_ptr() if _accumulates(func, args, out) else None
+        if summed in self._seen and (size := footprint(out.untyped_storage().nbytes())) >= HEAP_BLOCK:
+            self._pending = (
+                summed,
+                self.mapped_peak,
+                before,
+                self.live - self.heap - size,
+            )
+            self.mapped_peak = before
         return out
+
+    def _settle(self) -> None:
+        """Account the last op if it summed two gradients: the autograd engine sums them into the
+        first one's buffer when it holds that buffer's last reference, which it shows by freeing it
+        right after; under a dispatch mode (this one) it always allocates the sum anew."""
+        if self._pending is None:
+            return
+        summed, out_of_place, before, in_place = self._pending
+        self._pending = None
+        self.mapped_peak = max(self.mapped_peak, out_of_place if summed in self._seen else max(before, in_place))
 
     def _track(self, storage: torch.UntypedStorage) -> None:
         ptr, size = storage.data_ptr(), storage.nbytes()
@@ -161,6 +185,18 @@ class LiveTensorBytes(TorchDispatchMode):
         self.live -= size
         self.heap -= heap
         self._seen.discard(ptr)
+
+
+def _accumulates(func: object, args: tuple, out: object) -> bool:
+    """Whether an op is the autograd engine summing two gradients of one tensor (a sum in backward
+    of two tensors of the output's shape, the first contiguous)."""
+    return (
+        func is torch.ops.aten.add.Tensor
+        and torch._C._current_graph_task_id() != -1
+        and isinstance(args[1], torch.Tensor)
+        and args[0].shape == args[1].shape == out.shape
+        and args[0].is_contiguous()
+    )
 
 
 def _tensors(value: object) -> Iterator[torch.Tensor]:
