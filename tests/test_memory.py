@@ -22,6 +22,7 @@ from neulite.memory_report import memory_report, reestimated
 from neulite.models.blocks import BlockModel, ClassifierHead
 from neulite.models.stage_net import StageNet
 from neulite.models.zoo import build_model
+from neulite.saved_tensors import SavedTensorCounter
 
 F32 = 4
 
@@ -280,3 +281,16 @@ def test_reestimated_keeps_the_measurements_and_compares_them_with_todays_estima
     report["stages"][0]["kept_segments"] = 0
     with pytest.raises(NeuliteError, match="stage 1 now plans kept_segments = 1, measured with 0"):
         reestimated(report)
+
+
+def test_the_saved_activations_are_what_autograd_holds_when_the_forward_ends():
+    """A graph dropped during the forward (its saved tensors freed, their addresses free for later
+    ones) is not held: the figure was counted by address, and varied with where memory landed."""
+    w = torch.ones(1000, requires_grad=True)
+    counter = SavedTensorCounter([w])
+    with counter.hooks():
+        kept = (w * torch.randn(1000)).sigmoid()  # saves the random factor and the sigmoid's output
+        dropped = (w * torch.randn(1000)).exp()
+        del dropped
+        assert counter.held() == 2 * 1000 * 4
+    assert kept.requires_grad

@@ -54,9 +54,9 @@ class MemoryBreakdown:
 
     `training` is the live peak of forward + backward over the resident state (saved activations,
     activation gradients, parameter gradients, kernel workspaces): with the resident weights,
-    momentum and batch it makes the step's peak (`total`). `activations` (what autograd saves for
-    backward) and `frozen_forward` (the transient peak of the no-grad prefix) are diagnostics:
-    parts of that peak, reported to show where it comes from.
+    momentum and batch it makes the step's peak (`total`). `activations` (what autograd holds for
+    backward when the forward ends) and `frozen_forward` (the transient peak of the no-grad prefix)
+    are diagnostics: parts of that peak, reported to show where it comes from.
     """
 
     weights: int
@@ -316,6 +316,7 @@ def _account(work: StageNet, plan: StagePlan, batch_size: int, loss: StepLoss) -
     try:
         with LiveTensorBytes() as step, counter.hooks():
             value = loss(work, plan, x, y)
+            saved = counter.held()
             value.backward()
             del value
     finally:
@@ -327,7 +328,7 @@ def _account(work: StageNet, plan: StagePlan, batch_size: int, loss: StepLoss) -
         gradients=trainable,
         optimizer=trainable,
         batch=_bytes(x) + _bytes(y),
-        activations=counter.total,
+        activations=saved,
         frozen_forward=prefix.peak,
         training=step.peak,
     )

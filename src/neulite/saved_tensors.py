@@ -6,6 +6,7 @@ estimate (a stage's saved activations), so both count the same way.
 
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 from collections.abc import Hashable, Iterable
 
@@ -23,6 +24,7 @@ class SavedTensorCounter:
     def __init__(self, exclude: Iterable[torch.Tensor]) -> None:
         self._excluded = {t.untyped_storage().data_ptr() for t in exclude}
         self._seen: set[int] = set()
+        self._packed: list[tuple[weakref.ref[torch.Tensor], weakref.ref[torch.Tensor]]] = []
         self.section: Hashable = None
         self.bytes: dict[Hashable, int] = defaultdict(int)
 
@@ -32,11 +34,21 @@ class SavedTensorCounter:
         if ptr not in self._excluded and ptr not in self._seen:
             self._seen.add(ptr)
             self.bytes[self.section] += storage.nbytes()
-        return t.detach()  # detached: holding the tensor itself would tie the graph in a reference cycle
+        packed = t.detach()  # detached: holding the tensor itself would tie the graph in a reference cycle
+        self._packed.append((weakref.ref(t), weakref.ref(packed)))
+        return packed
 
     def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
         return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
-    @property
-    def total(self) -> int:
-        return sum(self.bytes.values())
+    def held(self) -> int:
+        """Bytes of the saved storages autograd still holds (call between forward and backward).
+        `bytes` counts a storage by its address when first saved, which a graph dropped during the
+        forward can free for a later one to reuse: what is held now does not depend on addresses."""
+        storages = {}
+        for refs in self._packed:
+            for t in (ref() for ref in refs):
+                if t is not None:
+                    storage = t.untyped_storage()
+                    storages[storage.data_ptr()] = storage.nbytes()
+        return sum(n for ptr, n in storages.items() if ptr not in self._excluded)
