@@ -42,9 +42,10 @@ class SavedTensorCounter:
         return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
     def held(self) -> int:
-        """Bytes of the saved storages autograd still holds (call between forward and backward).
-        `bytes` counts a storage by its address when first saved, which a graph dropped during the
-        forward can free for a later one to reuse: what is held now does not depend on addresses."""
+        """Bytes of the saved storages still alive, held by autograd's saved tensors or by what they
+        were saved from (call between forward and backward). `bytes` counts a storage by its address
+        when first saved, which a graph dropped during the forward (a checkpoint nested in a
+        recomputed one) frees for a later one to reuse; what is alive now does not depend on addresses."""
         storages = {}
         for refs in self._packed:
             for t in (ref() for ref in refs):
