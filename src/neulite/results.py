@@ -121,8 +121,8 @@ class ResultsDir:
         return FolderHold(fd)
 
     def start(self, cfg: Config) -> None:
-        """A fresh run: the resolved config, empty metrics, and nothing left of a replaced run."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        """A fresh run in the held folder (`hold` made it): the resolved config, empty metrics, and
+        nothing left of a replaced run."""
         for name in self.RUN_FILES:
             (self.path / name).unlink(missing_ok=True)
         self.config_path.write_text(config_to_toml(cfg))
@@ -304,13 +304,14 @@ class RunLog:
                     "(a run resumes only on the config it started with; start a new run to change it)"
                 )
             self.first_round, elapsed = self.state["round"] + 1, self.state["wall_seconds"]
+            self.rows = self.folder.read_metrics(self.state["round"])
             with self._writing():
-                self.folder.rewrite_metrics(self.folder.read_metrics(self.state["round"]))
+                self.folder.rewrite_metrics(self.rows)
             self.console.print(f"resuming {out} after round {self.state['round']}")
         else:
             with self._writing():
                 self.folder.start(self.cfg)
-        self.rows = self.folder.read_metrics()
+            self.rows = []
         self.start = time.perf_counter() - elapsed
 
     def resume(self, server: Server) -> None:
