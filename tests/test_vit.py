@@ -52,8 +52,10 @@ def test_the_estimate_holds_against_the_measurement_attention_included(stage: in
     method = _method(width=0.5, shape=(1, 16, 16))
     plan = method.net.full_plan() if stage == 0 else method.plans()[stage - 1]
     loss = cross_entropy_loss if stage == 0 else method.loss(method.task_config(plan))
-    estimated = estimate(method.net, plan, 16, loss).total
-    measured = measure(method.net, plan, 16, loss)
+    # batch 64: at 16 the first stage's 3 MB peak was within the page and heap granularity of
+    # resident memory (measurements spread 2.8-3.0 MB); at 64 its 10 MB spread by under 1%
+    estimated = estimate(method.net, plan, 64, loss).total
+    measured = measure(method.net, plan, 64, loss)
     assert abs(estimated / measured - 1) < 0.1, (estimated, measured)
 
 
