@@ -20,6 +20,9 @@ Sweeps:
             FedAvg oracle as headline-lr is (NeuLite's per-stage epochs were tuned: so are theirs).
   headline-stage-0.1, headline-epochs-0.1, headline-lr-0.1  the same choices on the Dirichlet(0.1)
             split, where each client holds one or two classes and many local steps may drift further.
+  headline-rounds-0.1  elastic NeuLite's rounds per stage on the Dirichlet(0.1) split, at its chosen
+            epochs and learning rates: its early stages' exits are weak there while its wide windows
+            already train the whole network, so shorter early stages may lose nothing.
 Run: python benchmarks/tune.py NAME [--workers N]
 """
 
@@ -129,6 +132,17 @@ SWEEPS = {
         ),
         (0,),
         (*SKEWED, "eval.every=60"),
+    ),
+    "headline-rounds-0.1": Sweep(
+        HERE / "headline.toml",
+        "neulite-elastic",
+        (
+            "method.neulite.stage_split=params",  # today's: 4, 12 and 44 rounds
+            "method.neulite.stage_rounds=[2,6,52]",
+            "method.neulite.stage_rounds=[3,9,48]",
+        ),
+        (0,),
+        (*SKEWED, "eval.every=60", "method.neulite.stage_epochs=[4,3,2]", "method.neulite.stage_lr=[0.01,0.01,0.01]"),
     ),
     "headline-lr-0.1": Sweep(
         HERE / "headline.toml",
