@@ -189,6 +189,27 @@ def test_blocks_that_change_their_input_in_place_train_out_of_place_or_are_refus
         _preact((1, 8, 8), 10, act=_ReluInPlace)
 
 
+def _pooling_block(input_shape, num_classes, width=1.0):
+    """A middle block of nothing but pooling: nothing there for the Harmonizer to keep trainable."""
+    c = max(1, round(8 * width))
+    blocks = [nn.Sequential(nn.Conv2d(input_shape[0], c, 3, padding=1), nn.ReLU()), nn.Sequential(nn.MaxPool2d(2))]
+    blocks.append(nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU()))
+    return neulite.BlockModel(blocks, neulite.ClassifierHead(c, num_classes), input_shape, num_classes)
+
+
+def test_a_block_without_layers_is_refused_by_name_before_the_run_and_trains_without_the_harmonizer(tmp_path: Path):
+    neulite.register_model("pooling_user_cnn")(_pooling_block)
+    small = ["model.name=pooling_user_cnn", "data.name=digits", "data.train_size=300", "data.num_clients=3"]
+    small += ["clients.per_round=3", "method.rounds=3", "train.local_epochs=1", "clients.fractions=[3.0, 4.0]"]
+    with pytest.raises(NeuliteError, match=r"block 2 has no conv or linear layer.*harmonizer = false"):
+        neulite.run_experiment(load_config(overrides=small), tmp_path / "harmonized")
+    assert not (tmp_path / "harmonized").exists()  # refused before the results folder was made
+    summary = neulite.run_experiment(
+        load_config(overrides=[*small, "method.neulite.harmonizer=false"]), tmp_path / "plain"
+    )
+    assert summary["participation"] == 1.0
+
+
 def _register_data(splits_fn) -> str:
     neulite.register_dataset("bad_user_data")(splits_fn)
     return "bad_user_data"

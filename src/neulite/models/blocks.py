@@ -206,7 +206,7 @@ LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
 """The layers a block's Harmonizer tail is made of (`tail_modules`): every block needs one."""
 
 
-def tail_modules(block: nn.Module) -> list[str]:
+def tail_modules(block: nn.Module, name: str = "a block") -> list[str]:
     """Names of a block's last parametrised layer(s): the last conv/linear and the norms after it,
     or only those norms where the conv/linear is the block's only one (a block of one layer).
 
@@ -224,4 +224,8 @@ def tail_modules(block: nn.Module) -> list[str]:
         if isinstance(leaves[i][1], LAYERS):
             first = i + 1 if i == 0 else i  # the block's only conv/linear: its norms alone
             return [n for n, _ in leaves[first:]]
-    raise NeuliteError("model cannot be split: a block has no conv or linear layer for the Harmonizer's tail")
+    raise NeuliteError(
+        f"model cannot be split: {name} has no conv or linear layer, and the Training Harmonizer keeps a block's last "
+        "one trainable at the next stage (its tail): merge the block into a neighbour, or set "
+        "method.neulite.harmonizer = false"
+    )

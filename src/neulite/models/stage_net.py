@@ -167,7 +167,9 @@ class StageNet(nn.Module):
         """Module names of block `block`'s tail (0-based; `tail_modules`), found once per block: a
         stage's forward asks for it every step."""
         if block not in self._tails:
-            self._tails[block] = [f"model.blocks.{block}.{n}" for n in tail_modules(self.model.blocks[block])]
+            self._tails[block] = [
+                f"model.blocks.{block}.{n}" for n in tail_modules(self.model.blocks[block], f"block {block + 1}")
+            ]
         return self._tails[block]
 
     def plan(self, stage: int, harmonize: bool = False, mentor: bool = False, bn_drift: bool = False) -> StagePlan:
