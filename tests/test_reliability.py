@@ -198,6 +198,9 @@ def test_a_huge_batch_is_refused_before_any_tensor_of_its_size_exists(tmp_path):
     ):
         run_experiment(cfg, tmp_path)
     assert not any(tmp_path.iterdir())
+    crowd = load_config(overrides=[*SMALL, "data.num_clients=100000"])  # more clients than samples
+    with pytest.raises(NeuliteError, match=r"each of the 100000 clients .* or data.num_clients \(at most 44 at this"):
+        run_experiment(crowd, tmp_path)
 
 
 # --- results folders -------------------------------------------------------------------------

@@ -69,7 +69,8 @@ def build_experiment(cfg: Config, budgets: Sequence[int] | None = None) -> Exper
     if cfg.train.batch_size > share:
         raise NeuliteError(
             f"train.batch_size = {cfg.train.batch_size} exceeds the {share} training samples each of the "
-            f"{cfg.data.num_clients} clients gets on average from {len(splits.train)}: lower train.batch_size"
+            f"{cfg.data.num_clients} clients gets on average from {len(splits.train)}: lower train.batch_size, "
+            f"or data.num_clients (at most {len(splits.train) // cfg.train.batch_size} at this batch size)"
         )
     indices = client_indices(cfg, splits)
     cfg, block_plan = resolve_blocks(cfg, splits, budgets)
