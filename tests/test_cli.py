@@ -1,6 +1,7 @@
 import csv
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -90,7 +91,7 @@ class _Payload:
         return (os.system, ("touch PWNED",))
 
 
-def test_a_crafted_checkpoint_is_refused_without_running_its_code(tmp_path: Path, monkeypatch, capsys):
+def test_a_crafted_checkpoint_is_refused_without_running_its_code(tmp_path: Path, monkeypatch, capsys, recwarn):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "c"
     out.mkdir()
@@ -102,6 +103,11 @@ def test_a_crafted_checkpoint_is_refused_without_running_its_code(tmp_path: Path
     assert "refused it: Trying to load unsupported GLOBAL posix.system" in err
     assert "weights_only` set to `False" not in err  # torch's advice would run the payload
     assert not (tmp_path / "PWNED").exists()
+    with (out / "checkpoint.pt").open("wb") as f:  # a plain pickle: torch warned of its protocol before refusing it
+        pickle.dump({"round": 1, "simulation": _Payload()}, f, protocol=4)
+    assert main(["run", "--quiet", "--resume", "--out", str(out)]) == 2
+    assert "unsafe checkpoint" in capsys.readouterr().err and not (tmp_path / "PWNED").exists()
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]
 
 
 @pytest.mark.parametrize(

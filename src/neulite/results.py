@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -170,10 +171,18 @@ class ResultsDir:
     def load_checkpoint(self) -> dict[str, Any] | None:
         if not self.checkpoint_path.is_file():
             return None
-        try:  # tensors and plain values only: a crafted checkpoint cannot run code
-            state = torch.load(self.checkpoint_path, weights_only=True)
-        except Exception as exc:
-            raise NeuliteError(f"corrupted or unsafe checkpoint {self.checkpoint_path}: {_load_failure(exc)}") from None
+        # torch warns as it reads a file it then refuses (a plain pickle's protocol): the one-line
+        # error says all of it, so the warnings are kept only for a file it loads
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:  # tensors and plain values only: a crafted checkpoint cannot run code
+                state = torch.load(self.checkpoint_path, weights_only=True)
+            except Exception as exc:
+                raise NeuliteError(
+                    f"corrupted or unsafe checkpoint {self.checkpoint_path}: {_load_failure(exc)}"
+                ) from None
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         keys = {"round", "wall_seconds", "simulation", "config"}
         if not isinstance(state, dict) or not keys <= state.keys():
             raise NeuliteError(
