@@ -316,7 +316,7 @@ def _account(work: StageNet, plan: StagePlan, batch_size: int, loss: StepLoss) -
     try:
         with LiveTensorBytes() as step, counter.hooks():
             value = loss(work, plan, x, y)
-            saved = counter.held()
+            saved = sum(counter.held().values())
             value.backward()
             del value
     finally:

@@ -89,8 +89,9 @@ def _saved_bytes(model: BlockModel, batch_size: int) -> list[int]:
             for i, piece in enumerate(pieces):
                 counter.section = i
                 x = piece(x)
+        held = counter.held()  # while `x` keeps the graph alive
         model.train(was_training)
-    return [counter.bytes[i] for i in range(len(pieces))]
+    return [held[i] for i in range(len(pieces))]
 
 
 def balanced_cuts(costs: Sequence[int], num_blocks: int, layers: Sequence[bool] | None = None) -> list[int]:
