@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from neulite.algorithms.evaluate import evaluate
 from neulite.algorithms.merge import merge_results
 from neulite.algorithms.neulite import NeuLite
 from neulite.config import load_config
@@ -165,3 +166,20 @@ def test_neulite_elastic_learns(tmp_path):
         r["estimated_bytes"] for r in summary["stages"] if r["label"].startswith("stage") and "blocks" not in r["label"]
     ]
     assert summary["peak_memory_bytes"] == max(windows) > max(stages)  # a client's peak is its window's
+
+
+@pytest.mark.parametrize("variant", ["neulite-elastic", "neulite"])
+def test_a_round_shows_the_deepest_exit_a_client_has_trained(variant: str):
+    """Elastic NeuLite's widest window trains the whole network in stage 1: the server holds it, and
+    shows it (as DepthFL shows its deepest exit); plain NeuLite shows the stage's exit."""
+    overrides = [*DIGITS, f"method.name={variant}", "clients.per_round=6", "method.rounds=3"]
+    sim = Simulation(load_config(overrides=overrides))
+    sim.run_round(1)
+    method, plan, test = sim.method, sim.method.plan(1), sim.splits.test
+    full, exit_ = evaluate(method.net, method.net.full_plan(), test), evaluate(method.net, plan, test)
+    assert full != exit_
+    assert method.evaluate(plan, test) == (full if variant == "neulite-elastic" else exit_)
+    restarted = Simulation(load_config(overrides=overrides)).method  # a resumed run: state from the checkpoint
+    restarted.net.load_state_dict(method.net.state_dict())
+    restarted.load_state_dict(method.state_dict())
+    assert restarted.evaluate(plan, test) == method.evaluate(plan, test)

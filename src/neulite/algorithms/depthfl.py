@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from neulite.algorithms.base import Method
-from neulite.algorithms.payload import ClientResult, ClientTask, ConfigValue
+from neulite.algorithms.payload import ClientResult, ClientTask, ConfigValue, deepest_block
 from neulite.config import Config, check
 from neulite.data.datasets import TensorDataset
 from neulite.memory import MemoryBreakdown, StepLoss
@@ -173,6 +173,5 @@ class DepthFL(Method):
 
     def aggregate_train(self, rnd: int, plan: StagePlan, results: Sequence[ClientResult]) -> None:
         """Each tensor is averaged over the clients whose prefix holds it; remembers the deepest block trained (for evaluation)."""
-        blocks = {int(n.split(".")[2]) for r in results for n in r.arrays if n.startswith("model.blocks.")}
-        self.trained_depth = max(self.trained_depth, max(blocks) + 1)
+        self.trained_depth = max(self.trained_depth, deepest_block(results))
         super().aggregate_train(rnd, plan, results)

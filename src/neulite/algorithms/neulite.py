@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from neulite.algorithms.base import Method
 from neulite.algorithms.hsic import nhsic
 from neulite.algorithms.local import cross_entropy_loss
-from neulite.algorithms.payload import ClientTask, ConfigValue
+from neulite.algorithms.payload import ClientResult, ClientTask, ConfigValue, deepest_block
 from neulite.config import Config, check, choice
+from neulite.data.datasets import TensorDataset
 from neulite.errors import NeuliteError
 from neulite.memory import StepLoss, estimate, step_flops
 from neulite.models.stage_net import StageNet, StagePlan
@@ -175,6 +176,7 @@ class NeuLite(Method):
             self.stage_rounds = stage_round_budget(cfg.method.rounds, [1.0] * t if m.stage_split == "equal" else sizes)
         self._ends = np.cumsum(self.stage_rounds)
         self._started = 1  # the latest stage begun (checkpointed: a resumed run must not warm-start twice)
+        self._deepest = 0  # the deepest block a client has trained (checkpointed: what `evaluate` shows)
         self._rungs: dict[StagePlan, list[StagePlan]] = {}
 
     def _plan(self, stage: int) -> StagePlan:
@@ -347,8 +349,22 @@ class NeuLite(Method):
                 layer.load_state_dict(src.layers[k + 1].state_dict())
             dst.head.load_state_dict(src.head.state_dict())
 
+    def aggregate_train(self, rnd: int, plan: StagePlan, results: Sequence[ClientResult]) -> None:
+        super().aggregate_train(rnd, plan, results)
+        if self.schedule == "sequential":
+            self._deepest = max(self._deepest, deepest_block(results))
+
+    def evaluate(self, plan: StagePlan, data: TensorDataset) -> tuple[float, float]:
+        """The deepest exit a client has trained, as DepthFL's: elastic NeuLite's wider windows train
+        later blocks, their output modules and, the widest, the real head before those blocks' own
+        stage, and the server holds that deeper model. (Without windows the deepest is the stage's
+        own exit; the cyclic schedule shows each round's stage, as the reference code does.)"""
+        deepest = max(plan.last, self._deepest)
+        return super().evaluate(plan if deepest == plan.last else self.net.plan(deepest), data)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"started": self._started}
+        return {"started": self._started, "deepest": self._deepest}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._started = state.get("started", 1)
+        self._deepest = state.get("deepest", 0)

@@ -6,7 +6,7 @@ up; what is inside is decided by the algorithm.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +41,14 @@ class ClientResult:
     arrays: Arrays
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+def deepest_block(results: Sequence[ClientResult]) -> int:
+    """The deepest block (1-based) whose tensors a reply holds (0: none): how deep a round trained."""
+    return max(
+        (int(name.split(".")[2]) + 1 for r in results for name in r.arrays if name.startswith("model.blocks.")),
+        default=0,
+    )
 
 
 Layout = Mapping[str, tuple[tuple[int, ...], str]]
