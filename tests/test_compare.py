@@ -7,7 +7,11 @@ import pytest
 from neulite.cli import main
 from neulite.compare import LATE_EVALUATIONS, _to_target, late_accuracy
 
-TINY = [
+TINY = [  # the table, the target and resuming are tested, not learning: few samples, split evenly
+    "--set",
+    "data.train_size=600",
+    "--set",
+    "data.partition=iid",
     "--set",
     "data.num_clients=6",
     "--set",

@@ -165,7 +165,7 @@ def test_superlink_and_two_supernodes_on_loopback_train_with_reported_budgets(tm
                 "--node-config",
                 f"partition-id={i} num-partitions={len(BUDGETS_MB)}" + (f" budget-mb={budget}" if budget else ""),
             )
-        run_config = f'method.rounds=2 model.blocks=2 data.num_clients={len(BUDGETS_MB)} clients.per_round={len(BUDGETS_MB)} train.local_epochs=1 out="{out}" round-timeout=300.0'
+        run_config = f'method.rounds=2 model.blocks=2 data.num_clients={len(BUDGETS_MB)} clients.per_round={len(BUDGETS_MB)} data.train_size=2000 train.local_epochs=1 out="{out}" round-timeout=300.0'
         started = procs.flwr("run", str(ROOT / "apps" / "flower"), "local", "--run-config", run_config)
         assert started["success"], started
         status, asked = {}, [time.monotonic()]

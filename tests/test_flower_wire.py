@@ -25,7 +25,7 @@ SMALL = [
     "train.local_epochs=1",
     "method.rounds=3",
     "clients.fractions=[0.8, 1.1]",
-    "data.train_size=1000",
+    "data.train_size=400",
 ]
 
 

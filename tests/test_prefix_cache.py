@@ -19,6 +19,7 @@ from neulite.simulation import Simulation
 
 SMALL = [
     "data.name=digits",
+    "data.train_size=600",
     "data.num_clients=4",
     "clients.per_round=4",  # every client every round: stage 3's second round finds every cache filled
     "model.blocks=4",

@@ -81,7 +81,8 @@ def test_too_few_usable_replies_stop_the_round_with_a_clear_message():
                 "method.rounds=3",
                 "clients.min_replies=3",
                 "clients.fractions=[1.2, 1.3]",
-                "data.train_size=1000",
+                "data.train_size=400",
+                "train.local_epochs=1",
             ]
         )
     )
