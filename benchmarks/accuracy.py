@@ -22,8 +22,9 @@ from pathlib import Path
 from rich.console import Console
 
 from neulite.algorithms.registry import METHODS
-from neulite.compare import compare, machine
+from neulite.compare import compare
 from neulite.config import load_config
+from neulite.results import machine
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"

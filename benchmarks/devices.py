@@ -22,11 +22,11 @@ import logging
 from pathlib import Path
 
 from neulite.algorithms.payload import ClientTask
-from neulite.compare import machine
 from neulite.config import Config, load_config
 from neulite.device_memory import OutOfMemory, available_memory, enforcement
 from neulite.federation import Node, train_on_device
 from neulite.memory import MIB
+from neulite.results import machine
 from neulite.simulation import Simulation
 
 HERE = Path(__file__).parent

@@ -19,10 +19,10 @@ import torch
 from rich.console import Console
 
 from neulite.algorithms.registry import build_network
-from neulite.compare import machine
 from neulite.config import load_config
 from neulite.flower.simulation import simulate
 from neulite.models.arrays import nbytes
+from neulite.results import machine
 from neulite.simulation import run_experiment
 
 HERE = Path(__file__).parent

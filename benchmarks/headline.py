@@ -18,8 +18,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from neulite.compare import compare, machine
+from neulite.compare import compare
 from neulite.config import config_differences, load_config
+from neulite.results import machine
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
@@ -47,7 +48,8 @@ SPLITS = {  # each split's partition, and what was chosen on its own validation 
 
 
 def headline_row(row: dict) -> dict:
-    """One method's figures in the headline contract, then the per-seed accuracies and its peak memory."""
+    """One method's figures in the headline contract, then the per-seed accuracies, its peak memory and the
+    machines whose clocks its seconds are."""
     return {
         "final_accuracy_mean": row["final_accuracy_mean"],
         "final_accuracy_std": row["final_accuracy_std"],
@@ -59,6 +61,7 @@ def headline_row(row: dict) -> dict:
         "final_accuracies": row["final_accuracies"],
         "validation_accuracy": row["validation_accuracy"],
         "peak_memory_bytes": row["peak_memory_bytes"],
+        "hosts": row["hosts"],
     }
 
 

@@ -38,11 +38,11 @@ from rss_check import resident_peak  # noqa: E402
 
 from examples.user_cnns import heavy_cnn, plain_cnn  # noqa: E402
 from neulite.algorithms.local import cross_entropy_loss  # noqa: E402
-from neulite.compare import machine  # noqa: E402
 from neulite.errors import NeuliteError  # noqa: E402
 from neulite.memory import MIB  # noqa: E402
 from neulite.memory_report import blocks_label, measured_with, memory_report, reestimated  # noqa: E402
 from neulite.models.stage_net import StageNet  # noqa: E402
+from neulite.results import machine  # noqa: E402
 
 MODELS = (
     ("resnet18", 0),

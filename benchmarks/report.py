@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from neulite.compare import LATE_EVALUATIONS
+from neulite.compare import LATE_EVALUATIONS, UNRECORDED_HOST
 from neulite.memory import MIB
 
 HERE = Path(__file__).parent
@@ -445,6 +445,26 @@ def _headline_sentence(
     )
 
 
+def _clocks_sentence(methods: dict[str, Any]) -> str | None:
+    """Whose clocks the seconds to target are: they compare across methods only on one machine (None
+    for a record from before methods named their machines)."""
+    if any("hosts" not in r for r in methods.values()):
+        return None
+    timed = {m: r["hosts"] for m, r in methods.items() if r["critical_path_seconds_to_target"] is not None}
+    if not timed:
+        return None
+    by_hosts: dict[tuple[str, ...], list[str]] = {}
+    for m, hosts in timed.items():
+        by_hosts.setdefault(tuple(hosts), []).append(m)
+    parts = [
+        f"{', '.join(ms)}: "
+        + " and ".join("rounds that did not record it" if h == UNRECORDED_HOST else f"`{h}`" for h in hosts)
+        for hosts, ms in by_hosts.items()
+    ]
+    verdict = "one machine" if len(by_hosts) == 1 and UNRECORDED_HOST not in next(iter(by_hosts)) else "not one machine"
+    return f"Machines whose clocks the seconds to target are ({verdict}): {'; '.join(parts)}."
+
+
 def accuracy_section(data: dict[str, Any]) -> list[str]:
     cfg = data["config"]
     runs = (len(data["methods"]) + len(data["iid"]["methods"])) * len(data["seeds"])
@@ -698,6 +718,8 @@ def headline_section(
             + (f" Setting: {', '.join(f'`{o}`' for o in result['overrides'])}." if "overrides" in result else ""),
             "",
         ]
+        if clocks := _clocks_sentence(result["methods"]):
+            out += [clocks, ""]
         if {"neulite", "exclusivefl", "fedavg"} < result["methods"].keys():
             out += [_headline_sentence(result["methods"]), ""]
             if _has_late(result["methods"]):

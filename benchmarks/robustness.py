@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from neulite.algorithms.payload import ClientResult, ClientTask
-from neulite.compare import machine
 from neulite.config import load_config
 from neulite.errors import NeuliteError
+from neulite.results import machine
 from neulite.simulation import Simulation
 
 HERE = Path(__file__).parent

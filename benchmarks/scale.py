@@ -27,9 +27,9 @@ import threading
 import time
 from pathlib import Path
 
-from neulite.compare import machine
 from neulite.config import Config, load_config
 from neulite.federation import load_splits
+from neulite.results import machine
 
 HERE = Path(__file__).parent
 OUT = HERE / "results" / "scale.json"

@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from rich.console import Console
 
 from neulite.algorithms.registry import METHODS
-from neulite.compare import compare, machine
+from neulite.compare import compare
 from neulite.config import load_config
 from neulite.optim import SGD
+from neulite.results import machine
 from neulite.server import client_seed
 from neulite.simulation import Simulation
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from neulite.compare import machine
 from neulite.config import load_config
 from neulite.prefix_cache import PrefixCache
+from neulite.results import machine
 from neulite.simulation import Simulation
 
 HERE = Path(__file__).parent

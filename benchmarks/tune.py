@@ -36,8 +36,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from neulite.compare import machine, run_one
+from neulite.compare import run_one
 from neulite.config import load_config
+from neulite.results import machine
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent

@@ -103,6 +103,26 @@ def test_the_memory_page_shows_what_a_client_at_the_target_budget_pays():
     assert "| resnet18 (8 memory-balanced) | 35% | 20% | 20% | – |" in report.at_budget_section({"at_budget": [plain]})
 
 
+def test_the_headline_says_whose_clocks_its_seconds_to_target_are():
+    clocks = load_report()._clocks_sentence
+    row = {"critical_path_seconds_to_target": 1.0}
+    untimed = {"critical_path_seconds_to_target": None, "hosts": ["b"]}  # never reached the target: no seconds
+    one = clocks({"exclusivefl": {**row, "hosts": ["a"]}, "neulite": {**row, "hosts": ["a"]}, "heterofl": untimed})
+    assert one == "Machines whose clocks the seconds to target are (one machine): exclusivefl, neulite: `a`."
+    mixed = clocks(
+        {
+            "exclusivefl": {**row, "hosts": ["a", "not recorded"]},
+            "neulite": {**row, "hosts": ["b"]},
+            "heterofl": untimed,
+        }
+    )
+    assert mixed == (
+        "Machines whose clocks the seconds to target are (not one machine): exclusivefl: `a` and rounds that did "
+        "not record it; neulite: `b`."
+    )
+    assert clocks({"exclusivefl": row}) is None  # a record from before methods named their machines
+
+
 def test_readme_is_short():
     assert len((ROOT / "README.md").read_text()) <= 12_000
 

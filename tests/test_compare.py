@@ -1,11 +1,12 @@
 import json
+import platform
 import shutil
 from pathlib import Path
 
 import pytest
 
 from neulite.cli import main
-from neulite.compare import LATE_EVALUATIONS, _to_target, late_accuracy
+from neulite.compare import LATE_EVALUATIONS, _hosts, _to_target, late_accuracy
 
 TINY = [  # the table, the target and resuming are tested, not learning: few samples, split evenly
     "--set",
@@ -46,6 +47,7 @@ def test_compare_writes_the_table_and_resumes_without_rerunning(tmp_path: Path, 
     )
     for name in ("comparison.md", "comparison.csv", "accuracy.png"):
         assert (out / name).is_file()
+    assert all(row["hosts"] == [platform.platform()] for row in summary["methods"].values())  # whose clock
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/model.pt")}
     assert len(stamps) == 4
     assert main(argv) == 0
@@ -67,6 +69,11 @@ def test_compare_writes_the_table_and_resumes_without_rerunning(tmp_path: Path, 
     kept = {p: p.stat().st_mtime_ns for p in out.glob("runs/exclusivefl/*/model.pt")}
     assert kept == {p: t for p, t in stamps.items() if "exclusivefl" in str(p)}
     assert json.loads((out / "runs" / "neulite" / "seed0" / "summary.json").read_text())["stage_epochs"] == [2, 1, 1]
+
+
+def test_a_methods_hosts_are_its_rounds_machines_each_once():
+    recorded, older = [{"host": "b"}, {"host": "a"}], [{"host": "a"}, {}]  # a round from before rounds named it
+    assert _hosts([recorded, older]) == ["a", "b", "not recorded"]
 
 
 def test_late_accuracy_averages_the_last_evaluations_only():

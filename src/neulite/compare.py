@@ -10,13 +10,11 @@ import csv
 import dataclasses
 import json
 import math
-import os
-import platform
 import statistics
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -24,28 +22,8 @@ from neulite.algorithms.registry import METHODS, sections_read
 from neulite.config import Config, config_differences, config_to_toml, load_config, setting_for
 from neulite.errors import NeuliteError
 from neulite.memory import MIB
-from neulite.results import ResultsDir
+from neulite.results import ResultsDir, machine
 from neulite.simulation import run_experiment
-
-
-def machine() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
 
 
 def run_one(
@@ -103,6 +81,16 @@ def _to_target(rows: list[dict[str, Any]], target: float) -> tuple[int | None, f
         if not math.isnan(r["accuracy"]) and r["accuracy"] >= target:
             return r["round"], wall, None if math.isnan(parallel) else parallel
     return None, None, None
+
+
+UNRECORDED_HOST = "not recorded"
+"""The host of a round recorded before rounds named the machine whose clock they are."""
+
+
+def _hosts(runs: Iterable[list[dict[str, Any]]]) -> list[str]:
+    """The machines whose clocks a method's rounds are, each once: its seconds compare with another
+    method's only on the same machine."""
+    return sorted({r.get("host", UNRECORDED_HOST) for rows in runs for r in rows})
 
 
 LATE_EVALUATIONS = 10
@@ -194,6 +182,7 @@ def _compare(
             "bytes_down": statistics.mean(s["bytes_down"] for s, _ in seed_runs),
             "seeds": seeds,
             "final_accuracies": finals,
+            "hosts": _hosts(rows for _, rows in seed_runs),
         }
     summary = {
         "methods": table,

@@ -13,6 +13,7 @@ import fcntl
 import json
 import math
 import os
+import platform
 import time
 import warnings
 from collections.abc import Iterator
@@ -210,6 +211,26 @@ class ResultsDir:
         plot_memory(memory_rows, self.path / "memory.png")
 
 
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
 def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> None:
     """Test accuracy of the round's stage model, with the stage boundaries marked."""
     import matplotlib
@@ -269,12 +290,21 @@ class FolderHold:
 
 class RunLog:
     """The results folder of a running experiment: resumes from its checkpoint, logs every round.
-    It holds the folder (`ResultsDir.hold`) until closed; use it as a context manager."""
+    It holds the folder (`ResultsDir.hold`) until closed; use it as a context manager. `host`, when
+    the clients' seconds are this machine's clock (the in-process simulator), goes into every round's
+    row: a run resumed elsewhere, or runs compared from several machines, show whose clock each is."""
 
     def __init__(
-        self, cfg: Config, out: str | Path, *, resume: bool, console: Console, overwrite: bool = False
+        self,
+        cfg: Config,
+        out: str | Path,
+        *,
+        resume: bool,
+        console: Console,
+        overwrite: bool = False,
+        host: str | None = None,
     ) -> None:
-        self.cfg, self.console = cfg, console
+        self.cfg, self.console, self.host = cfg, console, host
         self.folder = ResultsDir(out)
         self.hold = self.folder.hold()
         try:
@@ -335,7 +365,7 @@ class RunLog:
 
     def record(self, record: RoundRecord, server: Server) -> None:
         """Append the round's metrics and replace the checkpoint (atomically)."""
-        row = record.as_dict()
+        row = record.as_dict() | ({"host": self.host} if self.host else {})
         self.rows.append(row)
         with self._writing():
             self.folder.append_metrics(row)

@@ -9,6 +9,7 @@ results folder.
 from __future__ import annotations
 
 import logging
+import platform
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -146,7 +147,7 @@ def run_experiment(
     with console.status(f"building the federation: {building}"):  # a large network's estimates take minutes
         sim = Simulation(cfg, workers)
     # everything is built and checked before the results folder is touched
-    with sim, RunLog(cfg, out, resume=resume, overwrite=overwrite, console=console) as run:
+    with sim, RunLog(cfg, out, resume=resume, overwrite=overwrite, console=console, host=platform.platform()) as run:
         run.resume(sim.server)
         rounds = cfg.method.rounds
         with Progress(
