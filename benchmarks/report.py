@@ -461,7 +461,10 @@ def _clocks_sentence(methods: dict[str, Any]) -> str | None:
         + " and ".join("rounds that did not record it" if h == UNRECORDED_HOST else f"`{h}`" for h in hosts)
         for hosts, ms in by_hosts.items()
     ]
-    verdict = "one machine" if len(by_hosts) == 1 and UNRECORDED_HOST not in next(iter(by_hosts)) else "not one machine"
+    hosts = {h for hs in timed.values() for h in hs}
+    verdict = (
+        "not all recorded" if UNRECORDED_HOST in hosts else "one machine" if len(hosts) == 1 else "several machines"
+    )
     return f"Machines whose clocks the seconds to target are ({verdict}): {'; '.join(parts)}."
 
 

@@ -117,9 +117,11 @@ def test_the_headline_says_whose_clocks_its_seconds_to_target_are():
         }
     )
     assert mixed == (
-        "Machines whose clocks the seconds to target are (not one machine): exclusivefl: `a` and rounds that did "
+        "Machines whose clocks the seconds to target are (not all recorded): exclusivefl: `a` and rounds that did "
         "not record it; neulite: `b`."
     )
+    two = clocks({"exclusivefl": {**row, "hosts": ["a"]}, "neulite": {**row, "hosts": ["b"]}})
+    assert two == "Machines whose clocks the seconds to target are (several machines): exclusivefl: `a`; neulite: `b`."
     assert clocks({"exclusivefl": row}) is None  # a record from before methods named their machines
 
 
