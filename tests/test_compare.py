@@ -74,6 +74,7 @@ def test_compare_writes_the_table_and_resumes_without_rerunning(tmp_path: Path, 
 def test_a_methods_hosts_are_its_rounds_machines_each_once():
     recorded, older = [{"host": "b"}, {"host": "a"}], [{"host": "a"}, {}]  # a round from before rounds named it
     assert _hosts([recorded, older]) == ["a", "b", "not recorded"]
+    assert _hosts([[{"host": 7}, {"host": "a"}]]) == ["7", "a"]  # an edited file: shown, not a crash
 
 
 def test_late_accuracy_averages_the_last_evaluations_only():

@@ -89,8 +89,8 @@ UNRECORDED_HOST = "not recorded"
 
 def _hosts(runs: Iterable[list[dict[str, Any]]]) -> list[str]:
     """The machines whose clocks a method's rounds are, each once: its seconds compare with another
-    method's only on the same machine."""
-    return sorted({r.get("host", UNRECORDED_HOST) for rows in runs for r in rows})
+    method's only on the same machine. A host that is not text (an edited file) is shown as written."""
+    return sorted({str(r.get("host", UNRECORDED_HOST)) for rows in runs for r in rows})
 
 
 LATE_EVALUATIONS = 10
