@@ -14,7 +14,15 @@ from neulite.errors import NeuliteError
 from neulite.results import ResultsDir
 from neulite.simulation import Simulation
 
-TINY = ["data.name=digits", "data.num_clients=6", "clients.per_round=3", "train.local_epochs=1", "method.rounds=4"]
+TINY = [
+    "data.name=digits",
+    "data.train_size=600",
+    "data.partition=iid",
+    "data.num_clients=6",
+    "clients.per_round=3",
+    "train.local_epochs=1",
+    "method.rounds=4",
+]
 
 
 def _run(out: Path, overrides: list[str], *extra: str) -> int:

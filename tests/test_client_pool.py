@@ -15,8 +15,10 @@ from neulite.config import load_config
 from neulite.errors import NeuliteError
 from neulite.simulation import Simulation
 
-SMALL = [
+SMALL = [  # replies bit for bit and failures are tested, not learning: few samples, split evenly
     "data.name=digits",
+    "data.train_size=500",
+    "data.partition=iid",
     "data.num_clients=5",
     "clients.per_round=3",
     "method.rounds=3",
