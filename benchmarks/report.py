@@ -461,9 +461,9 @@ def _clocks_sentence(methods: dict[str, Any]) -> str | None:
         + " and ".join("rounds that did not record it" if h == UNRECORDED_HOST else f"`{h}`" for h in hosts)
         for hosts, ms in by_hosts.items()
     ]
-    hosts = {h for hs in timed.values() for h in hs}
+    every = {h for hosts in by_hosts for h in hosts}
     verdict = (
-        "not all recorded" if UNRECORDED_HOST in hosts else "one machine" if len(hosts) == 1 else "several machines"
+        "not all recorded" if UNRECORDED_HOST in every else "one machine" if len(every) == 1 else "several machines"
     )
     return f"Machines whose clocks the seconds to target are ({verdict}): {'; '.join(parts)}."
 
